@@ -1,0 +1,32 @@
+# eigpipe: `make demo` runs the whole study on the built-in synthetic data, `make test` the test suite.
+# Both create .venv (pinned by constraints.txt) when it is missing or out of date.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+CORES  ?= 2
+
+.PHONY: demo test lint bench report clean-demo
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/snakemake --cores $(CORES) --configfile config/config.yaml
+	$(BIN)/snakemake --cores $(CORES) --configfile config/config.yaml --report results/demo/report/report.html
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check eigpipe tests benchmarks
+	$(BIN)/snakemake --lint --configfile config/config.yaml
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/covariance.py
+
+clean-demo:
+	rm -rf results/demo

@@ -1,0 +1,111 @@
+"""Provenance records and atomic publication of artifacts (temp sibling, then rename)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from eigpipe import __version__
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def section_hash(section: Any) -> str:
+    """Hash of a config section, independent of key order."""
+    canonical = json.dumps(section, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def versions() -> dict[str, str]:
+    import numpy
+    import torch
+    import torchvision
+
+    found = {
+        "eigpipe": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "numpy": numpy.__version__,
+    }
+    with contextlib.suppress(ImportError):
+        import zarr
+
+        found["zarr"] = zarr.__version__
+    return found
+
+
+def record(
+    config: dict | None = None,
+    inputs: list[str | Path] | None = None,
+    seed: int | None = None,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """The provenance dict stored with every artifact."""
+    return {
+        "config_hash": section_hash(config) if config is not None else None,
+        "inputs": {str(p): sha256_file(p) for p in inputs or [] if Path(p).is_file()},
+        "versions": versions(),
+        "seed": seed,
+        "device": device,
+        "host": platform.node(),
+    }
+
+
+def temp_sibling(final: Path) -> Path:
+    return final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def publish(final: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling path; on success rename it to ``final``, on any error remove it.
+
+    Works for files and directories (zarr stores, dataset folders). An existing ``final`` is replaced.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(final)
+    try:
+        yield tmp
+        if final.exists() and final.is_dir() and tmp.is_dir():
+            remove(final)
+        os.replace(tmp, final)
+    except BaseException:
+        remove(tmp)
+        raise
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    with publish(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def write_table(path: str | Path, frame: Any) -> None:
+    """Write a pandas DataFrame as parquet or CSV (by suffix), atomically."""
+    path = Path(path)
+    with publish(path) as tmp:
+        if path.suffix == ".csv":
+            frame.to_csv(tmp, index=False)
+        else:
+            frame.to_parquet(tmp, index=False)
