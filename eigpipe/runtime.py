@@ -1,0 +1,77 @@
+"""Where and how a stage computes: device, threads, determinism, seeds, torchrun detection."""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched_by_torchrun() -> bool:
+    """True only under torchrun (or torch.distributed.launch): SLURM_PROCID alone does not count.
+
+    Snakemake's slurm executor runs each job inside an allocation where SLURM_PROCID is set, so the
+    torchvision-reference habit of treating it as "distributed" would hang a single-process job.
+    """
+    return all(name in os.environ for name in TORCHRUN_VARS)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def setup(runtime_cfg: dict | None = None, seed: int = 0) -> Runtime:
+    """Apply threads / determinism / seeds and, under torchrun, join the process group."""
+    cfg = {"device": "auto", "threads": 2, "deterministic": True, **(runtime_cfg or {})}
+    torch.set_num_threads(cfg["threads"])
+    if cfg["deterministic"]:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    wanted = cfg["device"]
+    use_cuda = torch.cuda.is_available() if wanted == "auto" else wanted == "cuda"
+    if wanted == "cuda" and not torch.cuda.is_available():
+        from eigpipe.errors import EigpipeError
+
+        raise EigpipeError("runtime.device: cuda was asked for but no CUDA device is available")
+    rank, world, local = 0, 1, 0
+    if launched_by_torchrun():
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local = int(os.environ["LOCAL_RANK"])
+    if use_cuda:
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend="nccl" if use_cuda else "gloo")
+    seed_everything(seed + rank)
+    return Runtime(device=device, rank=rank, world_size=world, local_rank=local)
+
+
+def teardown() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
