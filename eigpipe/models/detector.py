@@ -1,0 +1,91 @@
+"""torchvision Faster R-CNN / Mask R-CNN with FPN on a configurable-width ResNet body."""
+
+from __future__ import annotations
+
+from torch import nn
+from torchvision.models.detection import FasterRCNN, MaskRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+from eigpipe.models.resnet import ResNet, freeze_for_trainable_layers, gn_norm_for, norm_factory
+from eigpipe.models.widths import WidthSpec, from_model_config
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+DETECTORS = ("faster_rcnn", "mask_rcnn")
+
+
+def build_body(model_cfg: dict, widths: WidthSpec | None = None) -> ResNet:
+    widths = widths or from_model_config(model_cfg)
+    return ResNet(widths, norm_factory(model_cfg.get("norm", "gn"), model_cfg.get("gn_groups", 32)))
+
+
+def build_backbone(model_cfg: dict, widths: WidthSpec | None = None) -> BackboneWithFPN:
+    body = build_body(model_cfg, widths)
+    freeze_for_trainable_layers(body, model_cfg.get("trainable_layers", 5))
+    backbone = BackboneWithFPN(
+        body,
+        return_layers={f"layer{i + 1}": str(i) for i in range(4)},
+        in_channels_list=body.widths.stage_outs,
+        out_channels=model_cfg.get("fpn_channels", 256),
+        extra_blocks=LastLevelMaxPool(),
+        norm_layer=gn_norm_for(model_cfg),
+    )
+    # IntermediateLayerGetter copies the children only; keep the stem's tap for covariance hooks.
+    backbone.body.feature_taps = ResNet.feature_taps
+    return backbone
+
+
+def build_transform(model_cfg: dict) -> GeneralizedRCNNTransform:
+    return GeneralizedRCNNTransform(
+        model_cfg.get("min_size", 800), model_cfg.get("max_size", 1333), IMAGENET_MEAN, IMAGENET_STD
+    )
+
+
+def _box_head(model_cfg: dict, channels: int) -> nn.Module:
+    head = model_cfg.get("box_head", {})
+    size = head.get("representation_size", 1024)
+    if head.get("type", "mlp") == "convfc":
+        norm = nn.GroupNorm if model_cfg.get("norm") == "gn" else nn.BatchNorm2d
+        groups = model_cfg.get("gn_groups", 32)
+        norm_layer = (lambda c: norm(min(groups, c), c)) if norm is nn.GroupNorm else norm
+        return FastRCNNConvFCHead((channels, 7, 7), head.get("conv_layers", [256] * 4), [size], norm_layer=norm_layer)
+    return TwoMLPHead(channels * 7 * 7, size)
+
+
+def build_detector(model_name: str, model_cfg: dict, num_classes: int, widths: WidthSpec | None = None) -> nn.Module:
+    """``num_classes`` includes the background class."""
+    backbone = build_backbone(model_cfg, widths)
+    channels = backbone.out_channels
+    sizes = model_cfg.get("anchor_sizes", [32, 64, 128, 256, 512])
+    ratios = tuple(model_cfg.get("aspect_ratios", [0.5, 1.0, 2.0]))
+    common = dict(
+        min_size=model_cfg.get("min_size", 800),
+        max_size=model_cfg.get("max_size", 1333),
+        image_mean=IMAGENET_MEAN,
+        image_std=IMAGENET_STD,
+        rpn_anchor_generator=AnchorGenerator(tuple((s,) for s in sizes), (ratios,) * len(sizes)),
+        rpn_pre_nms_top_n_train=model_cfg.get("rpn_pre_nms_top_n_train", 2000),
+        rpn_post_nms_top_n_train=model_cfg.get("rpn_post_nms_top_n_train", 2000),
+        rpn_pre_nms_top_n_test=model_cfg.get("rpn_pre_nms_top_n_test", 1000),
+        rpn_post_nms_top_n_test=model_cfg.get("rpn_post_nms_top_n_test", 1000),
+        box_batch_size_per_image=model_cfg.get("box_batch_size_per_image", 512),
+        box_detections_per_img=model_cfg.get("box_detections_per_img", 100),
+        box_score_thresh=model_cfg.get("box_score_thresh", 0.05),
+        box_head=_box_head(model_cfg, channels),
+        box_predictor=FastRCNNPredictor(model_cfg.get("box_head", {}).get("representation_size", 1024), num_classes),
+    )
+    if model_name == "faster_rcnn":
+        return FasterRCNN(backbone, num_classes=None, **common)
+    if model_name == "mask_rcnn":
+        layers = model_cfg.get("mask_head_layers", [256] * 4)
+        mask_head = MaskRCNNHeads(channels, layers, 1, norm_layer=gn_norm_for(model_cfg))
+        return MaskRCNN(
+            backbone, num_classes=None, mask_head=mask_head,
+            mask_predictor=MaskRCNNPredictor(layers[-1], layers[-1], num_classes), **common,
+        )
+    raise ValueError(f"unknown detector {model_name!r}; expected one of {DETECTORS}")
