@@ -134,4 +134,4 @@ def load_pretrained_body(body: nn.Module, path: str | Path) -> list[str]:
                 " (widths differ)"
             )
     body.load_state_dict({k: source[k] for k in target if k in source}, strict=False)
-    return sorted(set(source) - set(target))
+    return sorted(k for k in set(source) - set(target) if not k.endswith("num_batches_tracked"))

@@ -1,0 +1,1 @@
+"""One training loop for classification pre-training and detector training."""

@@ -1,0 +1,268 @@
+"""The training loop (after torchvision's references/detection), shared by classification and detection."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from eigpipe import provenance, runtime
+from eigpipe.errors import EigpipeError, NumericalError
+from eigpipe.models import build_detector, from_model_config, load_pretrained_body, save_checkpoint
+from eigpipe.models.checkpoint import unwrap
+from eigpipe.train.batches import AugmentedDataset, IterationSampler
+from eigpipe.train.schedule import build_optimizer
+from eigpipe.train.state import RunFolder
+
+LossFn = Callable[[nn.Module, Any, torch.device], tuple[torch.Tensor, dict[str, float]]]
+
+
+@dataclass
+class Job:
+    model: nn.Module
+    dataset: Dataset
+    collate: Callable | None
+    loss_fn: LossFn
+    schedule: dict
+    meta: dict[str, Any]
+    folder: RunFolder
+    env: runtime.Runtime
+    seed: int
+    finish: Callable[[nn.Module], dict[str, float]] | None = None
+    extra_meta: dict[str, Any] = field(default_factory=dict)
+
+
+def _format_eta(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes}m{secs:02d}s"
+
+
+def _progress(iteration: int, steps: int, loss: float, parts: dict[str, float], lr: float, rate: float) -> None:
+    detail = " ".join(f"{k.removeprefix('loss_')} {v:.3f}" for k, v in parts.items())
+    eta = _format_eta((steps - iteration) * rate)
+    print(f"it {iteration}/{steps} loss {loss:.4f} ({detail}) lr {lr:.5f} {rate:.3f} s/it ETA {eta}", file=sys.stderr)
+
+
+def _save_model(job: Job, path: Path, iteration: int) -> None:
+    save_checkpoint(path, job.model, {**job.meta, **job.extra_meta, "iteration": iteration})
+
+
+def _resume(job: Job, optimizer: torch.optim.Optimizer, scheduler: Any) -> int:
+    state = job.folder.prepare()
+    if state is None:
+        return 0
+    unwrap(job.model).load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    print(f"resuming {job.folder.out} from iteration {state['iteration']}", file=sys.stderr)
+    return state["iteration"]
+
+
+def run(job: Job) -> None:
+    """Train ``job.model`` for the schedule's steps, publishing snapshots, the final model and metrics."""
+    schedule, env, folder = job.schedule, job.env, job.folder
+    steps, snapshots = schedule["steps"], set(schedule.get("snapshots", []))
+    job.model.to(env.device)
+    optimizer, scheduler = build_optimizer(job.model, schedule)
+    start = _resume(job, optimizer, scheduler)
+    model = job.model
+    if env.distributed:
+        if job.meta["model_config"].get("norm") == "sync_bn":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        device_ids = [env.local_rank] if env.device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    if start == 0 and 0 in snapshots and env.is_main:
+        _save_model(job, folder.snapshot_path(0), 0)
+        folder.keep_snapshot(0)
+    loader = DataLoader(
+        job.dataset,
+        batch_sampler=IterationSampler(len(job.dataset), schedule["batch_size"], job.seed, start, steps,
+                                       env.rank, env.world_size),
+        collate_fn=job.collate,
+        num_workers=schedule.get("workers", 0),
+        generator=torch.Generator().manual_seed(job.seed),  # keeps the global RNG untouched (resume)
+    )
+    model.train()
+    began, log_every = time.time(), schedule.get("log_every", 20)
+    for iteration, batch in enumerate(loader, start):
+        loss, parts = job.loss_fn(model, batch, env.device)
+        if not torch.isfinite(loss):
+            raise NumericalError(f"{folder.out}: non-finite loss at iteration {iteration} ({parts})")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if schedule.get("clip_grad_norm"):
+            nn.utils.clip_grad_norm_(model.parameters(), schedule["clip_grad_norm"])
+        optimizer.step()
+        scheduler.step()
+        done = iteration + 1
+        if not env.is_main:
+            continue
+        if done % log_every == 0 or done == steps:
+            rate = (time.time() - began) / (done - start)
+            lr = optimizer.param_groups[0]["lr"]
+            _progress(done, steps, loss.item(), parts, lr, rate)
+            folder.log({"iteration": done, "loss": loss.item(), **parts, "lr": lr, "s_per_it": rate})
+        if done in snapshots and done < steps:
+            _save_model(job, folder.snapshot_path(done), done)
+            folder.keep_snapshot(done)
+        if done % schedule.get("checkpoint_every", 100) == 0 and done < steps:
+            folder.save_state({
+                "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(), "iteration": done,
+            })
+    if env.is_main:
+        if job.finish is not None:
+            final_metrics = job.finish(unwrap(model))
+            job.extra_meta.update(final_metrics)
+            folder.log({"iteration": steps, **final_metrics})
+        _save_model(job, folder.final_path, steps)
+        folder.publish_metrics()
+    if env.distributed:
+        torch.distributed.barrier()
+
+
+def _seed_and_env(cfg: dict) -> tuple[int, runtime.Runtime]:
+    seed = cfg.get("seed", 0)
+    return seed, runtime.setup(cfg.get("runtime"), seed)
+
+
+def _base_meta(cfg: dict, task: str, model_name: str, out: Path, init: str, inputs: list, seed: int,
+               env: runtime.Runtime) -> dict[str, Any]:
+    model_cfg = cfg["model"]
+    return {
+        "task": task,
+        "model_name": model_name,
+        "model_config": model_cfg,
+        "widths": from_model_config(model_cfg).to_dict(),
+        "run": out.name,
+        "init": init,
+        "seed": seed,
+        "provenance": provenance.record(config=cfg, inputs=inputs, seed=seed, device=str(env.device)),
+    }
+
+
+# -- detection -------------------------------------------------------------------------------------------
+
+def _detection_loss(model: nn.Module, batch: Any, device: torch.device) -> tuple[torch.Tensor, dict[str, float]]:
+    images, targets = batch
+    images = [image.to(device) for image in images]
+    targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
+    losses = model(images, targets)
+    return sum(losses.values()), {k: v.item() for k, v in losses.items()}
+
+
+def parse_init(init: str) -> tuple[str, Path | None]:
+    if init == "scratch":
+        return "scratch", None
+    kind, _, path = init.partition(":")
+    if kind != "pretrained" or not path:
+        raise EigpipeError(f"--init: expected 'scratch' or 'pretrained:<checkpoint>', got {init!r}")
+    if not Path(path).is_file():
+        raise EigpipeError(f"--init: pre-trained weights {path} not found")
+    return "pretrained", Path(path)
+
+
+def train_detector(cfg: dict, model_name: str, init: str, annotations: Path, images: Path | None, out: Path) -> None:
+    from eigpipe.data import coco
+
+    if images is None:
+        raise EigpipeError("--image-dir is required for detection training")
+    init_kind, init_path = parse_init(init)
+    seed, env = _seed_and_env(cfg)
+    dataset = coco.CocoDetection(annotations, images, train=True, strict=cfg["data"].get("strict", False),
+                                 masks=model_name == "mask_rcnn")
+    model = build_detector(model_name, cfg["model"], dataset.num_classes)
+    if init_path is not None:
+        unused = load_pretrained_body(model.backbone.body, init_path)
+        print(f"initialised body from {init_path} ({len(unused)} source tensors unused)", file=sys.stderr)
+    out = Path(out)
+    meta = _base_meta(cfg, "detection", model_name, out, init_kind, [annotations, init_path], seed, env)
+    meta.update(num_classes=dataset.num_classes, categories=dataset.categories,
+                category_ids=dataset.category_ids, init_source=str(init_path) if init_path else None)
+    flip = cfg["train"]["schedule"].get("hflip", 0.5)
+
+    def augment(sample: Any, rng: np.random.Generator) -> Any:
+        return coco.hflip(*sample) if rng.random() < flip else sample
+
+    fingerprint = provenance.section_hash({"cfg": cfg, "model": model_name, "init": init, "data": str(annotations)})
+    job = Job(model=model, dataset=AugmentedDataset(dataset, augment, seed), collate=coco.collate,
+              loss_fn=_detection_loss, schedule=cfg["train"]["schedule"], meta=meta,
+              folder=RunFolder(out, fingerprint), env=env, seed=seed)
+    try:
+        run(job)
+    finally:
+        runtime.teardown()
+
+
+# -- classification --------------------------------------------------------------------------------------
+
+def _classification_loss(model: nn.Module, batch: Any, device: torch.device) -> tuple[torch.Tensor, dict[str, float]]:
+    images, labels = batch
+    logits = model(images.to(device))
+    loss = nn.functional.cross_entropy(logits, labels.to(device))
+    accuracy = (logits.argmax(1) == labels.to(device)).float().mean().item()
+    return loss, {"accuracy": accuracy}
+
+
+def _image_folder(root: Path) -> Dataset:
+    from torchvision import datasets, transforms
+
+    from eigpipe.models.detector import IMAGENET_MEAN, IMAGENET_STD
+
+    if not root.is_dir():
+        raise EigpipeError(f"{root}: image folder not found")
+    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    try:
+        return datasets.ImageFolder(root, transform=transform)
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise EigpipeError(f"{root}: not an image folder with one sub-folder per class ({exc})") from None
+
+
+def accuracy(model: nn.Module, dataset: Dataset, device: torch.device, batch_size: int = 256) -> float:
+    model.eval()
+    correct = 0
+    with torch.inference_mode():
+        for images, labels in DataLoader(dataset, batch_size=batch_size):
+            correct += (model(images.to(device)).argmax(1).cpu() == labels).sum().item()
+    return correct / len(dataset)
+
+
+def train_classifier(cfg: dict, data: Path, out: Path) -> None:
+    """Pre-train the classifier on ``data/train`` (ImageFolder); report accuracy on ``data/val`` if present."""
+    from eigpipe.models import Classifier, build_body
+
+    seed, env = _seed_and_env(cfg)
+    data, out = Path(data), Path(out)
+    train_set = _image_folder(data / "train")
+    model = Classifier(build_body(cfg["model"]), len(train_set.classes))
+    meta = _base_meta(cfg, "classification", "classifier", out, "scratch", [], seed, env)
+    meta.update(num_classes=len(train_set.classes), categories=train_set.classes)
+
+    def augment(sample: Any, rng: np.random.Generator) -> Any:
+        image, label = sample
+        return (image.flip(-1) if rng.random() < 0.5 else image), label
+
+    def finish(model: nn.Module) -> dict[str, float]:
+        if not (data / "val").is_dir():
+            return {}
+        value = accuracy(model, _image_folder(data / "val"), env.device)
+        print(f"validation accuracy {value:.4f}", file=sys.stderr)
+        return {"val_accuracy": value}
+
+    job = Job(model=model, dataset=AugmentedDataset(train_set, augment, seed), collate=None,
+              loss_fn=_classification_loss, schedule=cfg["pretrain"]["schedule"], meta=meta,
+              folder=RunFolder(out, provenance.section_hash({"cfg": cfg, "data": str(data)})), env=env, seed=seed,
+              finish=finish)
+    try:
+        run(job)
+    finally:
+        runtime.teardown()

@@ -1,0 +1,139 @@
+"""Widths specs, the configurable ResNet, torchvision-compatible weights, detectors and complexity."""
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from eigpipe import cli, complexity
+from eigpipe.errors import ConfigError, EigpipeError
+from eigpipe.models import (
+    WidthSpec,
+    build_body,
+    build_detector,
+    load_checkpoint,
+    load_pretrained_body,
+    save_checkpoint,
+    standard,
+)
+from eigpipe.models.checkpoint import widths_from_state_dict
+
+TINY = {"width_multiplier": 0.0625, "norm": "gn", "gn_groups": 4, "fpn_channels": 16, "min_size": 64, "max_size": 64,
+        "anchor_sizes": [4, 8, 16, 32, 64], "box_head": {"type": "mlp", "representation_size": 32},
+        "mask_head_layers": [16, 16], "rpn_post_nms_top_n_train": 50, "box_batch_size_per_image": 16}
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_widths_spec_round_trip(tmp_path, suffix):
+    spec = standard(multiplier=0.5)
+    edited = WidthSpec.from_dict({**spec.to_dict(), "stem": 24})
+    path = tmp_path / f"widths{suffix}"
+    edited.save(path)
+    assert WidthSpec.load(path) == edited
+    assert WidthSpec.load(path).stem == 24
+
+
+def test_widths_spec_errors_name_the_key(tmp_path):
+    data = standard().to_dict()
+    data["stages"][2]["blocks"][1] = [64, -3]
+    with pytest.raises(ConfigError, match=r"stages\.2\.blocks\.1\.1"):
+        WidthSpec.from_dict(data)
+    with pytest.raises(ConfigError, match="not found"):
+        WidthSpec.load(tmp_path / "missing.yaml")
+
+
+def test_body_uses_every_width_of_the_spec():
+    data = standard(multiplier=0.25).to_dict()
+    data["stages"][1]["blocks"][2] = [5, 7]
+    data["stages"][3]["out"] = 96
+    body = build_body({"norm": "gn", "gn_groups": 4}, WidthSpec.from_dict(data))
+    assert body.layer2[2].conv1.out_channels == 5 and body.layer2[2].conv2.out_channels == 7
+    assert body.layer4[0].downsample[0].out_channels == 96 and body.layer4[2].conv3.out_channels == 96
+    assert widths_from_state_dict(body.state_dict()).to_dict() == data
+    assert body(torch.rand(1, 3, 64, 64)).shape == (1, 96, 2, 2)
+
+
+def test_groupnorm_groups_divide_narrow_layers():
+    body = build_body({"norm": "gn", "gn_groups": 32, "width_multiplier": 0.125})
+    norms = [m for m in body.modules() if isinstance(m, nn.GroupNorm)]
+    assert norms and all(m.num_channels % m.num_groups == 0 for m in norms)
+    assert body.bn1.num_groups == 8  # 8 channels, gcd(8, 32)
+
+
+def test_standard_body_loads_torchvision_resnet50_weights(tmp_path):
+    reference = torchvision.models.resnet50()
+    path = tmp_path / "resnet50.pth"
+    torch.save(reference.state_dict(), path)
+    body = build_body({"norm": "frozen_bn"})
+    unused = load_pretrained_body(body, path)
+    assert unused == []
+    gn_unused = load_pretrained_body(build_body({"norm": "gn"}), path)
+    assert "layer2.1.bn2.running_mean" in gn_unused and not any(k.endswith("weight") for k in gn_unused)
+    assert torch.equal(body.layer3[4].conv2.weight, reference.layer3[4].conv2.weight)
+    assert torch.equal(body.layer1[0].bn1.running_var, reference.layer1[0].bn1.running_var)
+    assert complexity.count_params(body) == 23_508_032
+    classifier, meta = load_checkpoint(path)
+    assert meta["model_name"] == "classifier" and meta["num_classes"] == 1000
+    x = torch.rand(1, 3, 64, 64)
+    torch.testing.assert_close(classifier(x), reference.eval()(x))
+
+
+def test_pretrained_weights_of_other_widths_are_refused(tmp_path):
+    path = tmp_path / "resnet50.pth"
+    torch.save(torchvision.models.resnet50().state_dict(), path)
+    with pytest.raises(EigpipeError, match=r"conv1\.weight has shape \[64, 3, 7, 7\].*\[4, 3, 7, 7\]"):
+        load_pretrained_body(build_body(TINY), path)
+
+
+@pytest.mark.parametrize("name", ["faster_rcnn", "mask_rcnn"])
+def test_detector_trains_and_predicts(name):
+    torch.manual_seed(0)
+    model = build_detector(name, TINY, num_classes=4)
+    image = torch.rand(3, 64, 64)
+    target = {"boxes": torch.tensor([[4.0, 6.0, 30.0, 40.0]]), "labels": torch.tensor([2]),
+              "masks": torch.zeros(1, 64, 64, dtype=torch.uint8)}
+    target["masks"][0, 6:40, 4:30] = 1
+    losses = model([image], [target])
+    expected = {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
+    assert expected <= set(losses) and (name == "faster_rcnn") == ("loss_mask" not in losses)
+    sum(losses.values()).backward()
+    model.eval()
+    out = model([image])[0]
+    assert out["boxes"].shape[1] == 4 and ("masks" in out) == (name == "mask_rcnn")
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model = build_detector("faster_rcnn", TINY, num_classes=3)
+    widths = standard(multiplier=0.0625).to_dict()
+    meta = {"task": "detection", "model_name": "faster_rcnn", "model_config": TINY, "widths": widths,
+            "num_classes": 3, "iteration": 7, "run": "r"}
+    save_checkpoint(tmp_path / "c.pt", model, meta)
+    loaded, got = load_checkpoint(tmp_path / "c.pt")
+    assert got["iteration"] == 7 and len(got["sha256"]) == 64
+    for (k, a), b in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+
+
+def test_unreadable_checkpoint_is_a_one_line_error(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_text("not a checkpoint")
+    with pytest.raises(EigpipeError, match="bad.pt: not a readable torch checkpoint"):
+        load_checkpoint(bad)
+
+
+def test_complexity_of_standard_resnet50(tmp_path, capsys):
+    (tmp_path / "model.yaml").write_text("width_multiplier: 1.0\nnorm: bn\n")
+    numbers = complexity.detector_complexity(complexity.model_section(tmp_path / "model.yaml"), 91, 224, 224)
+    assert numbers["body_params"] == 23_508_032
+    assert abs(numbers["body_macs"] / 1e9 - 4.1) < 0.05
+    assert numbers["fpn_params"] > 0 and numbers["detector_macs"] > numbers["body_macs"] + numbers["fpn_macs"]
+    assert cli.main(["complexity", "--model-config", str(tmp_path / "model.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "23.508M" in out and "4.087G" in out
+
+
+def test_complexity_rejects_bad_model_key(tmp_path, capsys):
+    (tmp_path / "model.yaml").write_text("width_multiplier: -1\n")
+    assert cli.main(["complexity", "--model-config", str(tmp_path / "model.yaml")]) == 1
+    err = capsys.readouterr().err
+    assert "width_multiplier" in err and "Traceback" not in err
