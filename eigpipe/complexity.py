@@ -5,6 +5,7 @@ The flop counter counts convolutions and matrix products; RoIAlign and NMS are n
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -34,8 +35,14 @@ def count_macs(module: nn.Module, *inputs: object) -> int:
 def detector_complexity(
     model_cfg: dict, num_classes: int, height: int, width: int, model_name: str = "faster_rcnn"
 ) -> dict[str, int]:
-    """Params and MACs at an input of height x width (the detector's own resize is switched off)."""
-    model = build_detector(model_name, model_cfg, num_classes, from_model_config(model_cfg)).eval()
+    """Params and MACs of the detector a model section describes."""
+    model = build_detector(model_name, model_cfg, num_classes, from_model_config(model_cfg))
+    return model_complexity(model, height, width)
+
+
+def model_complexity(model: nn.Module, height: int, width: int) -> dict[str, int]:
+    """Params and MACs of a detector at an input of height x width (its own resize is switched off)."""
+    model = copy.deepcopy(model).cpu().eval()
     model.transform.min_size = (min(height, width),)
     model.transform.max_size = max(height, width)
     image = torch.zeros(1, 3, height, width)

@@ -46,7 +46,7 @@ def versions() -> dict[str, str]:
         import zarr
 
         found["zarr"] = zarr.__version__
-    return found
+    return {name: str(version) for name, version in found.items()}
 
 
 def record(

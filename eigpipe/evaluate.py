@@ -1,0 +1,101 @@
+"""COCO evaluation of a detector checkpoint with pycocotools (bbox, and segm for Mask R-CNN)."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+from pycocotools.cocoeval import COCOeval
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from eigpipe import provenance, runtime
+from eigpipe.complexity import model_complexity
+from eigpipe.errors import EigpipeError
+from eigpipe.models import load_checkpoint
+
+STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
+
+def to_coco_results(output: dict[str, torch.Tensor], image_id: int, category_ids: list[int]) -> list[dict]:
+    """One image's predictions as COCO result records (xywh boxes, category ids, RLE masks)."""
+    boxes = output["boxes"].cpu()
+    boxes[:, 2:] -= boxes[:, :2]
+    records = []
+    masks = output.get("masks")
+    for k, (box, label, score) in enumerate(zip(boxes.tolist(), output["labels"].tolist(),
+                                                output["scores"].tolist(), strict=True)):
+        record = {"image_id": image_id, "category_id": category_ids[label - 1], "bbox": box, "score": score}
+        if masks is not None:
+            binary = (masks[k, 0] > 0.5).cpu().numpy().astype(np.uint8)
+            rle = mask_utils.encode(np.asfortranarray(binary))
+            record["segmentation"] = {"size": rle["size"], "counts": rle["counts"].decode()}
+        records.append(record)
+    return records
+
+
+def predict(model: torch.nn.Module, dataset: Any, category_ids: list[int], device: torch.device,
+            batch_size: int) -> list[dict]:
+    from eigpipe.data.coco import collate
+
+    results: list[dict] = []
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
+    with torch.inference_mode():
+        for images, targets in tqdm(loader, desc="evaluate", unit="batch", file=sys.stderr):
+            outputs = model([image.to(device) for image in images])
+            for output, target in zip(outputs, targets, strict=True):
+                results.extend(to_coco_results(output, int(target["image_id"]), category_ids))
+    return results
+
+
+def coco_stats(coco_gt: Any, results: list[dict], iou_type: str, image_ids: list[int]) -> dict[str, float]:
+    """The 12 standard COCOeval numbers (zeros when there is no detection at all)."""
+    if not results:
+        return dict.fromkeys(STAT_NAMES, 0.0)
+    with contextlib.redirect_stdout(sys.stderr):
+        coco_dt = coco_gt.loadRes(results)
+        evaluator = COCOeval(coco_gt, coco_dt, iou_type)
+        evaluator.params.imgIds = image_ids
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return {name: float(value) for name, value in zip(STAT_NAMES, evaluator.stats, strict=True)}
+
+
+def evaluate_checkpoint(checkpoint: Path, annotations: Path, images: Path, out: Path, cfg: dict) -> dict[str, Any]:
+    from eigpipe.data.coco import CocoDetection
+
+    section = cfg.get("evaluate", {})
+    env = runtime.setup(cfg.get("runtime"), cfg.get("seed", 0))
+    model, meta = load_checkpoint(checkpoint, env.device)
+    if meta["task"] != "detection":
+        raise EigpipeError(f"{checkpoint}: a {meta['task']} checkpoint cannot be evaluated as a detector")
+    dataset = CocoDetection(annotations, images, train=False)
+    if list(dataset.category_ids) != list(meta["category_ids"]):
+        raise EigpipeError(f"{annotations}: categories {dataset.category_ids} differ from the checkpoint's "
+                           f"{meta['category_ids']}")
+    count = min(len(dataset), section.get("max_images") or len(dataset))
+    image_ids = list(dataset.ids[:count])
+    results = predict(model, Subset(dataset, range(count)), meta["category_ids"], env.device,
+                      section.get("batch_size", 8))
+    size = meta["model_config"].get("min_size", 800)
+    report: dict[str, Any] = {
+        "run": meta.get("run"), "model_name": meta["model_name"], "init": meta.get("init"),
+        "iteration": meta["iteration"], "checkpoint": str(checkpoint), "checkpoint_sha256": meta["sha256"],
+        "n_images": count, "n_detections": len(results),
+        "bbox": coco_stats(dataset.coco, results, "bbox", image_ids),
+        "complexity": {"input_size": [size, size], **model_complexity(model, size, size)},
+        "provenance": provenance.record(config=cfg, inputs=[annotations], seed=cfg.get("seed", 0),
+                                        device=str(env.device)),
+    }
+    if meta["model_name"] == "mask_rcnn":
+        report["segm"] = coco_stats(dataset.coco, results, "segm", image_ids)
+    provenance.write_json(out, report)
+    print(f"{meta.get('run')}: bbox AP {report['bbox']['AP']:.4f} AP50 {report['bbox']['AP50']:.4f} "
+          f"on {count} images", file=sys.stderr)
+    return report

@@ -1,0 +1,169 @@
+"""The training loop: schedule, deterministic batches, resume == uninterrupted, snapshots, errors, DDP."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from eigpipe import cli, runtime
+from eigpipe.models import load_checkpoint
+from eigpipe.train import loop
+from eigpipe.train.batches import batch_keys
+from eigpipe.train.schedule import lr_factor
+
+MODEL = {"width_multiplier": 0.0625, "norm": "gn", "gn_groups": 4, "fpn_channels": 16, "min_size": 64,
+         "max_size": 64, "anchor_sizes": [4, 8, 16, 32, 64], "box_head": {"type": "mlp", "representation_size": 32},
+         "mask_head_layers": [16, 16], "rpn_pre_nms_top_n_train": 100, "rpn_post_nms_top_n_train": 50,
+         "rpn_pre_nms_top_n_test": 50, "rpn_post_nms_top_n_test": 30, "box_batch_size_per_image": 16}
+
+
+def study(tmp_path, steps=8, snapshots=(0, 4)):
+    schedule = {"steps": steps, "batch_size": 4, "lr": 0.02, "warmup_steps": 2, "snapshots": list(snapshots),
+                "checkpoint_every": 3, "log_every": 2}
+    config = {"study": "t", "seed": 3, "runtime": {"threads": 2}, "data": {"source": "synthetic"}, "model": MODEL,
+              "pretrain": {"source": "synthetic", "schedule": {**schedule, "batch_size": 8, "lr": 0.05}},
+              "train": {"models": ["faster_rcnn"], "inits": ["scratch"], "schedule": schedule}}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("classes")
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 10), ("val", 3)):
+        for label, level in (("dark", 60), ("light", 190)):
+            folder = root / split / label
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = np.clip(rng.normal(level, 30, (32, 32, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+def states_equal(a, b):
+    sa, sb = load_checkpoint(a)[0].state_dict(), load_checkpoint(b)[0].state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def metrics(path):
+    return [{k: v for k, v in json.loads(line).items() if k != "s_per_it"} for line in path.read_text().splitlines()]
+
+
+def train_classifier(config, data, out):
+    return cli.main(["train", "--task", "classification", "--config", str(config), "--data", str(data),
+                     "--out", str(out)])
+
+
+def crash_at(monkeypatch, name, iteration):
+    """Make the loss function raise when it is called for ``iteration`` (a stand-in for a kill)."""
+    original, calls = getattr(loop, name), {"n": 0}
+
+    def failing(*args):
+        if calls["n"] == iteration:
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return original(*args)
+
+    monkeypatch.setattr(loop, name, failing)
+    return calls
+
+
+def test_lr_schedule_warmup_step_and_cosine():
+    step = lr_factor({"steps": 100, "warmup_steps": 10, "warmup_factor": 0.1, "lr_steps": [0.5, 80], "gamma": 0.1})
+    assert step(0) == pytest.approx(0.1) and step(5) == pytest.approx(0.55) and step(10) == 1.0
+    assert step(49) == 1.0 and step(50) == pytest.approx(0.1) and step(80) == pytest.approx(0.01)
+    cosine = lr_factor({"steps": 100, "decay": "cosine"})
+    assert cosine(0) == 1.0 and cosine(50) == pytest.approx(0.5) and cosine(100) == pytest.approx(0.0)
+
+
+def test_batches_are_a_function_of_seed_and_iteration():
+    first = [batch_keys(i, 4, 10, seed=1) for i in range(6)]
+    assert first == [batch_keys(i, 4, 10, seed=1) for i in range(6)]
+    assert first != [batch_keys(i, 4, 10, seed=2) for i in range(6)]
+    epoch0 = [key[0] for batch in first for key in batch][:10]
+    assert sorted(epoch0) == list(range(10))
+
+
+def test_classifier_resume_equals_uninterrupted(tmp_path, image_folder, monkeypatch):
+    config = study(tmp_path)
+    assert train_classifier(config, image_folder, tmp_path / "whole") == 0
+    crash_at(monkeypatch, "_classification_loss", 7)
+    assert train_classifier(config, image_folder, tmp_path / "killed") == 130
+    assert not (tmp_path / "killed" / "final.pt").exists()
+    shutil.rmtree(tmp_path / "killed" / "snapshots")  # what Snakemake does to an incomplete job's outputs
+    monkeypatch.undo()
+    assert train_classifier(config, image_folder, tmp_path / "killed") == 0
+    for name in ("final.pt", "snapshots/0.pt", "snapshots/4.pt"):
+        assert states_equal(tmp_path / "whole" / name, tmp_path / "killed" / name), name
+    assert metrics(tmp_path / "whole" / "metrics.jsonl") == metrics(tmp_path / "killed" / "metrics.jsonl")
+    meta = load_checkpoint(tmp_path / "whole" / "final.pt")[1]
+    assert meta["iteration"] == 8 and "val_accuracy" in meta and meta["provenance"]["seed"] == 3
+
+
+def test_resume_state_of_another_config_is_not_used(tmp_path, image_folder, monkeypatch, capsys):
+    crash_at(monkeypatch, "_classification_loss", 7)
+    assert train_classifier(study(tmp_path), image_folder, tmp_path / "run") == 130
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert train_classifier(study(tmp_path, steps=9), image_folder, tmp_path / "run") == 0
+    assert "resuming" not in capsys.readouterr().err
+    assert load_checkpoint(tmp_path / "run" / "final.pt")[1]["iteration"] == 9
+
+
+def test_non_finite_loss_stops_with_the_iteration(tmp_path, image_folder, monkeypatch, capsys):
+    original = loop._classification_loss
+    calls = {"n": 0}
+
+    def exploding(*args):
+        loss, parts = original(*args)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] == 4 else loss), parts
+
+    monkeypatch.setattr(loop, "_classification_loss", exploding)
+    assert train_classifier(study(tmp_path), image_folder, tmp_path / "run") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "non-finite loss at iteration 3" in err[-1] and "Traceback" not in "".join(err)
+    assert not (tmp_path / "run" / "final.pt").exists()
+
+
+def test_init_rejects_bad_values(tmp_path):
+    with pytest.raises(Exception, match="expected 'scratch' or 'pretrained"):
+        loop.parse_init("imagenet")
+    with pytest.raises(Exception, match="not found"):
+        loop.parse_init(f"pretrained:{tmp_path / 'none.pt'}")
+
+
+def test_slurm_variables_alone_do_not_mean_distributed(monkeypatch):
+    for name in runtime.TORCHRUN_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    assert not runtime.launched_by_torchrun()
+    assert runtime.setup({"threads": 1, "device": "cpu"}).world_size == 1
+
+
+def test_cuda_asked_without_a_gpu_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(Exception, match="runtime.device: cuda"):
+        runtime.setup({"device": "cuda"})
+
+
+@pytest.mark.slow
+def test_torchrun_ddp_on_cpu(tmp_path, image_folder):
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "eigpipe.cli", "train", "--task",
+               "classification", "--config", str(study(tmp_path, steps=4, snapshots=())), "--data",
+               str(image_folder), "--out", str(tmp_path / "ddp")]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert load_checkpoint(tmp_path / "ddp" / "final.pt")[1]["iteration"] == 4
