@@ -23,9 +23,9 @@ def _sections(args: argparse.Namespace, *names: str) -> dict:
 
 
 def cmd_synth_data(args: argparse.Namespace) -> None:
+    cfg = _sections(args, "data")
     from eigpipe.data import synthetic
 
-    cfg = _sections(args, "data")
     synthetic.generate(cfg["data"].get("synthetic", {}), seed=cfg.get("seed", 0), out=args.out)
 
 

@@ -1,0 +1,71 @@
+"""Study configs: schema validation with defaults, one-line errors naming the key, per-stage sections."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from eigpipe import cli, config
+from eigpipe.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", ["config.yaml", "smoke.yaml", "coco.yaml"])
+def test_shipped_configs_are_valid(name):
+    loaded = config.load(ROOT / "config" / name)
+    assert loaded["train"]["schedule"]["steps"] >= 1 and loaded["runtime"]["threads"] >= 1
+
+
+def test_defaults_are_filled_in():
+    loaded = config.load(ROOT / "config" / "config.yaml")
+    assert loaded["train"]["schedule"]["momentum"] == 0.9
+    assert loaded["spectrum"]["threshold"] == 1e-3
+
+
+@pytest.mark.parametrize(
+    ("edit", "where"),
+    [
+        (lambda c: c["train"]["schedule"].update(lr=-1), "train.schedule.lr"),
+        (lambda c: c["model"].update(norm="layer"), "model.norm"),
+        (lambda c: c["train"].update(models=["yolo"]), "train.models.0"),
+        (lambda c: c.update(trian={}), "trian"),
+        (lambda c: c["data"].update(source=None), "data.source"),
+    ],
+)
+def test_errors_name_the_key(tmp_path, edit, where):
+    data = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    edit(data)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError) as info:
+        config.load(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}:") and (where in message) and "\n" not in message
+
+
+def test_unreadable_config_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        config.load(tmp_path / "none.yaml")
+    (tmp_path / "bad.yaml").write_text("study: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        config.load(tmp_path / "bad.yaml")
+
+
+def test_sections_from_json_are_validated_on_their_own():
+    got = config.sections(config_json=json.dumps({"spectrum": {"threshold": 0.01}, "seed": 4}), names=("spectrum",))
+    assert got["spectrum"] == {"threshold": 0.01, "soft_lambda": 1e-3} and got["seed"] == 4
+    with pytest.raises(ConfigError, match="spectrum.threshold|threshold"):
+        config.sections(config_json=json.dumps({"spectrum": {"threshold": -1}}))
+    with pytest.raises(ConfigError, match="unknown config section"):
+        config.sections(config_json=json.dumps({"nope": {}}))
+    with pytest.raises(ConfigError, match="missing section"):
+        config.sections(config_json="{}", names=("spectrum",))
+
+
+def test_cli_reports_config_errors_in_one_line(tmp_path, capsys):
+    code = cli.main(["synth-data", "--config-json", "{not json", "--out", str(tmp_path / "d")])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and "--config-json" in err
+    assert not (tmp_path / "d").exists()
