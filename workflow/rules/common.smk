@@ -1,0 +1,134 @@
+# Helpers for the rules in this folder: config sections as params, code hashes, paths, input functions.
+import json
+import re
+from pathlib import Path
+
+
+# With --sdm conda, jobs use the named env "eigpipe": create it once with `conda env create -f environment.yml`.
+# A file-based env would be copied under .snakemake/conda/, where its editable install of the repo breaks.
+CONDA_ENV = "eigpipe"
+
+MODELS = config["train"]["models"]
+INITS = config["train"]["inits"]
+DETECTOR_RUNS = [f"{model}-{init}" for model in MODELS for init in INITS]
+SNAPSHOTS = sorted(i for i in set(config["train"]["schedule"]["snapshots"]) if i < config["train"]["schedule"]["steps"])
+THREADS = config["runtime"]["threads"]
+
+if config["pretrain"]["source"] == "torchvision" and not config["pretrain"]["weights"]:
+    raise ValueError("pretrain.weights: required when pretrain.source is torchvision (a resnet50 state-dict file)")
+if config["data"]["source"] == "coco" and "coco" not in config["data"]:
+    raise ValueError("data.coco: required when data.source is coco (annotation and image paths)")
+
+wildcard_constraints:
+    study=re.escape(config["study"]),
+    model="|".join(MODELS),
+    init="|".join(INITS),
+    run="|".join([*DETECTOR_RUNS, "classifier"]),
+    split="train|val",
+    iteration=r"\d+|final",
+
+
+# ---- config sections as params (what makes reruns incremental, with code_hash() of codehash.smk) ----
+
+
+def _dumps(sections):
+    return json.dumps(sections, sort_keys=True, separators=(",", ":"))
+
+
+def stage_config(*names):
+    """Params value: the JSON of only the config sections a stage reads (`--config-json`).
+
+    A callable, so that Snakemake does not take braces in the JSON for wildcards.
+    """
+    text = _dumps({name: config[name] for name in names})
+    return lambda wildcards: text
+
+
+def detector_config(wildcards):
+    """train_detector's sections, train.models/inits narrowed to the job's own run: adding a model or
+    an init to a study must not rerun the runs that exist."""
+    train = {**config["train"], "models": [wildcards.model], "inits": [wildcards.init]}
+    return _dumps({**{name: config[name] for name in ("model", "data", "runtime", "seed")}, "train": train})
+
+
+def launcher(gpus):
+    """Shell prefix: torchrun over the job's GPUs when it has several, one plain process otherwise."""
+    gpus = int(gpus or 0)
+    return f"torchrun --standalone --nproc_per_node {gpus} --no-python" if gpus > 1 else ""
+
+
+def launch(wildcards, resources):
+    return launcher(resources.gpu)
+
+
+def parent_of(name):
+    """Params value: the folder of output `name` (stages that take an output folder)."""
+    return lambda wildcards, output: str(Path(output[name]).parent)
+
+
+# ---- datasets ----
+
+
+def dataset_input(wildcards):
+    """What a stage waits for: the generated synthetic dataset, or the checked COCO splits."""
+    if config["data"]["source"] == "synthetic":
+        return f"results/{wildcards.study}/data"
+    return expand("results/{study}/checks/{split}.txt", study=wildcards.study, split=["train", "val"])
+
+
+def split_paths(split):
+    """(annotations JSON, image folder) of a split, as params patterns."""
+    if config["data"]["source"] == "coco":
+        coco = config["data"]["coco"]
+        return coco[f"{split}_annotations"], coco[f"{split}_images"]
+    return f"results/{{study}}/data/detection/instances_{split}.json", f"results/{{study}}/data/detection/{split}"
+
+
+def coco_split(wildcards):
+    annotations, images = split_paths(wildcards.split)
+    return {"annotations": annotations, "images": images}
+
+
+# ---- checkpoints and runs ----
+
+
+def classifier_checkpoint(wildcards):
+    if config["pretrain"]["source"] == "torchvision":
+        return config["pretrain"]["weights"]
+    return f"results/{wildcards.study}/pretrain/final.pt"
+
+
+def init_input(wildcards):
+    return {"init": classifier_checkpoint(wildcards)} if wildcards.init == "pretrained" else {}
+
+
+def init_arg(wildcards, input):
+    return f"pretrained:{input.init}" if wildcards.init == "pretrained" else "scratch"
+
+
+def iterations(run):
+    return ["final"] if run == "classifier" else [*map(str, SNAPSHOTS), "final"]
+
+
+def covariance_checkpoint(wildcards):
+    if wildcards.run == "classifier":
+        return classifier_checkpoint(wildcards)
+    if wildcards.iteration == "final":
+        return f"results/{wildcards.study}/train/{wildcards.run}/final.pt"
+    return f"results/{wildcards.study}/train/{wildcards.run}/snapshots/{wildcards.iteration}.pt"
+
+
+def run_spectra(wildcards):
+    return expand(
+        "results/{study}/spectrum/{run}/{iteration}.parquet",
+        study=wildcards.study,
+        run=wildcards.run,
+        iteration=iterations(wildcards.run),
+    )
+
+
+REPORT_FILES = ["eigenvalues.png", "dimensions.png", "dynamics.png", "summary.csv", "evaluation.csv"]
+
+
+def report_outputs():
+    return expand("results/{study}/report/{name}", study=config["study"], name=REPORT_FILES)

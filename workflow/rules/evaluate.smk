@@ -1,0 +1,25 @@
+rule evaluate:
+    input:
+        checkpoint="results/{study}/train/{run}/final.pt",
+        data=dataset_input,
+    output:
+        "results/{study}/eval/{run}.json",
+    params:
+        cfg=stage_config("evaluate", "runtime"),
+        code=code_hash("evaluate"),
+        annotations=split_paths("val")[0],
+        images=split_paths("val")[1],
+    log:
+        "results/{study}/logs/evaluate/{run}.log",
+    benchmark:
+        "results/{study}/benchmarks/evaluate/{run}.tsv"
+    threads: THREADS
+    resources:
+        mem_mb=8000,
+        runtime=60,
+        gpu=0,
+    conda:
+        CONDA_ENV
+    shell:
+        "eigpipe evaluate --config-json {params.cfg:q} --checkpoint {input.checkpoint}"
+        " --data {params.annotations} --image-dir {params.images} --out {output} > {log} 2>&1"
