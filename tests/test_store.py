@@ -19,13 +19,20 @@ from eigpipe.errors import EigpipeError
 def fake_layers(seed: int = 0) -> dict[str, SimpleNamespace]:
     rng = np.random.default_rng(seed)
     layers = {}
-    for name, c in [("backbone.body.conv1", 8), ("backbone.body.layer1.0.conv2", 600), ("backbone.fpn.layer_blocks.0", 5)]:
+    sizes = [("backbone.body.conv1", 8), ("backbone.body.layer1.0.conv2", 600), ("backbone.fpn.layer_blocks.0", 5)]
+    for name, c in sizes:
         a = rng.normal(size=(c, c + 3))
         layers[name] = SimpleNamespace(second_moment=a @ a.T / c, mean=rng.normal(size=c), count=7, channels=c)
     return layers
 
 
-ROOT = {"run": "faster_rcnn-pretrained", "iteration": 100, "init": "pretrained", "n_images": 7, "provenance": {"seed": 0}}
+ROOT = {
+    "run": "faster_rcnn-pretrained",
+    "iteration": 100,
+    "init": "pretrained",
+    "n_images": 7,
+    "provenance": {"seed": 0},
+}
 
 
 def test_covariance_store_round_trip(tmp_path: Path) -> None:

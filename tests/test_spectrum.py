@@ -1,0 +1,111 @@
+"""Eigen-decomposition and dimension measures, against eigvalsh and planted spectra."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from eigpipe import spectrum, store
+from eigpipe.errors import EigpipeError, NumericalError
+
+
+def planted(values: list[float], seed: int = 0) -> np.ndarray:
+    """Q diag(values) Q^T with a random orthogonal Q."""
+    q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(len(values), len(values))))
+    return q @ np.diag(values) @ q.T
+
+
+def write_store(path: Path, layers: dict[str, tuple[np.ndarray, np.ndarray]], run: str, iteration: int) -> Path:
+    accs = {n: SimpleNamespace(second_moment=s, mean=m, count=9) for n, (s, m) in layers.items()}
+    attrs = {n: {"forward_index": i, "module_type": "Conv2d", "count": 9} for i, n in enumerate(layers)}
+    root = {"run": run, "iteration": iteration, "init": "scratch", "task": "detection", "n_images": 9}
+    return store.write_covariance_store(path, accs, root, attrs)
+
+
+def test_planted_spectrum_gives_known_measures() -> None:
+    values = [4.0, 2.0, 1.0, 0.5, 2e-3, 5e-4, 1e-6, 0.0]
+    found, clipped = spectrum.eigenvalues(planted(values))
+    assert np.allclose(found, values, atol=1e-12)
+    m = spectrum.measures(found, threshold=1e-3, soft_lambda=1e-3)
+    assert m["intrinsic_dim"] == 5 and m["intrinsic_dim_ratio"] == 5 / 8
+    want_soft = sum(v / (v + 1e-3) for v in values)
+    assert m["soft_dof"] == pytest.approx(want_soft, rel=1e-9)
+    assert m["top_eigenvalue"] == pytest.approx(4.0) and m["trace"] == pytest.approx(sum(values))
+    flat = spectrum.measures(np.array([2.0, 2.0, 2.0, 2.0, 0.0]), 1e-3, 1e-3)
+    assert flat["effective_rank"] == pytest.approx(4.0)  # equal eigenvalues: exactly their number
+    assert spectrum.measures(np.array([5.0, 0.0, 0.0]), 1e-3, 1e-3)["effective_rank"] == pytest.approx(1.0)
+    assert spectrum.measures(np.zeros(3), 1e-3, 1e-3)["effective_rank"] == 0.0
+
+
+def test_round_off_negatives_are_clipped_and_counted_real_ones_raise() -> None:
+    values, clipped = spectrum.eigenvalues(planted([1.0, 0.5, -1e-15, -3e-16]))
+    assert clipped == 2 and values.min() == 0.0 and list(values) == sorted(values, reverse=True)
+    with pytest.raises(NumericalError, match="layer x: .*far below zero"):
+        spectrum.eigenvalues(planted([1.0, -0.1]), what="layer x")
+    bad = np.eye(3)
+    bad[0, 1] = np.nan
+    with pytest.raises(NumericalError, match="non-finite"):
+        spectrum.eigenvalues(bad)
+
+
+def test_decompose_store_matches_eigvalsh(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    layers = {}
+    sizes = [("backbone.body.conv1", 6), ("backbone.body.layer1.0.conv2", 10), ("backbone.fpn.layer_blocks.0", 4)]
+    for name, c in sizes:
+        x = rng.normal(size=(c, 3 * c)) * rng.uniform(0.01, 2, size=(c, 1)) + 1.0
+        mean = x.mean(axis=1)
+        layers[name] = (x @ x.T / x.shape[1], mean)
+    cov = write_store(tmp_path / "cov" / "40.zarr", layers, "faster_rcnn-scratch", 40)
+    out = tmp_path / "spectra" / "40.parquet"
+    table = spectrum.decompose_store(cov, out, cfg={"threshold": 0.05, "soft_lambda": 0.01})
+    assert (tmp_path / "spectra" / "40.zarr").is_dir()
+    read = pd.read_parquet(out)
+    assert list(read["layer"]) == list(layers) and len(read) == 3
+    assert list(read["canonical"]) == ["conv1", "layer1.0.conv2", "backbone.fpn.layer_blocks.0"]
+    _, eigs = store.read_eigenvalue_store(tmp_path / "spectra" / "40.zarr")
+    for row in read.itertuples():
+        second, mean = layers[row.layer]
+        ref = np.clip(np.linalg.eigvalsh(second)[::-1], 0, None)
+        ref_c = np.clip(np.linalg.eigvalsh(second - np.outer(mean, mean))[::-1], 0, None)
+        assert np.allclose(eigs[row.layer][0], ref, rtol=1e-10, atol=1e-12)
+        assert np.allclose(eigs[row.layer][1], ref_c, rtol=1e-10, atol=1e-12)
+        assert row.intrinsic_dim == (ref > 0.05).sum() and row.centered_intrinsic_dim == (ref_c > 0.05).sum()
+        assert row.soft_dof == pytest.approx((ref / (ref + 0.01)).sum(), rel=1e-9)
+        assert row.top_eigenvalue == pytest.approx(ref[0]) and row.trace == pytest.approx(np.trace(second))
+        assert row.centered_trace == pytest.approx(np.trace(second) - mean @ mean)
+        assert row.channels == len(mean) and row.intrinsic_dim_ratio == row.intrinsic_dim / len(mean)
+        assert row.run == "faster_rcnn-scratch" and row.iteration == 40 and row.threshold == 0.05
+    assert set(spectrum.MEASURES) <= set(table.columns)
+    assert {"centered_" + m for m in spectrum.MEASURES} <= set(table.columns)
+
+
+def test_csv_table_and_explicit_eigenvalue_path(tmp_path: Path) -> None:
+    cov = write_store(tmp_path / "c.zarr", {"body.conv1": (planted([1.0, 0.1, 1e-5]), np.zeros(3))}, "classifier", 5)
+    spectrum.decompose_store(cov, tmp_path / "t.csv", eigenvalues_out=tmp_path / "eig" / "x.zarr", cfg={})
+    table = pd.read_csv(tmp_path / "t.csv")
+    assert table.loc[0, "intrinsic_dim"] == 2 and table.loc[0, "threshold"] == 1e-3
+    attrs, _ = store.read_eigenvalue_store(tmp_path / "eig" / "x.zarr")
+    assert attrs["run"] == "classifier" and attrs["source_store"] == str(cov)
+
+
+def test_dimensions_table_orders_snapshots(tmp_path: Path) -> None:
+    paths = []
+    for it in (200, 0, 100):
+        layers = {
+            "body.layer1.0": (planted([1.0, 0.5]), np.zeros(2)),
+            "body.conv1": (planted([1.0, 1e-4]), np.zeros(2)),
+        }
+        cov = write_store(tmp_path / f"{it}.zarr", layers, "classifier", it)
+        spectrum.decompose_store(cov, tmp_path / f"{it}.parquet", cfg={})
+        paths.append(tmp_path / f"{it}.parquet")
+    table = spectrum.dimensions_table(paths, tmp_path / "dim.parquet")
+    assert list(table["iteration"]) == [0, 0, 100, 100, 200, 200]
+    assert list(table["forward_index"]) == [0, 1] * 3
+    assert pd.read_parquet(tmp_path / "dim.parquet").shape == table.shape
+    with pytest.raises(EigpipeError, match="more than one table"):
+        spectrum.dimensions_table([paths[0], paths[0]])
