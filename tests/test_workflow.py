@@ -1,0 +1,478 @@
+"""Workflow behaviour: lint, the DAG, config validation, per-stage params and incremental reruns.
+
+Every Snakemake call runs in a temporary working directory holding symlinks to workflow/ and config/,
+so nothing is written to the repository's results/ or .snakemake/. The slow tests run the whole smoke
+DAG (config/smoke.yaml) end to end.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from importlib.machinery import SourceFileLoader
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SNAKEMAKE = str(BIN / "snakemake") if (BIN / "snakemake").exists() else "snakemake"
+SMOKE = "config/smoke.yaml"
+
+SMOKE_JOBS = {
+    "synth_data": 1,
+    "pretrain": 1,
+    "train_detector": 2,  # faster_rcnn x {pretrained, scratch}
+    "evaluate": 2,
+    "covariance": 7,  # 2 runs x (snapshots 0, 3 + final) + the classifier
+    "spectrum": 7,
+    "dimensions": 3,
+    "report": 1,
+    "all": 1,
+}
+
+# The config sections each stage receives in --config-json (None: the stage takes no config).
+STAGE_SECTIONS = {
+    "synth_data": {"data", "seed"},
+    "check_data": None,
+    "pretrain": {"model", "pretrain", "runtime", "seed"},
+    "train_detector": {"model", "train", "data", "runtime", "seed"},
+    "evaluate": {"evaluate", "runtime"},
+    "covariance": {"covariance", "runtime", "seed"},
+    "spectrum": {"spectrum"},
+    "dimensions": None,
+    "report": {"report"},
+}
+
+
+# ---- helpers ----
+
+
+def make_workdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    for name in ("workflow", "config"):
+        (path / name).symlink_to(REPO / name)
+    return path
+
+
+def env(**extra: str) -> dict[str, str]:
+    # Jobs call `eigpipe`: the console script of the environment that runs the tests.
+    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **extra}
+
+
+def snakemake(workdir: Path, *args: str, extra_env: dict | None = None, timeout: float = 600):
+    proc = subprocess.run(
+        [SNAKEMAKE, *args], cwd=workdir, env=env(**(extra_env or {})), capture_output=True, text=True, timeout=timeout
+    )
+    proc.output = proc.stdout + proc.stderr
+    return proc
+
+
+def dry_run(workdir: Path, *args: str, extra_env: dict | None = None):
+    proc = snakemake(workdir, "--dry-run", "--printshellcmds", *args, extra_env=extra_env)
+    assert proc.returncode == 0, proc.output[-4000:]
+    return proc.output
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """The 'Job stats' table of a dry-run; {} when there is nothing to be done."""
+    if "Nothing to be done" in output:
+        return {}
+    table = output.split("Job stats:", 1)[1].splitlines()
+    counts = {}
+    for line in table[3:]:
+        name, _, count = line.strip().partition(" ")
+        if name == "total":
+            return counts
+        counts[name] = int(count)
+    raise AssertionError(f"no job table in:\n{output[-2000:]}")
+
+
+def jobs(output: str) -> dict[tuple[str, str], str]:
+    """(rule, outputs) -> shell command of every job in a dry-run with --printshellcmds."""
+    found, rule, outputs = {}, None, ""
+    for line in output.splitlines():
+        if m := re.match(r"^(?:local)?rule (\w+):$", line):
+            rule, outputs = m.group(1), ""
+        elif m := re.match(r"^\s+output: (.*)$", line):
+            outputs = m.group(1)
+        elif line.startswith("Shell command: ") and rule is not None:
+            command = line.removeprefix("Shell command: ").strip()
+            if command != "None":  # rule all
+                found[(rule, outputs)] = command
+            rule = None
+    return found
+
+
+def config_json(command: str) -> dict | None:
+    args = shlex.split(command)
+    return json.loads(args[args.index("--config-json") + 1]) if "--config-json" in args else None
+
+
+def write_config(path: Path, base: str, **changes) -> Path:
+    """A copy of config `base` with dotted keys changed, e.g. {"train.schedule.lr": -1}."""
+    config = yaml.safe_load((REPO / base).read_text())
+    for dotted, value in changes.items():
+        *parents, key = dotted.split(".")
+        node = config
+        for name in parents:
+            node = node.setdefault(name, {})
+        node[key] = value
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def load_codehash():
+    path = REPO / "workflow/rules/codehash.smk"
+    spec = importlib.util.spec_from_file_location("codehash", path, loader=SourceFileLoader("codehash", str(path)))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return make_workdir(tmp_path_factory.mktemp("wf"))
+
+
+@pytest.fixture(scope="module")
+def fake_coco(tmp_path_factory) -> Path:
+    """config/coco.yaml with its placeholder paths pointing at empty stand-ins (DAG tests only)."""
+    root = tmp_path_factory.mktemp("coco")
+    for folder in ("train2017", "val2017"):
+        (root / folder).mkdir()
+    for name in ("train.json", "val.json", "resnet50.pth"):
+        (root / name).write_text("{}")
+    return write_config(
+        root / "coco.yaml",
+        "config/coco.yaml",
+        **{
+            "data.coco.train_annotations": str(root / "train.json"),
+            "data.coco.train_images": str(root / "train2017"),
+            "data.coco.val_annotations": str(root / "val.json"),
+            "data.coco.val_images": str(root / "val2017"),
+            "pretrain.weights": str(root / "resnet50.pth"),
+        },
+    )
+
+
+@pytest.fixture(scope="module")
+def smoke_dry_run(workdir) -> str:
+    return dry_run(workdir, "--configfile", SMOKE)
+
+
+# ---- fast: lint, DAG shape, validation, params ----
+
+
+@pytest.mark.parametrize("config", [None, SMOKE, "coco"])
+def test_lint_is_clean(workdir, fake_coco, config):
+    args = [] if config is None else ["--configfile", str(fake_coco) if config == "coco" else config]
+    if config == "coco":
+        args.append("--replace-workflow-config")
+    proc = snakemake(workdir, "--lint", *args)
+    assert proc.returncode == 0, proc.output
+    assert "Lints for" not in proc.output, proc.output
+    assert "Congratulations" in proc.output
+
+
+def test_smoke_dag_has_the_expected_jobs(smoke_dry_run):
+    assert job_counts(smoke_dry_run) == SMOKE_JOBS
+
+
+def test_demo_dag_covers_every_snapshot(workdir):
+    counts = job_counts(dry_run(workdir))  # config/config.yaml: snapshots 0, 100, 300, 600 + final
+    assert counts["covariance"] == counts["spectrum"] == 2 * 5 + 1
+    assert counts["train_detector"] == 2 and counts["dimensions"] == 3
+
+
+def test_coco_dag_uses_the_dataset_and_weights_in_place(workdir, fake_coco):
+    output = dry_run(workdir, "--configfile", str(fake_coco), "--replace-workflow-config")
+    counts = job_counts(output)
+    assert "synth_data" not in counts and "pretrain" not in counts
+    assert counts["check_data"] == 2
+    assert counts["train_detector"] == 4  # {faster_rcnn, mask_rcnn} x {pretrained, scratch}
+    snapshots = yaml.safe_load(fake_coco.read_text())["train"]["schedule"]["snapshots"]
+    assert counts["covariance"] == 4 * (len(snapshots) + 1) + 1
+    weights = yaml.safe_load(fake_coco.read_text())["pretrain"]["weights"]
+    commands = jobs(output)
+    classifier = [c for (rule, out), c in commands.items() if rule == "covariance" and "/classifier/" in out]
+    assert len(classifier) == 1 and f"--checkpoint {weights}" in classifier[0]
+    pretrained = [c for (rule, _), c in commands.items() if rule == "train_detector" and "pretrained:" in c]
+    assert len(pretrained) == 2 and all(f"--init pretrained:{weights}" in c for c in pretrained)
+
+
+def test_smoke_config_is_a_whole_study():
+    """--configfile merges onto config/config.yaml: smoke.yaml must inherit nothing from the demo."""
+    from snakemake.utils import update_config
+
+    from eigpipe import config as cfg
+
+    smoke = yaml.safe_load((REPO / SMOKE).read_text())
+    merged = yaml.safe_load((REPO / "config/config.yaml").read_text())
+    update_config(merged, yaml.safe_load((REPO / SMOKE).read_text()))
+    assert cfg.validate(merged) == cfg.validate(smoke)
+
+
+@pytest.mark.parametrize(
+    "key, value, named",
+    [
+        ("train.schedule.lr", -1, "On instance['train']['schedule']['lr']"),
+        ("spectrum.treshold", 0.01, "('treshold' was unexpected)"),
+        ("model.norm", "layernorm", "On instance['model']['norm']"),
+    ],
+)
+def test_bad_config_fails_at_dag_start_naming_the_key(workdir, tmp_path, key, value, named):
+    bad = write_config(tmp_path / "bad.yaml", SMOKE, **{key: value})
+    proc = snakemake(workdir, "--dry-run", "--configfile", str(bad))
+    assert proc.returncode != 0
+    assert "Error validating config file" in proc.output
+    assert "Building DAG of jobs" not in proc.output  # refused before any job is planned
+    assert named in proc.output, proc.output[-3000:]
+
+
+def test_every_rule_runs_one_eigpipe_command(workdir, smoke_dry_run, fake_coco):
+    rules = set(snakemake(workdir, "--list-rules").stdout.split()) - {"all"}
+    commands = jobs(smoke_dry_run) | jobs(dry_run(workdir, "--configfile", str(fake_coco), "--replace-workflow-config"))
+    assert {rule for rule, _ in commands} == rules  # every rule is seen in the smoke or the coco DAG
+    for (rule, _), command in commands.items():
+        assert len(re.findall(r"(?:^|\s)eigpipe [a-z-]+", command)) == 1, command
+        assert not re.search(r"&&|;|\|", command.split("--config-json")[0]), command
+
+
+def test_stages_receive_only_their_config_sections(smoke_dry_run):
+    for (rule, outputs), command in jobs(smoke_dry_run).items():
+        sections = config_json(command)
+        assert (set(sections) if sections else None) == STAGE_SECTIONS[rule], (rule, outputs)
+
+
+@pytest.mark.parametrize(
+    "changes, changed",
+    [
+        ({"spectrum.threshold": 0.01}, {"spectrum"}),
+        ({"report.layers": ["backbone.body.layer1.0.conv1"]}, {"report"}),
+        ({"covariance.images": 4}, {"covariance"}),
+        ({"evaluate.batch_size": 2}, {"evaluate"}),
+        ({"train.schedule.lr": 0.02}, {"train_detector"}),
+        ({"pretrain.schedule.lr": 0.05}, {"pretrain"}),
+        ({"data.synthetic.val_images": 9}, {"synth_data", "train_detector"}),
+        ({"seed": 1}, {"synth_data", "pretrain", "train_detector", "covariance"}),
+        ({"runtime.threads": 2}, {"pretrain", "train_detector", "evaluate", "covariance"}),
+    ],
+)
+def test_a_config_change_reaches_only_the_stages_that_read_it(workdir, tmp_path, smoke_dry_run, changes, changed):
+    # (Edited copies, not --config: Snakemake parses nested --config values as strings.)
+    before = jobs(smoke_dry_run)
+    after = jobs(dry_run(workdir, "--configfile", str(write_config(tmp_path / "c.yaml", SMOKE, **changes))))
+    assert after.keys() == before.keys()
+    assert {job[0] for job in before if before[job] != after[job]} == changed
+
+
+def test_adding_a_model_leaves_the_existing_runs_alone(workdir, tmp_path, smoke_dry_run):
+    before = jobs(smoke_dry_run)
+    grown = write_config(tmp_path / "c.yaml", SMOKE, **{"train.models": ["faster_rcnn", "mask_rcnn"]})
+    after = jobs(dry_run(workdir, "--configfile", str(grown)))
+    assert sum(rule == "train_detector" for rule, _ in after) == 4
+    changed = {job[0] for job in before if before[job] != after[job]}
+    assert changed == {"report"}  # only the report gains inputs
+
+
+def test_several_gpus_run_training_under_torchrun(workdir):
+    commands = jobs(dry_run(workdir, "--configfile", SMOKE, "--set-resources", "train_detector:gpu=4"))
+    for (rule, _), command in commands.items():
+        if rule == "train_detector":
+            assert command.startswith("torchrun --standalone --nproc_per_node 4 --no-python eigpipe train"), command
+        else:
+            assert command.startswith("eigpipe "), command
+
+
+def test_slurm_profile_requests_gpus_the_plugin_way(workdir):
+    profile = yaml.safe_load((REPO / "workflow/profiles/slurm/config.yaml").read_text())
+    assert profile["executor"] == "slurm"
+    assert profile["rerun-incomplete"] is True
+    assert profile["slurm-init-seconds-before-status-checks"] > 0
+    assert {"slurm_partition", "mem_mb", "runtime"} <= set(profile["default-resources"])
+    rules = set(snakemake(workdir, "--list-rules").stdout.split())
+    assert set(profile["set-resources"]) <= rules
+    for rule in ("pretrain", "train_detector", "evaluate", "covariance"):
+        resources = profile["set-resources"][rule]
+        assert resources["gpu"] >= 1 and resources["cpus_per_gpu"] >= 1, rule
+    for resources in [profile["default-resources"], *profile["set-resources"].values()]:
+        assert not re.search(r"--gres|--gpus|--cpus-per-gpu", str(resources.get("slurm_extra", "")))
+
+
+def test_default_profile_makes_reruns_after_a_kill_work():
+    profile = yaml.safe_load((REPO / "workflow/profiles/default/config.yaml").read_text())
+    assert profile["rerun-incomplete"] is True and profile["keep-going"] is False
+    assert profile["cores"] >= 1 and profile["printshellcmds"] is True
+
+
+# ---- fast: the code hash helper ----
+
+
+def _write_package(root: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        path = root / "eigpipe" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return root / "eigpipe"
+
+
+def test_source_files_follow_eigpipe_imports(tmp_path):
+    codehash = load_codehash()
+    pkg = _write_package(
+        tmp_path,
+        {
+            "__init__.py": "",
+            "report.py": "import numpy\nfrom eigpipe import store\n\ndef f():\n    from .sub.deep import g\n",
+            "store.py": "from . import errors\n",
+            "errors.py": "",
+            "sub/__init__.py": "",
+            "sub/deep.py": "from ..errors import E\nfrom eigpipe.sub import other\n",
+            "sub/other.py": "",
+            "unused.py": "",
+        },
+    )
+    found = {p.relative_to(pkg).as_posix() for p in codehash.source_files(pkg, "eigpipe.report")}
+    assert found == {"__init__.py", "report.py", "store.py", "errors.py", "sub/__init__.py", "sub/deep.py",
+                     "sub/other.py"}
+
+
+def test_editing_a_module_changes_only_the_hashes_of_stages_that_run_it(tmp_path):
+    codehash = load_codehash()
+    pkg = tmp_path / "eigpipe"
+    shutil.copytree(codehash.package_root(), pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    (pkg / "report.py").touch()  # the stage may not exist yet: the test still holds
+    before = {stage: codehash.code_hash(stage, str(pkg)) for stage in codehash.STAGE_MODULES}
+    with (pkg / "report.py").open("a") as handle:
+        handle.write("\n# an edit\n")
+    codehash.code_hash.cache_clear()
+    after = {stage: codehash.code_hash(stage, str(pkg)) for stage in codehash.STAGE_MODULES}
+    assert {stage for stage in before if before[stage] != after[stage]} == {"report"}
+
+
+# ---- slow: the smoke study end to end ----
+
+STAGES = ["eigpipe.data.synthetic", "eigpipe.train.loop", "eigpipe.evaluate", "eigpipe.covariance",
+          "eigpipe.spectrum", "eigpipe.report"]
+
+
+def _require_stages() -> None:
+    missing = [name for name in STAGES if importlib.util.find_spec(name) is None]
+    if missing:
+        pytest.skip(f"package stages not implemented yet: {', '.join(missing)}")
+
+
+def expected_outputs(root: Path) -> list[Path]:
+    r = root / "results/smoke"
+    runs = ["faster_rcnn-pretrained", "faster_rcnn-scratch"]
+    files = [r / "data", r / "pretrain/final.pt", r / "pretrain/metrics.jsonl"]
+    for run in runs:
+        files += [r / f"train/{run}/final.pt", r / f"train/{run}/metrics.jsonl", r / f"eval/{run}.json"]
+        files += [r / f"train/{run}/snapshots/{i}.pt" for i in (0, 3)]
+    for run, iterations in [(run, ["0", "3", "final"]) for run in runs] + [("classifier", ["final"])]:
+        for it in iterations:
+            files += [r / f"covariance/{run}/{it}.zarr", r / f"spectrum/{run}/{it}.parquet",
+                      r / f"spectrum/{run}/{it}.zarr"]
+        files.append(r / f"dimensions/{run}.parquet")
+    files += [r / "report" / name for name in
+              ("eigenvalues.png", "dimensions.png", "dynamics.png", "summary.csv", "evaluation.csv")]
+    return files
+
+
+def _not_empty(path: Path) -> bool:
+    if path.is_dir():
+        return any(p.is_file() and p.stat().st_size > 0 for p in path.rglob("*"))
+    return path.is_file() and path.stat().st_size > 0
+
+
+def _failure(proc, root: Path) -> str:
+    logs = sorted((root / "results/smoke/logs").rglob("*.log"), key=lambda p: p.stat().st_mtime)
+    tails = "\n".join(f"--- {p.relative_to(root)}\n{p.read_text()[-1500:]}" for p in logs[-3:])
+    return f"{proc.output[-3000:]}\n{tails}"
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    _require_stages()
+    root = make_workdir(tmp_path_factory.mktemp("smoke"))
+    start = time.monotonic()
+    proc = snakemake(root, "--cores", "2", "--configfile", SMOKE)
+    print(f"\nsmoke DAG: {time.monotonic() - start:.1f} s wall")
+    assert proc.returncode == 0, _failure(proc, root)
+    return root
+
+
+@pytest.mark.slow
+def test_smoke_study_writes_every_output(smoke_run):
+    missing = [str(p.relative_to(smoke_run)) for p in expected_outputs(smoke_run) if not _not_empty(p)]
+    assert not missing
+
+
+@pytest.mark.slow
+def test_second_run_has_nothing_to_do(smoke_run):
+    assert job_counts(dry_run(smoke_run, "--configfile", SMOKE)) == {}
+
+
+@pytest.mark.slow
+def test_threshold_change_reruns_only_the_analysis(smoke_run, tmp_path):
+    edited = write_config(tmp_path / "c.yaml", SMOKE, **{"spectrum.threshold": 0.01})
+    counts = job_counts(dry_run(smoke_run, "--configfile", str(edited)))
+    assert counts == {"spectrum": 7, "dimensions": 3, "report": 1, "all": 1}
+
+
+@pytest.mark.slow
+def test_report_code_edit_reruns_only_the_report(smoke_run, tmp_path):
+    # The jobs and the code hash both see the package first on PYTHONPATH: an edited copy.
+    pkg = tmp_path / "eigpipe"
+    shutil.copytree(load_codehash().package_root(), pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    with (pkg / "report.py").open("a") as handle:
+        handle.write("\n# an edit\n")
+    output = dry_run(smoke_run, "--configfile", SMOKE, extra_env={"PYTHONPATH": str(tmp_path)})
+    assert job_counts(output) == {"report": 1, "all": 1}
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    parent = psutil.Process(proc.pid)
+    for child in parent.children(recursive=True):
+        child.kill()
+    parent.kill()
+    proc.wait()
+
+
+@pytest.mark.slow
+def test_killed_run_finishes_on_rerun(tmp_path):
+    _require_stages()
+    root = make_workdir(tmp_path / "killed")
+    # Longer training than the smoke default so the kill lands mid-training (after a resume state).
+    longer = write_config(tmp_path / "c.yaml", SMOKE, **{"train.schedule.steps": 40, "train.schedule.checkpoint_every": 5})
+    args = ["--cores", "2", "--configfile", str(longer)]
+    with (tmp_path / "first.log").open("w") as log:
+        proc = subprocess.Popen([SNAKEMAKE, *args], cwd=root, env=env(), stdout=log, stderr=subprocess.STDOUT)
+    train = root / "results/smoke/train"
+    deadline = time.monotonic() + 300
+    while not list(train.glob("*/resume/state.pt")):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            _kill_tree(proc) if proc.poll() is None else None
+            pytest.fail(f"no training resume state before the run ended:\n{(tmp_path / 'first.log').read_text()[-3000:]}")
+        time.sleep(0.1)
+    _kill_tree(proc)  # SIGKILL, jobs included: no clean-up, like a lost node
+    interrupted = [p.parents[1].name for p in train.glob("*/resume/state.pt") if not (p.parents[1] / "final.pt").exists()]
+    assert interrupted, "the kill came after training had finished"
+
+    assert snakemake(root, "--unlock", "--configfile", str(longer)).returncode == 0  # the killed process's lock
+    # No --rerun-incomplete here: the default profile sets it, which is what a user gets.
+    rerun = snakemake(root, *args)
+    assert rerun.returncode == 0, _failure(rerun, root)
+    for run in interrupted:
+        log = (root / f"results/smoke/logs/train_detector/{run}.log").read_text()
+        assert "resuming" in log, log[-2000:]
+    assert not [p for p in expected_outputs(root) if not _not_empty(p)]
