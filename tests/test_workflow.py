@@ -243,7 +243,7 @@ def test_every_rule_runs_one_eigpipe_command(workdir, smoke_dry_run, fake_coco):
     rules = set(snakemake(workdir, "--list-rules").stdout.split()) - {"all"}
     commands = jobs(smoke_dry_run) | jobs(dry_run(workdir, "--configfile", str(fake_coco), "--replace-workflow-config"))
     assert {rule for rule, _ in commands} == rules  # every rule is seen in the smoke or the coco DAG
-    for (rule, _), command in commands.items():
+    for command in commands.values():
         assert len(re.findall(r"(?:^|\s)eigpipe [a-z-]+", command)) == 1, command
         assert not re.search(r"&&|;|\|", command.split("--config-json")[0]), command
 
@@ -342,8 +342,15 @@ def test_source_files_follow_eigpipe_imports(tmp_path):
         },
     )
     found = {p.relative_to(pkg).as_posix() for p in codehash.source_files(pkg, "eigpipe.report")}
-    assert found == {"__init__.py", "report.py", "store.py", "errors.py", "sub/__init__.py", "sub/deep.py",
-                     "sub/other.py"}
+    assert found == {
+        "__init__.py",
+        "report.py",
+        "store.py",
+        "errors.py",
+        "sub/__init__.py",
+        "sub/deep.py",
+        "sub/other.py",
+    }
 
 
 def test_editing_a_module_changes_only_the_hashes_of_stages_that_run_it(tmp_path):
@@ -361,8 +368,14 @@ def test_editing_a_module_changes_only_the_hashes_of_stages_that_run_it(tmp_path
 
 # ---- slow: the smoke study end to end ----
 
-STAGES = ["eigpipe.data.synthetic", "eigpipe.train.loop", "eigpipe.evaluate", "eigpipe.covariance",
-          "eigpipe.spectrum", "eigpipe.report"]
+STAGES = [
+    "eigpipe.data.synthetic",
+    "eigpipe.train.loop",
+    "eigpipe.evaluate",
+    "eigpipe.covariance",
+    "eigpipe.spectrum",
+    "eigpipe.report",
+]
 
 
 def _require_stages() -> None:
@@ -380,11 +393,16 @@ def expected_outputs(root: Path) -> list[Path]:
         files += [r / f"train/{run}/snapshots/{i}.pt" for i in (0, 3)]
     for run, iterations in [(run, ["0", "3", "final"]) for run in runs] + [("classifier", ["final"])]:
         for it in iterations:
-            files += [r / f"covariance/{run}/{it}.zarr", r / f"spectrum/{run}/{it}.parquet",
-                      r / f"spectrum/{run}/{it}.zarr"]
+            files += [
+                r / f"covariance/{run}/{it}.zarr",
+                r / f"spectrum/{run}/{it}.parquet",
+                r / f"spectrum/{run}/{it}.zarr",
+            ]
         files.append(r / f"dimensions/{run}.parquet")
-    files += [r / "report" / name for name in
-              ("eigenvalues.png", "dimensions.png", "dynamics.png", "summary.csv", "evaluation.csv")]
+    files += [
+        r / "report" / name
+        for name in ("eigenvalues.png", "dimensions.png", "dynamics.png", "summary.csv", "evaluation.csv")
+    ]
     return files
 
 
@@ -453,7 +471,9 @@ def test_killed_run_finishes_on_rerun(tmp_path):
     _require_stages()
     root = make_workdir(tmp_path / "killed")
     # Longer training than the smoke default so the kill lands mid-training (after a resume state).
-    longer = write_config(tmp_path / "c.yaml", SMOKE, **{"train.schedule.steps": 40, "train.schedule.checkpoint_every": 5})
+    longer = write_config(
+        tmp_path / "c.yaml", SMOKE, **{"train.schedule.steps": 40, "train.schedule.checkpoint_every": 5}
+    )
     args = ["--cores", "2", "--configfile", str(longer)]
     with (tmp_path / "first.log").open("w") as log:
         proc = subprocess.Popen([SNAKEMAKE, *args], cwd=root, env=env(), stdout=log, stderr=subprocess.STDOUT)
@@ -461,11 +481,13 @@ def test_killed_run_finishes_on_rerun(tmp_path):
     deadline = time.monotonic() + 300
     while not list(train.glob("*/resume/state.pt")):
         if proc.poll() is not None or time.monotonic() > deadline:
-            _kill_tree(proc) if proc.poll() is None else None
-            pytest.fail(f"no training resume state before the run ended:\n{(tmp_path / 'first.log').read_text()[-3000:]}")
+            if proc.poll() is None:
+                _kill_tree(proc)
+            pytest.fail(f"no resume state before the run ended:\n{(tmp_path / 'first.log').read_text()[-3000:]}")
         time.sleep(0.1)
     _kill_tree(proc)  # SIGKILL, jobs included: no clean-up, like a lost node
-    interrupted = [p.parents[1].name for p in train.glob("*/resume/state.pt") if not (p.parents[1] / "final.pt").exists()]
+    runs = [state.parents[1] for state in train.glob("*/resume/state.pt")]
+    interrupted = [run.name for run in runs if not (run / "final.pt").exists()]
     assert interrupted, "the kill came after training had finished"
 
     assert snakemake(root, "--unlock", "--configfile", str(longer)).returncode == 0  # the killed process's lock
