@@ -36,23 +36,47 @@ class NonFiniteFeature(ValueError):
 # --------------------------------------------------------------------------------------------------
 
 
+class Workspace:
+    """A reusable float64 scratch buffer: one per extraction, shared by all layers' accumulators.
+
+    Updates run one after another, so one buffer the size of the largest batch suffices; reusing it
+    avoids a fresh allocation (and its page faults) per layer and batch.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[torch.device, torch.Tensor] = {}
+
+    def get(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        numel = math.prod(shape)
+        buf = self._buffers.get(device)
+        if buf is None or buf.numel() < numel:
+            buf = self._buffers[device] = torch.empty(numel, dtype=torch.float64, device=device)
+        return buf[:numel].view(shape)
+
+
 class CovarianceAccumulator:
     """Per-image-weighted mean, uncentred second moment and centred covariance of [C, H, W] features.
 
-    Kept robustly (exact to float64 round-off even for features with a large common offset):
-    ``within`` = sum over images of each image's covariance about its own mean, and the per-image
-    means are combined with Welford/Chan (count, mean, M2 = sum (m_i - mu)(m_i - mu)^T). Then
-    covariance = (within + M2) / n and second_moment = covariance + mu mu^T.
+    Kept robustly (exact to float64 round-off even for features with a large common offset): each
+    image is centred by its own mean, and the per-image means are combined with Welford/Chan. The one
+    [C, C] state is ``scatter`` = W + M2, where W = sum_i (1/P_i) sum_xy (F - m_i)(F - m_i)^T and
+    M2 = sum_i (m_i - mu)(m_i - mu)^T; covariance = scatter / n and second_moment = covariance + mu mu^T.
+    Only the lower triangle of ``scatter`` is authoritative: for wide layers the Gram matrix is built
+    block by block below the diagonal (about half the multiply-adds).
     """
 
-    def __init__(self, channels: int, device: torch.device | str | None = None) -> None:
+    BLOCK = 256  # block size of the triangular Gram update, used from 2 blocks on
+
+    def __init__(
+        self, channels: int, device: torch.device | str | None = None, workspace: Workspace | None = None
+    ) -> None:
         self.channels = int(channels)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.workspace = workspace
         self._n = 0
         self.positions = 0
         self._mu = torch.zeros(self.channels, dtype=torch.float64, device=self.device)
-        self._m2 = torch.zeros(self.channels, self.channels, dtype=torch.float64, device=self.device)
-        self._within = torch.zeros_like(self._m2)
+        self._scatter = torch.zeros(self.channels, self.channels, dtype=torch.float64, device=self.device)
 
     # ---- feeding ------------------------------------------------------------------------------
     def update(self, features: FeatureBatch) -> None:
@@ -65,58 +89,72 @@ class CovarianceAccumulator:
                 features = features.unsqueeze(0)
             if features.dim() != 4:
                 raise ValueError(f"features must be [C,H,W] or [N,C,H,W], got shape {tuple(features.shape)}")
-            groups = [(list(range(features.shape[0])), features)]
-        else:
-            groups = _group_by_shape(features)
-        prepared = [(idx, self._centred(batch, idx)) for idx, batch in groups]
-        for _, (centred, means, positions) in prepared:
-            self._fold(centred, means, positions)
+            self._update_batch(features, list(range(features.shape[0])))
+            return
+        groups = _group_by_shape(features)
+        if len(groups) == 1:
+            self._update_batch(groups[0][1], groups[0][0])
+            return
+        partial = CovarianceAccumulator(self.channels, self.device, self.workspace)
+        for indices, batch in groups:  # all sizes into a partial sum first: a bad image changes nothing
+            partial._update_batch(batch, indices)
+        self.merge(partial)
 
-    def _centred(self, batch: torch.Tensor, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Float64 features as [C, N, P] centred per image, the per-image means [N, C], and P."""
+    def _update_batch(self, batch: torch.Tensor, indices: list[int]) -> None:
         n, c, h, w = batch.shape
         if c != self.channels:
             raise ValueError(f"expected {self.channels} channels, got {c}")
-        positions = h * w
-        if positions == 0:
+        if h * w == 0:
             raise ValueError("features with no spatial positions")
-        # one float64 copy laid out [C, N, P], so the scatter of the whole batch is a single GEMM
-        x = batch.detach().reshape(n, c, positions).permute(1, 0, 2).to(self.device, torch.float64)
-        x = x.contiguous()
+        centred, means = self._centred(batch.detach().reshape(n, c, h * w), indices)
+        self._fold(centred, means)
+
+    def _centred(self, batch: torch.Tensor, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Float64 features laid out [C, N, P] (so a batch's Gram matrix is one GEMM) centred per
+        image, and the per-image means [C, N]."""
+        n, c, p = batch.shape
+        shape = (c, n, p)
+        x = self.workspace.get(shape, self.device) if self.workspace is not None else None
+        x = torch.empty(shape, dtype=torch.float64, device=self.device) if x is None else x
+        x.copy_(batch.permute(1, 0, 2))
         means = x.mean(dim=2)  # [C, N]
         finite = torch.isfinite(means).all(dim=0)
         if not bool(finite.all()):
             raise NonFiniteFeature(indices[int((~finite).nonzero()[0, 0])])
-        x -= means.unsqueeze(2)
-        return x, means.T.contiguous(), positions
+        x.sub_(means.unsqueeze(2))
+        return x, means
 
-    def _fold(self, centred: torch.Tensor, means: torch.Tensor, positions: int) -> None:
+    def _fold(self, centred: torch.Tensor, means: torch.Tensor) -> None:
         c, n, p = centred.shape
         flat = centred.view(c, n * p)
-        self._within.addmm_(flat, flat.T, alpha=1.0 / p)
-        batch_mu = means.mean(dim=0)
-        dev = means - batch_mu
-        self._merge_stats(n, batch_mu, dev.T @ dev)
+        block = self.BLOCK if c >= 2 * self.BLOCK else c
+        for i in range(0, c, block):
+            for j in range(0, i + 1, block):
+                self._scatter[i : i + block, j : j + block].addmm_(
+                    flat[i : i + block], flat[j : j + block].T, alpha=1.0 / p
+                )
+        batch_mu = means.mean(dim=1)
+        dev = means - batch_mu.unsqueeze(1)  # [C, N]
+        self._merge_stats(n, batch_mu, torch.mm(dev, dev.T))
         self.positions += n * p
 
-    def _merge_stats(self, n_b: int, mu_b: torch.Tensor, m2_b: torch.Tensor) -> None:
-        """Chan et al.'s pairwise update of (count, mean, M2) with another set's statistics."""
-        n_a = self._n
-        total = n_a + n_b
+    def _merge_stats(self, n_b: int, mu_b: torch.Tensor, scatter_b: torch.Tensor) -> None:
+        """Chan et al.'s pairwise update of (count, mean, scatter) with another set's statistics."""
         if n_b == 0:
             return
+        n_a = self._n
+        total = n_a + n_b
         delta = mu_b - self._mu
         self._mu += delta * (n_b / total)
-        self._m2 += m2_b
-        self._m2.addr_(delta, delta, alpha=n_a * n_b / total)
+        self._scatter += scatter_b
+        self._scatter.addr_(delta, delta, alpha=n_a * n_b / total)
         self._n = total
 
     def merge(self, other: CovarianceAccumulator) -> CovarianceAccumulator:
         """Fold another partial accumulator (other images of the same layer) into this one."""
         if other.channels != self.channels:
             raise ValueError(f"cannot merge {other.channels} channels into {self.channels}")
-        self._within += other._within.to(self.device)
-        self._merge_stats(other._n, other._mu.to(self.device), other._m2.to(self.device))
+        self._merge_stats(other._n, other._mu.to(self.device), other._scatter.to(self.device))
         self.positions += other.positions
         return self
 
@@ -127,8 +165,7 @@ class CovarianceAccumulator:
             "count": self._n,
             "positions": self.positions,
             "mean": self._mu.cpu(),
-            "m2": self._m2.cpu(),
-            "within": self._within.cpu(),
+            "scatter": self._symmetric().cpu(),
         }
 
     @classmethod
@@ -137,11 +174,15 @@ class CovarianceAccumulator:
         acc._n = int(state["count"])
         acc.positions = int(state["positions"])
         acc._mu.copy_(state["mean"])
-        acc._m2.copy_(state["m2"])
-        acc._within.copy_(state["within"])
+        acc._scatter.copy_(state["scatter"])
         return acc
 
     # ---- results --------------------------------------------------------------------------------
+    def _symmetric(self) -> torch.Tensor:
+        if self.channels < 2 * self.BLOCK:  # the whole Gram matrix was computed
+            return (self._scatter + self._scatter.T).div_(2)
+        return torch.tril(self._scatter).add_(torch.tril(self._scatter, diagonal=-1).T)
+
     @property
     def count(self) -> int:
         """Images seen."""
@@ -157,8 +198,7 @@ class CovarianceAccumulator:
         """Centred covariance (second_moment - mean mean^T, computed without cancellation), float64 [C, C]."""
         if self._n == 0:
             raise ValueError("no images accumulated")
-        cov = (self._within + self._m2) / self._n
-        return (cov + cov.T) / 2
+        return self._symmetric().div_(self._n)
 
     @property
     def second_moment(self) -> torch.Tensor:
@@ -318,6 +358,7 @@ class Extractor:
         self.transform = input_transform(model, meta).to(self.device).eval()
         self.forward = backbone_runner(model, meta, self.layers)
         self.accumulators: dict[str, CovarianceAccumulator] = {}
+        self.workspace = Workspace()
         self._by_tap: dict[str, list[Layer]] = {}
         for layer in self.layers:
             self._by_tap.setdefault(layer.tap, []).append(layer)
@@ -383,7 +424,7 @@ class Extractor:
         crops = _crop_valid(feats, sizes, padded) if per_image else feats
         acc = self.accumulators.get(layer.name)
         if acc is None:
-            acc = self.accumulators[layer.name] = CovarianceAccumulator(feats.shape[1], self.device)
+            acc = self.accumulators[layer.name] = CovarianceAccumulator(feats.shape[1], self.device, self.workspace)
             first = crops[0]
             layer.feature_shape = [int(s) for s in first.shape]
         try:

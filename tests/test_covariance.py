@@ -97,6 +97,17 @@ def test_unequal_image_sizes_weight_each_image_equally() -> None:
     assert_matches(acc, [f.numpy() for f in images])
 
 
+def test_wide_layer_block_triangular_gram_matches_reference() -> None:
+    """C >= 512 takes the blocked lower-triangle path (600 = two full blocks and a partial one)."""
+    shared = covariance.Workspace()
+    acc = CovarianceAccumulator(600, workspace=shared)
+    batches = [features(3, 600, 3, 4, offset=1e3, seed=s) for s in range(3)]
+    for batch in batches:
+        acc.update(batch)
+    assert_matches(acc, [img.numpy() for b in batches for img in b])
+    assert torch.equal(acc.second_moment, acc.second_moment.T)
+
+
 def test_batched_equals_one_by_one() -> None:
     batch = features(6, 10, 6, 6, offset=3.0)
     together, single = CovarianceAccumulator(10), CovarianceAccumulator(10)
