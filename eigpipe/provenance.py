@@ -58,7 +58,7 @@ def record(
     """The provenance dict stored with every artifact."""
     return {
         "config_hash": section_hash(config) if config is not None else None,
-        "inputs": {str(p): sha256_file(p) for p in inputs or [] if Path(p).is_file()},
+        "inputs": {str(p): sha256_file(p) for p in inputs or [] if p is not None and Path(p).is_file()},
         "versions": versions(),
         "seed": seed,
         "device": device,
