@@ -9,6 +9,7 @@ import types
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import zarr
@@ -375,3 +376,46 @@ def test_nan_feature_names_layer_and_image_id(stage: dict, monkeypatch: pytest.M
     with pytest.raises(NumericalError, match=r"layer backbone\.body\.conv1: non-finite feature in image id 402"):
         covariance.extract(**stage)
     assert not stage["out"].exists()
+
+
+# ---- end to end, through the CLI, on real checkpoints and synthetic data ----------------------------
+
+
+def test_cli_covariance_spectrum_dimensions_report(tmp_path: Path) -> None:
+    from eigpipe import cli
+    from eigpipe.data import synthetic
+    from eigpipe.models import Classifier, build_body, build_detector, save_checkpoint
+
+    synth = {"image_size": 64, "train_images": 1, "val_images": 5}
+    synth["classification"] = {"image_size": 16, "train_per_class": 1, "val_per_class": 1}
+    synthetic.generate(synth, seed=0, out=tmp_path / "data")
+    ann, img_dir = tmp_path / "data/detection/instances_val.json", tmp_path / "data/detection/val"
+    widths = {"stem": 8, "stages": [{"out": w * 4, "blocks": [[w, w]]} for w in (8, 16, 32, 64)]}
+    base = {"model_config": SMALL_MODEL, "widths": widths, "num_classes": 4, "provenance": {}}
+    torch.manual_seed(0)
+    models = {
+        "faster_rcnn-scratch": (build_detector("faster_rcnn", SMALL_MODEL, 4), "detection", "faster_rcnn", "scratch"),
+        "classifier": (Classifier(build_body(SMALL_MODEL), 4), "classification", "classifier", "scratch"),
+    }
+    cfg = json.dumps({"covariance": {"images": 4, "batch_size": 3}, "runtime": {"threads": 1}, "spectrum": {}})
+    dims = []
+    for run, (model, task, name, init) in models.items():
+        ckpt = tmp_path / run / "final.pt"
+        meta = {**base, "task": task, "model_name": name, "run": run, "init": init, "iteration": 30}
+        save_checkpoint(ckpt, model, meta)
+        cov = tmp_path / "cov" / run / "30.zarr"
+        args = ["covariance", "--config-json", cfg, "--checkpoint", str(ckpt), "--data", str(ann)]
+        assert cli.main([*args, "--image-dir", str(img_dir), "--out", str(cov)]) == 0
+        attrs = zarr.open_group(str(cov), mode="r").attrs
+        assert attrs["n_images"] == 4 and attrs["task"] == task and attrs["run"] == run
+        spec = tmp_path / "spectra" / run / "30.parquet"
+        assert cli.main(["spectrum", "--config-json", cfg, str(cov), "--out", str(spec)]) == 0
+        dims.append(tmp_path / "dims" / f"{run}.parquet")
+        assert cli.main(["dimensions", "--spectra", str(spec), "--out", str(dims[-1])]) == 0
+    eigs = [str(tmp_path / "spectra" / run / "30.zarr") for run in models]
+    report_args = ["report", "--config-json", json.dumps({"report": {}}), "--dimensions", *map(str, dims)]
+    report_args += ["--eigenvalues", *eigs]
+    assert cli.main([*report_args, "--out-dir", str(tmp_path / "report")]) == 0
+    summary = pd.read_csv(tmp_path / "report" / "summary.csv")
+    assert sorted(summary["run"]) == ["classifier", "faster_rcnn-scratch"]
+    assert list(summary["layers"]) == [len(expected_default("body.", False)), len(expected_default("b.", True))]
