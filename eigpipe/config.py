@@ -87,6 +87,10 @@ def sections(
         given = load(config_file)
     else:
         raise ConfigError("give --config FILE or --config-json JSON")
+    for name in names:
+        sub = schema()["properties"].get(name, {})
+        if name not in given and "default" in sub:
+            given[name] = validate(json.loads(json.dumps(sub["default"])), f"config: {name}", subschema=sub)
     missing = [n for n in names if n not in given]
     if missing:
         raise ConfigError(f"config: missing section(s) {', '.join(missing)}")

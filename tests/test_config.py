@@ -60,8 +60,9 @@ def test_sections_from_json_are_validated_on_their_own():
         config.sections(config_json=json.dumps({"spectrum": {"threshold": -1}}))
     with pytest.raises(ConfigError, match="unknown config section"):
         config.sections(config_json=json.dumps({"nope": {}}))
+    assert config.sections(config_json="{}", names=("spectrum",))["spectrum"]["threshold"] == 1e-3
     with pytest.raises(ConfigError, match="missing section"):
-        config.sections(config_json="{}", names=("spectrum",))
+        config.sections(config_json="{}", names=("model",))
 
 
 def test_cli_reports_config_errors_in_one_line(tmp_path, capsys):
