@@ -50,7 +50,8 @@ class Workspace:
         numel = math.prod(shape)
         buf = self._buffers.get(device)
         if buf is None or buf.numel() < numel:
-            buf = self._buffers[device] = torch.empty(numel, dtype=torch.float64, device=device)
+            with torch.inference_mode(False):  # usable in and out of inference mode
+                buf = self._buffers[device] = torch.empty(numel, dtype=torch.float64, device=device)
         return buf[:numel].view(shape)
 
 
@@ -75,8 +76,10 @@ class CovarianceAccumulator:
         self.workspace = workspace
         self._n = 0
         self.positions = 0
-        self._mu = torch.zeros(self.channels, dtype=torch.float64, device=self.device)
-        self._scatter = torch.zeros(self.channels, self.channels, dtype=torch.float64, device=self.device)
+        # normal tensors even when created under inference_mode (hooks), so a later merge can update them
+        with torch.inference_mode(False):
+            self._mu = torch.zeros(self.channels, dtype=torch.float64, device=self.device)
+            self._scatter = torch.zeros(self.channels, self.channels, dtype=torch.float64, device=self.device)
 
     # ---- feeding ------------------------------------------------------------------------------
     def update(self, features: FeatureBatch) -> None:

@@ -136,6 +136,16 @@ def test_merge_of_halves_equals_whole() -> None:
     assert torch.allclose(empty.covariance, first.covariance, rtol=1e-14, atol=0)
 
 
+def test_filled_under_inference_mode_merges_outside_it() -> None:
+    shared = covariance.Workspace()
+    with torch.inference_mode():
+        first, second = CovarianceAccumulator(5, workspace=shared), CovarianceAccumulator(5, workspace=shared)
+        first.update(features(2, 5, 3, 3, seed=1))
+    second.update(features(2, 5, 3, 3, seed=2))
+    first.merge(second)
+    assert first.count == 4
+
+
 def test_non_finite_feature_names_the_image_and_changes_nothing() -> None:
     acc = CovarianceAccumulator(4)
     acc.update(features(2, 4, 3, 3))
@@ -381,41 +391,88 @@ def test_nan_feature_names_layer_and_image_id(stage: dict, monkeypatch: pytest.M
 # ---- end to end, through the CLI, on real checkpoints and synthetic data ----------------------------
 
 
-def test_cli_covariance_spectrum_dimensions_report(tmp_path: Path) -> None:
-    from eigpipe import cli
+@pytest.fixture(scope="module")
+def on_disk(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A small synthetic val split and two saved checkpoints (detector and classifier)."""
     from eigpipe.data import synthetic
     from eigpipe.models import Classifier, build_body, build_detector, save_checkpoint
 
+    root = tmp_path_factory.mktemp("on_disk")
     synth = {"image_size": 64, "train_images": 1, "val_images": 5}
     synth["classification"] = {"image_size": 16, "train_per_class": 1, "val_per_class": 1}
-    synthetic.generate(synth, seed=0, out=tmp_path / "data")
-    ann, img_dir = tmp_path / "data/detection/instances_val.json", tmp_path / "data/detection/val"
+    synthetic.generate(synth, seed=0, out=root / "data")
     widths = {"stem": 8, "stages": [{"out": w * 4, "blocks": [[w, w]]} for w in (8, 16, 32, 64)]}
-    base = {"model_config": SMALL_MODEL, "widths": widths, "num_classes": 4, "provenance": {}}
+    base = {"model_config": SMALL_MODEL, "widths": widths, "num_classes": 4, "provenance": {}, "iteration": 30}
     torch.manual_seed(0)
     models = {
-        "faster_rcnn-scratch": (build_detector("faster_rcnn", SMALL_MODEL, 4), "detection", "faster_rcnn", "scratch"),
-        "classifier": (Classifier(build_body(SMALL_MODEL), 4), "classification", "classifier", "scratch"),
+        "faster_rcnn-scratch": (build_detector("faster_rcnn", SMALL_MODEL, 4), "detection", "faster_rcnn"),
+        "classifier": (Classifier(build_body(SMALL_MODEL), 4), "classification", "classifier"),
     }
+    checkpoints = {}
+    for run, (model, task, name) in models.items():
+        checkpoints[run] = root / run / "final.pt"
+        save_checkpoint(
+            checkpoints[run], model, {**base, "task": task, "model_name": name, "run": run, "init": "scratch"}
+        )
+    return {
+        "root": root,
+        "annotations": root / "data/detection/instances_val.json",
+        "images": root / "data/detection/val",
+        "checkpoints": checkpoints,
+    }
+
+
+def covariance_args(on_disk: dict, run: str, cfg: str, out: Path) -> list[str]:
+    args = ["covariance", "--config-json", cfg, "--checkpoint", str(on_disk["checkpoints"][run])]
+    return [*args, "--data", str(on_disk["annotations"]), "--image-dir", str(on_disk["images"]), "--out", str(out)]
+
+
+def test_cli_covariance_spectrum_dimensions_report(on_disk: dict, tmp_path: Path) -> None:
+    from eigpipe import cli
+
     cfg = json.dumps({"covariance": {"images": 4, "batch_size": 3}, "runtime": {"threads": 1}, "spectrum": {}})
     dims = []
-    for run, (model, task, name, init) in models.items():
-        ckpt = tmp_path / run / "final.pt"
-        meta = {**base, "task": task, "model_name": name, "run": run, "init": init, "iteration": 30}
-        save_checkpoint(ckpt, model, meta)
+    for run, task in [("faster_rcnn-scratch", "detection"), ("classifier", "classification")]:
         cov = tmp_path / "cov" / run / "30.zarr"
-        args = ["covariance", "--config-json", cfg, "--checkpoint", str(ckpt), "--data", str(ann)]
-        assert cli.main([*args, "--image-dir", str(img_dir), "--out", str(cov)]) == 0
+        assert cli.main(covariance_args(on_disk, run, cfg, cov)) == 0
         attrs = zarr.open_group(str(cov), mode="r").attrs
         assert attrs["n_images"] == 4 and attrs["task"] == task and attrs["run"] == run
         spec = tmp_path / "spectra" / run / "30.parquet"
         assert cli.main(["spectrum", "--config-json", cfg, str(cov), "--out", str(spec)]) == 0
         dims.append(tmp_path / "dims" / f"{run}.parquet")
         assert cli.main(["dimensions", "--spectra", str(spec), "--out", str(dims[-1])]) == 0
-    eigs = [str(tmp_path / "spectra" / run / "30.zarr") for run in models]
+    eigs = [str(tmp_path / "spectra" / run / "30.zarr") for run in ("faster_rcnn-scratch", "classifier")]
     report_args = ["report", "--config-json", json.dumps({"report": {}}), "--dimensions", *map(str, dims)]
     report_args += ["--eigenvalues", *eigs]
     assert cli.main([*report_args, "--out-dir", str(tmp_path / "report")]) == 0
     summary = pd.read_csv(tmp_path / "report" / "summary.csv")
     assert sorted(summary["run"]) == ["classifier", "faster_rcnn-scratch"]
     assert list(summary["layers"]) == [len(expected_default("body.", False)), len(expected_default("b.", True))]
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_share_images_and_merge(on_disk: dict, tmp_path: Path) -> None:
+    """Two CPU ranks (gloo), 5 images split 3 + 2: the same store as one process, written once."""
+    import os
+    import shutil
+    import subprocess
+
+    from eigpipe import cli, store
+
+    cfg = json.dumps({"covariance": {"images": 5, "batch_size": 2}, "runtime": {"threads": 1, "device": "cpu"}})
+    single, ddp = tmp_path / "single.zarr", tmp_path / "ddp.zarr"
+    assert cli.main(covariance_args(on_disk, "faster_rcnn-scratch", cfg, single)) == 0
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    command = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "eigpipe.cli"]
+    command += covariance_args(on_disk, "faster_rcnn-scratch", cfg, ddp)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    attrs_1, layers_1 = store.read_covariance_store(single)
+    attrs_2, layers_2 = store.read_covariance_store(ddp)
+    assert attrs_2["provenance"]["world_size"] == 2 and attrs_2["layers"] == attrs_1["layers"]
+    for name, (second, mean, lattrs) in layers_1.items():
+        assert layers_2[name][2]["count"] == lattrs["count"] == 5
+        assert np.allclose(layers_2[name][0], second, rtol=1e-5, atol=1e-7 * np.abs(second).max()), name
+        assert np.allclose(layers_2[name][1], mean, rtol=1e-5, atol=1e-7 * np.abs(mean).max()), name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp.zarr", "single.zarr"]
