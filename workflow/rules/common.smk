@@ -4,9 +4,10 @@ import re
 from pathlib import Path
 
 
-# With --sdm conda, jobs use the named env "eigpipe": create it once with `conda env create -f environment.yml`.
-# A file-based env would be copied under .snakemake/conda/, where its editable install of the repo breaks.
-CONDA_ENV = "eigpipe"
+# The software of every job (relative to the rule files). Snakemake records the file with each output;
+# on a cluster, run Snakemake inside the env made from it. (--sdm conda cannot build it: Snakemake
+# copies the file under .snakemake/conda/, where its editable install of this repository breaks.)
+CONDA_ENV = "../../environment.yml"
 
 MODELS = config["train"]["models"]
 INITS = config["train"]["inits"]
