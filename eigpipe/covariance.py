@@ -527,6 +527,8 @@ def extract(
     selected = select_layers(model, layers)
     dataset = CocoDetection(annotations, images, train=False)
     n = min(int(num_images), len(dataset))
+    if n == 0:
+        raise EigpipeError(f"{annotations}: no images to extract features from")
     if n < num_images and rt.is_main:
         print(f"covariance: only {n} images in {annotations} (asked for {num_images})", file=sys.stderr)
     share = list(range(rt.rank, n, rt.world_size))

@@ -187,6 +187,12 @@ def plot_dynamics(table: pd.DataFrame, layers: Sequence[str], style: dict, path:
         rows = table[table["canonical"] == layer]
         for run, series in sorted(rows.groupby("run"), key=lambda kv: _run_key(kv[0])):
             series = series.sort_values("iteration")
+            first = series.iloc[0]
+            if role(run, first.get("init"), first.get("task")) == "classifier":
+                # its iterations are another training's: a reference level, not a curve on this axis
+                final = series.iloc[-1]["intrinsic_dim"]
+                ax.axhline(final, **{**style[run], "linestyle": ":", "label": f"{run} (final)"})
+                continue
             ax.plot(series["iteration"], series["intrinsic_dim"], marker="o", ms=3, **style[run])
         ax.set_title(layer, fontsize=9)
         ax.set_xlabel("iteration")
