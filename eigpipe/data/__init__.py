@@ -1,0 +1,1 @@
+"""Datasets: COCO-format loading and validation, and the synthetic shapes generator."""
