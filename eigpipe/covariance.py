@@ -104,42 +104,47 @@ class CovarianceAccumulator:
         self.merge(partial)
 
     def _update_batch(self, batch: torch.Tensor, indices: list[int]) -> None:
+        """Fold N equal-sized images into the state with one (block-triangular) float64 GEMM.
+
+        The operand is [C, N*P + N + 1]: the features centred per image, then the per-image mean
+        deviations from the batch mean and Chan's cross term, both scaled by sqrt(P) so that the one
+        GEMM with alpha 1/P adds W_batch + M2_batch + n_a n_b/(n_a+n_b) delta delta^T to the scatter.
+        """
         n, c, h, w = batch.shape
+        p = h * w
         if c != self.channels:
             raise ValueError(f"expected {self.channels} channels, got {c}")
-        if h * w == 0:
+        if p == 0:
             raise ValueError("features with no spatial positions")
-        centred, means = self._centred(batch.detach().reshape(n, c, h * w), indices)
-        self._fold(centred, means)
-
-    def _centred(self, batch: torch.Tensor, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Float64 features laid out [C, N, P] (so a batch's Gram matrix is one GEMM) centred per
-        image, and the per-image means [C, N]."""
-        n, c, p = batch.shape
-        shape = (c, n, p)
-        x = self.workspace.get(shape, self.device) if self.workspace is not None else None
-        x = torch.empty(shape, dtype=torch.float64, device=self.device) if x is None else x
-        x.copy_(batch.permute(1, 0, 2))
+        shape = (c, n * p + n + 1)
+        operand = self.workspace.get(shape, self.device) if self.workspace is not None else None
+        operand = torch.empty(shape, dtype=torch.float64, device=self.device) if operand is None else operand
+        x = operand[:, : n * p].view(c, n, p)
+        x.copy_(batch.detach().reshape(n, c, p).permute(1, 0, 2))
         means = x.mean(dim=2)  # [C, N]
         finite = torch.isfinite(means).all(dim=0)
         if not bool(finite.all()):
             raise NonFiniteFeature(indices[int((~finite).nonzero()[0, 0])])
         x.sub_(means.unsqueeze(2))
-        return x, means
+        batch_mu = means.mean(dim=1)
+        total = self._n + n
+        delta = batch_mu - self._mu
+        root_p = math.sqrt(p)
+        torch.sub(means, batch_mu.unsqueeze(1), out=operand[:, n * p : n * p + n]).mul_(root_p)
+        torch.mul(delta, root_p * math.sqrt(self._n * n / total), out=operand[:, -1])
+        self._gram(operand, alpha=1.0 / p)
+        self._mu.add_(delta, alpha=n / total)
+        self._n = total
+        self.positions += n * p
 
-    def _fold(self, centred: torch.Tensor, means: torch.Tensor) -> None:
-        c, n, p = centred.shape
-        flat = centred.view(c, n * p)
+    def _gram(self, operand: torch.Tensor, alpha: float) -> None:
+        """scatter += alpha * operand operand^T, lower block triangle only for wide layers."""
+        c = operand.shape[0]
         block = self.BLOCK if c >= 2 * self.BLOCK else c
         for i in range(0, c, block):
             for j in range(0, i + 1, block):
-                self._scatter[i : i + block, j : j + block].addmm_(
-                    flat[i : i + block], flat[j : j + block].T, alpha=1.0 / p
-                )
-        batch_mu = means.mean(dim=1)
-        dev = means - batch_mu.unsqueeze(1)  # [C, N]
-        self._merge_stats(n, batch_mu, torch.mm(dev, dev.T))
-        self.positions += n * p
+                rows, cols = operand[i : i + block], operand[j : j + block]
+                self._scatter[i : i + block, j : j + block].addmm_(rows, cols.T, alpha=alpha)
 
     def _merge_stats(self, n_b: int, mu_b: torch.Tensor, scatter_b: torch.Tensor) -> None:
         """Chan et al.'s pairwise update of (count, mean, scatter) with another set's statistics."""
@@ -148,7 +153,7 @@ class CovarianceAccumulator:
         n_a = self._n
         total = n_a + n_b
         delta = mu_b - self._mu
-        self._mu += delta * (n_b / total)
+        self._mu.add_(delta, alpha=n_b / total)
         self._scatter += scatter_b
         self._scatter.addr_(delta, delta, alpha=n_a * n_b / total)
         self._n = total
@@ -182,9 +187,14 @@ class CovarianceAccumulator:
 
     # ---- results --------------------------------------------------------------------------------
     def _symmetric(self) -> torch.Tensor:
+        """The full symmetric scatter (a new tensor), mirrored from its authoritative lower part."""
         if self.channels < 2 * self.BLOCK:  # the whole Gram matrix was computed
             return (self._scatter + self._scatter.T).div_(2)
-        return torch.tril(self._scatter).add_(torch.tril(self._scatter, diagonal=-1).T)
+        full = self._scatter.clone()
+        b = self.BLOCK
+        for i in range(b, self.channels, b):
+            full[:i, i : i + b].copy_(full[i : i + b, :i].T)
+        return full
 
     @property
     def count(self) -> int:
@@ -206,7 +216,9 @@ class CovarianceAccumulator:
     @property
     def second_moment(self) -> torch.Tensor:
         """The paper's uncentred matrix (1/n) sum_i mean_xy F F^T, float64 [C, C]."""
-        return self.covariance.addr_(self._mu, self._mu)
+        if self._n == 0:
+            raise ValueError("no images accumulated")
+        return self._symmetric().div_(self._n).addr_(self._mu, self._mu)
 
 
 def _group_by_shape(features: Sequence[torch.Tensor]) -> list[tuple[list[int], torch.Tensor]]:
