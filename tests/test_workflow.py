@@ -466,6 +466,16 @@ def test_report_code_edit_reruns_only_the_report(smoke_run, frozen_src, tmp_path
     assert job_counts(output) == {"report": 1, "all": 1}
 
 
+@pytest.mark.slow
+def test_html_report_includes_the_registered_results(smoke_run, frozen_src):
+    html = smoke_run / "report.html"
+    proc = snakemake(smoke_run, "--configfile", SMOKE, "--report", str(html), extra_env={"PYTHONPATH": str(frozen_src)})
+    assert proc.returncode == 0, proc.output[-3000:]
+    for name in ("eigenvalues.png", "dimensions.png", "dynamics.png", "summary.csv", "evaluation.csv"):
+        assert f"Adding {name}" in proc.output
+    assert "eigenspectrum" in html.read_text()
+
+
 def _kill_tree(proc: subprocess.Popen) -> None:
     parent = psutil.Process(proc.pid)
     for child in parent.children(recursive=True):
