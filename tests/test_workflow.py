@@ -476,6 +476,26 @@ def test_html_report_includes_the_registered_results(smoke_run, frozen_src):
     assert "eigenspectrum" in html.read_text()
 
 
+@pytest.mark.slow
+def test_coco_source_checks_each_split_before_training(smoke_run, frozen_src, tmp_path):
+    # The smoke run's synthetic dataset, read in place as a COCO-format dataset.
+    data = smoke_run / "results/smoke/data/detection"
+    paths = {
+        f"data.coco.{split}_{kind}": str(data / (f"instances_{split}.json" if kind == "annotations" else split))
+        for split in ("train", "val")
+        for kind in ("annotations", "images")
+    }
+    paths.update({"study": "cc", "data.source": "coco", "data.strict": True})
+    coco = write_config(tmp_path / "c.yaml", SMOKE, **paths)
+    targets = ["results/cc/checks/train.txt", "results/cc/checks/val.txt"]
+    root = make_workdir(tmp_path / "cc")
+    args = [*targets, "--cores", "2", "--configfile", str(coco), "--replace-workflow-config"]
+    proc = snakemake(root, *args, extra_env={"PYTHONPATH": str(frozen_src)})
+    assert proc.returncode == 0, proc.output[-3000:]
+    assert "--strict" in proc.output
+    assert "16 images" in (root / targets[0]).read_text() and "8 images" in (root / targets[1]).read_text()
+
+
 def _kill_tree(proc: subprocess.Popen) -> None:
     parent = psutil.Process(proc.pid)
     for child in parent.children(recursive=True):
