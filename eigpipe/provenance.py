@@ -9,6 +9,7 @@ import os
 import platform
 import shutil
 import uuid
+from importlib import metadata
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,22 +32,12 @@ def section_hash(section: Any) -> str:
 
 
 def versions() -> dict[str, str]:
-    import numpy
-    import torch
-    import torchvision
-
-    found = {
-        "eigpipe": __version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "numpy": numpy.__version__,
-    }
-    with contextlib.suppress(ImportError):
-        import zarr
-
-        found["zarr"] = zarr.__version__
-    return {name: str(version) for name, version in found.items()}
+    """Installed versions, read from package metadata (no heavy imports)."""
+    found = {"eigpipe": __version__, "python": platform.python_version()}
+    for name in ("torch", "torchvision", "numpy", "zarr", "pycocotools"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            found[name] = metadata.version(name)
+    return found
 
 
 def record(
