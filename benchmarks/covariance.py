@@ -4,10 +4,11 @@ the streaming accumulator, and a naive store-every-feature-then-numpy approach.
     .venv/bin/python benchmarks/covariance.py            # CPU (and CUDA when there is one), < 5 min on 2 cores
     .venv/bin/python benchmarks/covariance.py --quick    # a smoke run of the script itself
 
-Each measurement runs in a fresh subprocess so its peak memory is its own; throughput is the best of a few
-repetitions (the machine may be shared), memory the peak over them. Memory is the peak resident set
-size (RSS, sampled every 2 ms by psutil in a thread) above the RSS after building the model and one warm-up
-batch; on CUDA, the peak of torch.cuda.max_memory_allocated above the allocation before the measured loop.
+Throughput: one process per case runs the three methods interleaved, round by round, and keeps each
+method's best round (fair when the machine is shared). Memory: each (method, image count) in a fresh
+process, one pass: the peak resident set size (RSS, sampled every 2 ms by psutil in a thread) above the
+RSS after building the model and one warm-up batch; on CUDA, the peak of torch.cuda.max_memory_allocated
+above the allocation before the measured pass.
 Writes benchmarks/results/covariance.json.
 """
 
@@ -151,7 +152,7 @@ def naive(model: torch.nn.Module, meta: dict, layers: list, data: list, device: 
 METHODS = {"plain": plain, "extraction": extraction, "naive": naive}
 
 
-def child(spec: dict) -> dict:
+def _setup(spec: dict) -> tuple[dict, torch.nn.Module, dict, list, torch.device]:
     from eigpipe.covariance import select_layers
 
     torch.set_num_threads(spec["threads"])
@@ -159,35 +160,56 @@ def child(spec: dict) -> dict:
     case = {**CASES[spec["case"]], **spec.get("override", {})}
     case["model"] = {**case["model"], "min_size": case["size"], "max_size": case["size"]}
     model, meta = build(case, device)
-    layers = select_layers(model, ["default"])
-    method = METHODS[spec["method"]]
-    method(model, meta, layers, batches(case, case["batch"]), device)  # warm-up (allocator, kernels)
+    return case, model, meta, select_layers(model, ["default"]), device
+
+
+def _timed(method: Any, args: tuple, device: torch.device) -> float:
+    start = time.perf_counter()
+    method(*args)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def child_throughput(spec: dict) -> dict:
+    """All methods in one process, interleaved round by round, best round each: fair on a shared machine."""
+    case, model, meta, layers, device = _setup(spec)
+    for method in METHODS.values():  # warm-up (allocator, kernels)
+        method(model, meta, layers, batches(case, case["batch"]), device)
     data = batches(case, spec["images"])
-    cuda = device.type == "cuda"
-    if cuda:
+    rounds: dict[str, list[float]] = {name: [] for name in METHODS}
+    for _ in range(spec["reps"]):
+        for name, method in METHODS.items():
+            rounds[name].append(_timed(method, (model, meta, layers, data, device), device))
+    best = {name: min(times) for name, times in rounds.items()}
+    return {
+        **spec,
+        "layers": len(layers),
+        "images_per_s": {name: round(spec["images"] / t, 3) for name, t in best.items()},
+        "seconds_per_round": {name: [round(t, 3) for t in times] for name, times in rounds.items()},
+    }
+
+
+def child_memory(spec: dict) -> dict:
+    """One method, one pass over the images, in a fresh process: its peak memory above the warm state."""
+    case, model, meta, layers, device = _setup(spec)
+    method = METHODS[spec["method"]]
+    method(model, meta, layers, batches(case, case["batch"]), device)  # warm-up
+    data = batches(case, spec["images"])
+    if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    times = []
     with PeakRSS() as rss:
-        for _ in range(spec.get("reps", 1)):  # best of reps: the machine may be shared
-            start = time.perf_counter()
-            method(model, meta, layers, data, device)
-            if cuda:
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-    seconds = min(times)
-    result = {
-        **spec,
-        "seconds": round(seconds, 3),
-        "all_seconds": [round(t, 3) for t in times],
-        "images_per_s": round(spec["images"] / seconds, 3),
-        "peak_rss_increase_mib": round(rss.delta_mib, 1),
-        "layers": len(layers),
-    }
-    if cuda:
+        seconds = _timed(method, (model, meta, layers, data, device), device)
+    result = {**spec, "seconds": round(seconds, 3), "peak_rss_increase_mib": round(rss.delta_mib, 1)}
+    if device.type == "cuda":
         result["peak_cuda_increase_mib"] = round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
     return result
+
+
+def child(spec: dict) -> dict:
+    return child_throughput(spec) if spec["kind"] == "throughput" else child_memory(spec)
 
 
 # ---- parent ---------------------------------------------------------------------------------------------
@@ -200,12 +222,13 @@ def measure(spec: dict) -> dict:
     if done.returncode != 0:
         raise RuntimeError(f"{spec}: failed\n{done.stderr[-3000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    print(
-        f"{result['device']:4} {result['case']:13} {result['method']:10} n={result['images']:3}  "
-        f"{result['images_per_s']:8.2f} img/s  +{result['peak_rss_increase_mib']:7.1f} MiB RSS"
-        + (f"  +{result['peak_cuda_increase_mib']:.1f} MiB CUDA" if "peak_cuda_increase_mib" in result else ""),
-        flush=True,
-    )
+    head = f"{result['device']:4} {result['case']:13} n={result['images']:3}"
+    if spec["kind"] == "throughput":
+        rates = "  ".join(f"{k} {v:.2f} img/s" for k, v in result["images_per_s"].items())
+        print(f"{head} throughput  {rates}", flush=True)
+    else:
+        cuda = f"  +{result['peak_cuda_increase_mib']:.1f} MiB CUDA" if "peak_cuda_increase_mib" in result else ""
+        print(f"{head} memory {result['method']:10} +{result['peak_rss_increase_mib']:7.1f} MiB RSS{cuda}", flush=True)
     return result
 
 
@@ -213,30 +236,39 @@ def run_case(name: str, device: str, threads: int, quick: bool) -> dict:
     override = QUICK[name] if quick else {}
     n = override.get("images", CASES[name]["images"])
     spec = {"case": name, "device": device, "threads": threads, "override": override}
-    reps = CASES[name]["reps"]
-    rows = [measure({**spec, "method": m, "images": n, "reps": reps}) for m in ("plain", "extraction", "naive")]
-    rows += [measure({**spec, "method": m, "images": 2 * n}) for m in ("extraction", "naive")]
-    by = {(r["method"], r["images"]): r for r in rows}
+    speed = measure({**spec, "kind": "throughput", "images": n, "reps": CASES[name]["reps"]})
+    memory = [
+        measure({**spec, "kind": "memory", "method": method, "images": count})
+        for method, count in [("plain", n), ("extraction", n), ("extraction", 2 * n), ("naive", n), ("naive", 2 * n)]
+    ]
+    rates = speed["images_per_s"]
+    peak = {(m["method"], m["images"]): m["peak_rss_increase_mib"] for m in memory}
     return {
         "case": name,
         "device": device,
         "image_size": override.get("size", CASES[name]["size"]),
         "batch_size": CASES[name]["batch"],
+        "layers_hooked": speed["layers"],
         "model": CASES[name]["model"],
-        "measurements": rows,
-        "extraction_vs_plain_throughput": round(
-            by[("extraction", n)]["images_per_s"] / by[("plain", n)]["images_per_s"], 3
-        ),
-        "naive_vs_plain_throughput": round(by[("naive", n)]["images_per_s"] / by[("plain", n)]["images_per_s"], 3),
-        "extraction_peak_rss_mib": {
-            str(n): by[("extraction", n)]["peak_rss_increase_mib"],
-            str(2 * n): by[("extraction", 2 * n)]["peak_rss_increase_mib"],
+        "images_per_s": rates,
+        "extraction_vs_plain_throughput": round(rates["extraction"] / rates["plain"], 3),
+        "naive_vs_plain_throughput": round(rates["naive"] / rates["plain"], 3),
+        "peak_rss_increase_mib": {
+            f"{method}@{count}": peak[(method, count)] for method, count in sorted(peak, key=lambda k: (k[0], k[1]))
         },
-        "naive_peak_rss_mib": {
-            str(n): by[("naive", n)]["peak_rss_increase_mib"],
-            str(2 * n): by[("naive", 2 * n)]["peak_rss_increase_mib"],
-        },
+        "throughput_run": speed,
+        "memory_runs": memory,
     }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def main() -> None:
@@ -256,7 +288,7 @@ def main() -> None:
     report = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": {
-            "cpu": platform.processor() or platform.machine(),
+            "cpu": _cpu_name(),
             "cores": os.cpu_count(),
             "threads": args.threads,
             "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
@@ -265,7 +297,10 @@ def main() -> None:
         "torch": torch.__version__,
         "numpy": np.__version__,
         "quick": args.quick,
-        "memory_method": "peak RSS above the post-warm-up RSS, psutil sampled every 2 ms, in a fresh process",
+        "memory_method": "peak RSS above the post-warm-up RSS, psutil sampled every 2 ms, one fresh process each",
+        "throughput_method": "methods interleaved round by round in one process, best round per method",
+        "plain": "the same transform + backbone/FPN forward that extraction runs, without hooks",
+        "naive": "hooks keep every feature map (float32, CPU), then image-averaged second moment and np.cov",
         "target": "extraction >= 0.6 x plain-inference throughput on CPU",
         "wall_seconds": round(time.perf_counter() - start, 1),
         "results": results,
