@@ -5,6 +5,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CORES  ?= 2
+# Rules call the `eigpipe` command: put the venv's bin first on PATH for Snakemake and its jobs.
+export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: demo test lint bench report clean-demo
 
