@@ -137,3 +137,13 @@ def test_complexity_rejects_bad_model_key(tmp_path, capsys):
     assert cli.main(["complexity", "--model-config", str(tmp_path / "model.yaml")]) == 1
     err = capsys.readouterr().err
     assert "width_multiplier" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("zero", [True, False])
+def test_zero_init_residual_starts_blocks_as_identity(zero):
+    body = build_body({"width_multiplier": 0.125, "norm": "gn", "gn_groups": 8, "zero_init_residual": zero})
+    last_norms = torch.stack([block.bn3.weight.abs().sum() for stage in (body.layer1, body.layer4) for block in stage])
+    assert bool((last_norms == 0).all()) == zero and body.layer1[0].bn2.weight.sum() == 8
+    block = body.layer2[1].eval()
+    x = torch.rand(1, block.conv1.in_channels, 8, 8)
+    assert torch.equal(block(x), torch.relu(x)) == zero

@@ -107,6 +107,7 @@ def test_classifier_resume_equals_uninterrupted(tmp_path, image_folder, monkeypa
     assert metrics(tmp_path / "whole" / "metrics.jsonl") == metrics(tmp_path / "killed" / "metrics.jsonl")
     meta = load_checkpoint(tmp_path / "whole" / "final.pt")[1]
     assert meta["iteration"] == 8 and "val_accuracy" in meta and meta["provenance"]["seed"] == 3
+    assert meta["run"] == "classifier" and meta["task"] == "classification"
 
 
 def test_resume_state_of_another_config_is_not_used(tmp_path, image_folder, monkeypatch, capsys):

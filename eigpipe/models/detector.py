@@ -21,7 +21,8 @@ DETECTORS = ("faster_rcnn", "mask_rcnn")
 
 def build_body(model_cfg: dict, widths: WidthSpec | None = None) -> ResNet:
     widths = widths or from_model_config(model_cfg)
-    return ResNet(widths, norm_factory(model_cfg.get("norm", "gn"), model_cfg.get("gn_groups", 32)))
+    norm = norm_factory(model_cfg.get("norm", "gn"), model_cfg.get("gn_groups", 32))
+    return ResNet(widths, norm, model_cfg.get("zero_init_residual", True))
 
 
 def build_backbone(model_cfg: dict, widths: WidthSpec | None = None) -> BackboneWithFPN:

@@ -69,7 +69,7 @@ class ResNet(nn.Module):
 
     feature_taps = {"conv1": "relu"}
 
-    def __init__(self, widths: WidthSpec, norm: NormFactory) -> None:
+    def __init__(self, widths: WidthSpec, norm: NormFactory, zero_init_residual: bool = True) -> None:
         super().__init__()
         self.widths = widths
         self.conv1 = nn.Conv2d(3, widths.stem, 7, stride=2, padding=3, bias=False)
@@ -84,15 +84,19 @@ class ResNet(nn.Module):
                 blocks.append(Bottleneck(in_ch, block, stage.out, stride, norm))
                 in_ch = stage.out
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
-        self._init_weights()
+        self._init_weights(zero_init_residual)
 
-    def _init_weights(self) -> None:
+    def _init_weights(self, zero_init_residual: bool) -> None:
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, nn.BatchNorm2d | nn.GroupNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+        if zero_init_residual:  # Goyal et al. 2017, torchvision's zero_init_residual
+            for m in self.modules():
+                if isinstance(m, Bottleneck) and isinstance(m.bn3, nn.BatchNorm2d | nn.GroupNorm):
+                    nn.init.zeros_(m.bn3.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))

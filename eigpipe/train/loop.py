@@ -245,7 +245,7 @@ def train_classifier(cfg: dict, data: Path, out: Path) -> None:
     train_set = _image_folder(data / "train")
     model = Classifier(build_body(cfg["model"]), len(train_set.classes))
     meta = _base_meta(cfg, "classification", "classifier", out, "scratch", [], seed, env)
-    meta.update(num_classes=len(train_set.classes), categories=train_set.classes)
+    meta.update(run="classifier", num_classes=len(train_set.classes), categories=train_set.classes)
 
     def augment(sample: Any, rng: np.random.Generator) -> Any:
         image, label = sample
