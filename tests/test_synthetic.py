@@ -125,7 +125,7 @@ def test_manifest(dataset):
     assert manifest["counts"]["detection"]["train"]["images"] == 12
     assert manifest["counts"]["detection"]["val"]["objects"] == len(load(dataset, "val")["annotations"])
     assert manifest["counts"]["classification"]["val"] == dict.fromkeys(synthetic.CLASSES, 2)
-    assert manifest["cfg"] == SMALL and manifest["provenance"]["seed"] == 7
+    assert manifest["cfg"] == synthetic.settings(SMALL) and manifest["provenance"]["seed"] == 7
 
 
 def test_generated_data_passes_validation_and_loads(dataset, capsys):
@@ -173,3 +173,24 @@ def test_cli_writes_the_dataset_and_reports_progress(tmp_path, capsys):
     assert lines[0] == "synth-data: detection/train 2 images, 2 objects"
     assert lines[3] == "synth-data: classification/val 16 images, 8 classes"
     assert len(load(tmp_path / "data", "val")["annotations"]) == 1
+
+
+def test_min_visible_share_bounds_occlusion(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An object may hide at most (1 - min_visible_share) of any object beneath it."""
+    under = np.zeros((64, 64), dtype=bool)
+    under[10:30, 10:30] = True  # 400 px
+    over = np.zeros((64, 64), dtype=bool)
+    over[10:30, 10:22] = True  # hides 240 px of it: 40 % stays visible
+    rng = np.random.default_rng(0)
+
+    def place(share: float) -> np.ndarray | None:
+        masks = iter([(under, 400), (over, 240)])
+        monkeypatch.setattr(synthetic, "_candidate", lambda *args: next(masks))
+        owner, areas = np.full((64, 64), -1, dtype=np.int16), []
+        owner = synthetic._place(rng, owner, areas, "square", share)
+        return synthetic._place(rng, owner, areas, "square", share)
+
+    assert place(0.6) is None
+    assert place(0.3) is not None
+    with pytest.raises(ConfigError, match="min_visible_share"):
+        synthetic.settings({**SMALL, "min_visible_share": 1.5})

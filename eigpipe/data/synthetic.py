@@ -33,7 +33,6 @@ SPLIT_CODES = {"detection/train": 0, "detection/val": 1, "classification/train":
 SIZE_RANGE = (0.10, 0.45)  # detection object size (diameter, side, bar length) as a share of the image side
 CENTRE_MARGIN = 0.1  # object centres avoid this share of the side at each edge (about 1 object in 4 is cut)
 CLASSIFICATION_SIZE_RANGE = (0.35, 0.75)
-MIN_VISIBLE_SHARE = 0.3  # an object must keep this share of its full area visible (in the image, unoccluded)
 MIN_VISIBLE_PIXELS = 20
 MIN_CONTRAST = 100.0  # RGB distance between an object's colour and the mean colour beneath it
 ATTEMPTS_PER_OBJECT = 30
@@ -149,17 +148,19 @@ def _candidate(rng: np.random.Generator, kind: str, size: int) -> tuple[np.ndarr
     return full[pad:pad + size, pad:pad + size], int(full.sum())
 
 
-def _place(rng: np.random.Generator, owner: np.ndarray, full_areas: list[int], kind: str) -> np.ndarray | None:
+def _place(
+    rng: np.random.Generator, owner: np.ndarray, full_areas: list[int], kind: str, min_share: float
+) -> np.ndarray | None:
     """The owner map with one more object on top (its full area appended to ``full_areas``), or None when it,
-    or an object it covers, would show too little."""
+    or an object it covers, would show less than ``min_share`` of its full area (in the image, unoccluded)."""
     mask, full = _candidate(rng, kind, owner.shape[0])
-    if mask.sum() < max(MIN_VISIBLE_PIXELS, MIN_VISIBLE_SHARE * full):
+    if mask.sum() < max(MIN_VISIBLE_PIXELS, min_share * full):
         return None
     trial = owner.copy()
     trial[mask] = len(full_areas)
     visible = np.bincount(trial[trial >= 0].ravel(), minlength=len(full_areas) + 1)
     for index, area in enumerate([*full_areas, full]):
-        if visible[index] < max(MIN_VISIBLE_PIXELS, MIN_VISIBLE_SHARE * area):
+        if visible[index] < max(MIN_VISIBLE_PIXELS, min_share * area):
             return None
     full_areas.append(full)
     return trial
@@ -177,7 +178,7 @@ def detection_image(rng: np.random.Generator, cfg: dict) -> tuple[np.ndarray, li
         if len(kinds) == wanted:
             break
         kind = int(rng.integers(len(categories)))
-        trial = _place(rng, owner, full_areas, categories[kind])
+        trial = _place(rng, owner, full_areas, categories[kind], cfg["min_visible_share"])
         if trial is None:
             continue
         drawn = trial == len(kinds)
