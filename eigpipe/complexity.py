@@ -9,13 +9,11 @@ import copy
 from pathlib import Path
 
 import torch
-import yaml
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.ops import FrozenBatchNorm2d
 
 from eigpipe import config
-from eigpipe.errors import ConfigError
 from eigpipe.models import build_detector, from_model_config
 
 
@@ -61,11 +59,7 @@ def model_complexity(model: nn.Module, height: int, width: int) -> dict[str, int
 
 def model_section(path: str | Path) -> dict:
     """The model section of a study config, or a file holding only a model section."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: cannot read ({exc.__class__.__name__})") from None
+    data = config.read_yaml(path, "model config") or {}
     section = data.get("model", {}) if "model" in data or "study" in data else data
     return config.validate(section, f"{path}: model", config.schema()["properties"]["model"])
 

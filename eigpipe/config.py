@@ -52,15 +52,20 @@ def validate(config: dict, source: str = "config", subschema: dict | None = None
     return config
 
 
-def load(path: str | Path) -> dict:
-    """Load and validate a whole study config file."""
+def read_yaml(path: str | Path, what: str = "config file") -> Any:
+    """Parse a YAML (or JSON) file; a missing or malformed file is a ConfigError naming it."""
     path = Path(path)
     try:
-        config = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
+        return yaml.safe_load(path.read_text())
+    except (FileNotFoundError, IsADirectoryError):
+        raise ConfigError(f"{path}: {what} not found") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+
+
+def load(path: str | Path) -> dict:
+    """Load and validate a whole study config file."""
+    config = read_yaml(path)
     if not isinstance(config, dict):
         raise ConfigError(f"{path}: a config must be a mapping of sections")
     return validate(config, str(path))

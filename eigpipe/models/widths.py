@@ -79,14 +79,9 @@ class WidthSpec:
 
     @classmethod
     def load(cls, path: str | Path) -> WidthSpec:
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: widths spec not found") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML/JSON ({str(exc).splitlines()[0]})") from None
-        return cls.from_dict(data, source=str(path))
+        from eigpipe.config import read_yaml
+
+        return cls.from_dict(read_yaml(path, "widths spec"), source=str(path))
 
 
 def standard(depths: list[int] | tuple[int, ...] = STANDARD_DEPTHS, multiplier: float = 1.0) -> WidthSpec:
