@@ -185,9 +185,24 @@ def child_throughput(spec: dict) -> dict:
     return {
         **spec,
         "layers": len(layers),
+        **work_per_image(case, model, meta, layers, device),
         "images_per_s": {name: round(spec["images"] / t, 3) for name, t in best.items()},
         "seconds_per_round": {name: [round(t, 3) for t in times] for name, times in rounds.items()},
     }
+
+
+def work_per_image(case: dict, model: torch.nn.Module, meta: dict, layers: list, device: torch.device) -> dict:
+    """Multiply-adds of the forward (float32) and of the covariance Gram updates (float64) for one image."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from eigpipe.covariance import accumulate
+
+    one = batches(case, 1)[:1]
+    ordered, _ = accumulate(model, meta, layers, one, device)
+    gram = sum(layer.feature_shape[0] ** 2 * layer.feature_shape[1] * layer.feature_shape[2] for layer in ordered)
+    with FlopCounterMode(display=False) as counter:
+        plain(model, meta, layers, one, device)
+    return {"forward_macs_per_image": counter.get_total_flops() // 2, "gram_macs_per_image": gram}
 
 
 def child_memory(spec: dict) -> dict:
@@ -253,6 +268,9 @@ def run_case(name: str, device: str, threads: int, quick: bool) -> dict:
         "images_per_s": rates,
         "extraction_vs_plain_throughput": round(rates["extraction"] / rates["plain"], 3),
         "naive_vs_plain_throughput": round(rates["naive"] / rates["plain"], 3),
+        "forward_macs_per_image": speed["forward_macs_per_image"],
+        "gram_macs_per_image": speed["gram_macs_per_image"],
+        "gram_vs_forward_macs": round(speed["gram_macs_per_image"] / speed["forward_macs_per_image"], 3),
         "peak_rss_increase_mib": {
             f"{method}@{count}": peak[(method, count)] for method, count in sorted(peak, key=lambda k: (k[0], k[1]))
         },
@@ -283,7 +301,7 @@ def main() -> None:
         print(json.dumps(child(json.loads(args.child))))
         return
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    start = time.perf_counter()
+    start, load_before = time.perf_counter(), os.getloadavg()
     results = [run_case(name, dev, args.threads, args.quick) for dev in devices for name in args.cases]
     report = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
@@ -293,6 +311,7 @@ def main() -> None:
             "threads": args.threads,
             "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "load_average_before_after": [round(x, 2) for x in (*load_before, *os.getloadavg())],
         },
         "torch": torch.__version__,
         "numpy": np.__version__,
