@@ -17,10 +17,7 @@ from eigpipe.models import (
     standard,
 )
 from eigpipe.models.checkpoint import widths_from_state_dict
-
-TINY = {"width_multiplier": 0.0625, "norm": "gn", "gn_groups": 4, "fpn_channels": 16, "min_size": 64, "max_size": 64,
-        "anchor_sizes": [4, 8, 16, 32, 64], "box_head": {"type": "mlp", "representation_size": 32},
-        "mask_head_layers": [16, 16], "rpn_post_nms_top_n_train": 50, "box_batch_size_per_image": 16}
+from tests.test_train import MODEL
 
 
 @pytest.mark.parametrize("suffix", [".yaml", ".json"])
@@ -82,13 +79,13 @@ def test_pretrained_weights_of_other_widths_are_refused(tmp_path):
     path = tmp_path / "resnet50.pth"
     torch.save(torchvision.models.resnet50().state_dict(), path)
     with pytest.raises(EigpipeError, match=r"conv1\.weight has shape \[64, 3, 7, 7\].*\[4, 3, 7, 7\]"):
-        load_pretrained_body(build_body(TINY), path)
+        load_pretrained_body(build_body(MODEL), path)
 
 
 @pytest.mark.parametrize("name", ["faster_rcnn", "mask_rcnn"])
 def test_detector_trains_and_predicts(name):
     torch.manual_seed(0)
-    model = build_detector(name, TINY, num_classes=4)
+    model = build_detector(name, MODEL, num_classes=4)
     image = torch.rand(3, 64, 64)
     target = {"boxes": torch.tensor([[4.0, 6.0, 30.0, 40.0]]), "labels": torch.tensor([2]),
               "masks": torch.zeros(1, 64, 64, dtype=torch.uint8)}
@@ -103,9 +100,9 @@ def test_detector_trains_and_predicts(name):
 
 
 def test_checkpoint_round_trip(tmp_path):
-    model = build_detector("faster_rcnn", TINY, num_classes=3)
+    model = build_detector("faster_rcnn", MODEL, num_classes=3)
     widths = standard(multiplier=0.0625).to_dict()
-    meta = {"task": "detection", "model_name": "faster_rcnn", "model_config": TINY, "widths": widths,
+    meta = {"task": "detection", "model_name": "faster_rcnn", "model_config": MODEL, "widths": widths,
             "num_classes": 3, "iteration": 7, "run": "r"}
     save_checkpoint(tmp_path / "c.pt", model, meta)
     loaded, got = load_checkpoint(tmp_path / "c.pt")
