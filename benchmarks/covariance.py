@@ -192,17 +192,26 @@ def child_throughput(spec: dict) -> dict:
 
 
 def work_per_image(case: dict, model: torch.nn.Module, meta: dict, layers: list, device: torch.device) -> dict:
-    """Multiply-adds of the forward (float32) and of the covariance Gram updates (float64) for one image."""
+    """Multiply-adds of the forward (float32) and the least the float64 Gram updates need (C(C+1)/2 per
+    position: the symmetric half) for one image, and the float64 GEMM rate of this device."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from eigpipe.covariance import accumulate
 
     one = batches(case, 1)[:1]
     ordered, _ = accumulate(model, meta, layers, one, device)
-    gram = sum(layer.feature_shape[0] ** 2 * layer.feature_shape[1] * layer.feature_shape[2] for layer in ordered)
+    gram = sum(c * (c + 1) // 2 * h * w for c, h, w in (layer.feature_shape for layer in ordered))
     with FlopCounterMode(display=False) as counter:
         plain(model, meta, layers, one, device)
-    return {"forward_macs_per_image": counter.get_total_flops() // 2, "gram_macs_per_image": gram}
+    return {"forward_macs_per_image": counter.get_total_flops() // 2, "gram_macs_per_image": gram,
+            "float64_gemm_macs_per_s": float64_gemm_rate(device)}
+
+
+def float64_gemm_rate(device: torch.device, channels: int = 1024, positions: int = 16384) -> float:
+    """Multiply-adds per second of a float64 X Xᵀ (best of 3), the kernel the covariance updates run."""
+    x = torch.randn(channels, positions, dtype=torch.float64, device=device)
+    best = min(_timed(lambda: torch.mm(x, x.T), (), device) for _ in range(3))
+    return channels * channels * positions / best
 
 
 def child_memory(spec: dict) -> dict:
@@ -257,6 +266,7 @@ def run_case(name: str, device: str, threads: int, quick: bool) -> dict:
         for method, count in [("plain", n), ("extraction", n), ("extraction", 2 * n), ("naive", n), ("naive", 2 * n)]
     ]
     rates = speed["images_per_s"]
+    gram_seconds = speed["gram_macs_per_image"] / speed["float64_gemm_macs_per_s"]  # per image, at GEMM peak
     peak = {(m["method"], m["images"]): m["peak_rss_increase_mib"] for m in memory}
     return {
         "case": name,
@@ -271,6 +281,10 @@ def run_case(name: str, device: str, threads: int, quick: bool) -> dict:
         "forward_macs_per_image": speed["forward_macs_per_image"],
         "gram_macs_per_image": speed["gram_macs_per_image"],
         "gram_vs_forward_macs": round(speed["gram_macs_per_image"] / speed["forward_macs_per_image"], 3),
+        "float64_gemm_gmacs_per_s": round(speed["float64_gemm_macs_per_s"] / 1e9, 2),
+        # the most extraction/plain can be for an exact float64 method: plain inference plus the symmetric
+        # minimum of Gram multiply-adds at the measured float64 GEMM peak, with no other cost
+        "float64_extraction_bound": round(1 / (1 + rates["plain"] * gram_seconds), 3),
         "peak_rss_increase_mib": {
             f"{method}@{count}": peak[(method, count)] for method, count in sorted(peak, key=lambda k: (k[0], k[1]))
         },

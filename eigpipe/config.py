@@ -102,6 +102,12 @@ def sections(
     return given
 
 
+def detector_schedule(train: dict, init: str) -> dict:
+    """The schedule of one init's detectors: ``train.schedule`` with that init's ``train.steps_by_init``."""
+    steps = train.get("steps_by_init", {}).get(init, train["schedule"]["steps"])
+    return {**train["schedule"], "steps": steps}
+
+
 def dumps(sections_: dict[str, Any]) -> str:
     """Canonical JSON for ``--config-json`` (what the Snakefile passes as a rule's params)."""
     return json.dumps(sections_, sort_keys=True, separators=(",", ":"))

@@ -90,7 +90,8 @@ def layer_order(finals: pd.DataFrame) -> list[str]:
 
 
 def chosen_layers(order: Sequence[str], wanted: Sequence[str]) -> list[str]:
-    """The configured layers (canonical names), or the stem conv and a middle conv2 of layer2..layer4."""
+    """The configured layers (canonical names), or the stem conv and the conv3 of a middle block of
+    layer2..layer4 (block outputs before the residual sum: conv1/conv2 layers tend to stay at full rank)."""
     if wanted:
         unknown = [w for w in wanted if w not in order]
         if unknown:
@@ -99,7 +100,7 @@ def chosen_layers(order: Sequence[str], wanted: Sequence[str]) -> list[str]:
         return list(wanted)
     picks = ["conv1"] if "conv1" in order else []
     for stage in (2, 3, 4):
-        candidates = [name for name in order if fnmatch.fnmatchcase(name, f"layer{stage}.*.conv2")]
+        candidates = [name for name in order if fnmatch.fnmatchcase(name, f"layer{stage}.*.conv3")]
         if candidates:
             picks.append(candidates[len(candidates) // 2])
     if len(picks) < 2:

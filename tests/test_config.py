@@ -70,3 +70,10 @@ def test_cli_reports_config_errors_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1 and "--config-json" in err
     assert not (tmp_path / "d").exists()
+
+
+def test_detector_schedule_takes_the_steps_of_its_init():
+    train = config.validate(yaml.safe_load((ROOT / "config" / "config.yaml").read_text()))["train"]
+    train["steps_by_init"] = {"pretrained": 7}
+    assert config.detector_schedule(train, "pretrained") == {**train["schedule"], "steps": 7}
+    assert config.detector_schedule(train, "scratch") == train["schedule"]

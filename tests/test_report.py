@@ -12,8 +12,8 @@ import pytest
 from eigpipe import cli, report, store
 from eigpipe.errors import EigpipeError
 
-BODY = ["conv1", "layer1.0.conv1", "layer1.0.conv2", "layer2.0.conv2", "layer2.1.conv2", "layer3.0.conv2"]
-BODY += ["layer4.0.conv2", "layer4.0"]
+BODY = ["conv1", "layer1.0.conv1", "layer1.0.conv2", "layer2.0.conv3", "layer2.1.conv2", "layer2.1.conv3"]
+BODY += ["layer3.0.conv3", "layer4.0.conv2", "layer4.0.conv3", "layer4.0"]
 FPN = ["backbone.fpn.layer_blocks.3", "backbone.fpn.layer_blocks.0"]
 RUNS = {
     "classifier": ("synthetic", "classification", "classifier", [0, 800], "body.", BODY),
@@ -83,7 +83,7 @@ def test_full_report(tmp_path: Path) -> None:
     assert list(summary["run"]) == ["classifier", "faster_rcnn-pretrained", "faster_rcnn-scratch"]
     assert list(summary["iteration"]) == [800, 200, 200]
     assert list(summary["role"]) == ["classifier", "pretrained", "scratch"]
-    assert list(summary["layers"]) == [8, 10, 10]
+    assert list(summary["layers"]) == [10, 12, 12]
     assert summary["intrinsic_dim_ratio_mean"].between(0, 1).all()
     evaluation = pd.read_csv(out / "evaluation.csv")
     assert list(evaluation["run"]) == ["faster_rcnn-pretrained", "faster_rcnn-scratch"]
@@ -103,7 +103,7 @@ def test_missing_runs_and_inputs_degrade_gracefully(tmp_path: Path) -> None:
 
 def test_layer_choice() -> None:
     order = BODY + FPN
-    assert report.chosen_layers(order, []) == ["conv1", "layer2.1.conv2", "layer3.0.conv2", "layer4.0.conv2"]
+    assert report.chosen_layers(order, []) == ["conv1", "layer2.1.conv3", "layer3.0.conv3", "layer4.0.conv3"]
     assert report.chosen_layers(order, ["layer1.0.conv1"]) == ["layer1.0.conv1"]
     with pytest.raises(EigpipeError, match="report.layers: layer9.0.conv2 is not a layer"):
         report.chosen_layers(order, ["layer9.0.conv2"])

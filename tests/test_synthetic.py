@@ -187,10 +187,36 @@ def test_min_visible_share_bounds_occlusion(monkeypatch: pytest.MonkeyPatch) -> 
         masks = iter([(under, 400), (over, 240)])
         monkeypatch.setattr(synthetic, "_candidate", lambda *args: next(masks))
         owner, areas = np.full((64, 64), -1, dtype=np.int16), []
-        owner = synthetic._place(rng, owner, areas, "square", share)
-        return synthetic._place(rng, owner, areas, "square", share)
+        owner = synthetic._place(rng, owner, areas, "square", {"min_visible_share": share})
+        return synthetic._place(rng, owner, areas, "square", {"min_visible_share": share})
 
     assert place(0.6) is None
     assert place(0.3) is not None
     with pytest.raises(ConfigError, match="min_visible_share"):
         synthetic.settings({**SMALL, "min_visible_share": 1.5})
+
+
+WHOLE_SINGLE = {**SMALL, "categories": ["square", "circle", "cross"], "min_objects": 1, "max_objects": 1,
+                "min_visible_share": 1.0}
+
+
+def _whole_objects(section: dict, seed: int = 0) -> list[tuple[int, np.ndarray]]:
+    """(category index, mask) of 20 single-object images whose objects are whole and unoccluded."""
+    rng = np.random.default_rng(seed)
+    return [obj for _ in range(20) for obj in synthetic.detection_image(rng, synthetic.settings(section))[1]]
+
+
+def test_shapes_are_upright_unless_rotate_is_set() -> None:
+    def square_fill(section: dict) -> list[float]:  # visible area / box area of each square
+        return [m.sum() / (tight_box(m)[2] * tight_box(m)[3]) for kind, m in _whole_objects(section) if kind == 0]
+
+    assert synthetic.settings({})["rotate"] is False
+    assert set(square_fill(WHOLE_SINGLE)) == {1.0}  # an axis-aligned square fills its box
+    assert min(square_fill({**WHOLE_SINGLE, "rotate": True})) < 0.9
+
+
+def test_object_sizes_follow_the_configured_range() -> None:
+    sides = [max(tight_box(m)[2:]) for _, m in _whole_objects({**WHOLE_SINGLE, "object_size": [0.3, 0.35]}, 1)]
+    assert min(sides) >= 0.3 * 128 - 2 and max(sides) <= 0.35 * 128 + 2
+    with pytest.raises(ConfigError, match="object_size"):
+        synthetic.settings({**SMALL, "object_size": [0.5, 0.2]})

@@ -285,6 +285,19 @@ def test_adding_a_model_leaves_the_existing_runs_alone(workdir, tmp_path, smoke_
     assert changed == {"report"}  # only the report gains inputs
 
 
+def test_steps_of_one_init_change_only_its_runs(workdir, tmp_path, smoke_dry_run):
+    before = jobs(smoke_dry_run)
+    steps = yaml.safe_load(Path(SMOKE).read_text())["train"]["schedule"]["steps"]
+    # (both inits stated: --configfile merges onto config/config.yaml's steps_by_init)
+    longer = {"pretrained": steps, "scratch": steps + 2}
+    longer_cfg = write_config(tmp_path / "c.yaml", SMOKE, **{"train.steps_by_init": longer})
+    after = jobs(dry_run(workdir, "--configfile", str(longer_cfg)))
+    changed = {job for job in before if before[job] != after[job]}
+    assert {rule for rule, _ in changed} == {"train_detector"}
+    (job,) = changed
+    assert "scratch" in job[1] and config_json(after[job])["train"]["schedule"]["steps"] == steps + 2
+
+
 def test_several_gpus_run_training_under_torchrun(workdir):
     commands = jobs(dry_run(workdir, "--configfile", SMOKE, "--set-resources", "train_detector:gpu=4"))
     for (rule, _), command in commands.items():

@@ -30,7 +30,6 @@ FILLS = ("solid", "striped")
 CLASSES = tuple(f"{shape}_{fill}" for shape in SHAPES for fill in FILLS)
 SPLIT_CODES = {"detection/train": 0, "detection/val": 1, "classification/train": 2, "classification/val": 3}
 
-SIZE_RANGE = (0.10, 0.45)  # detection object size (diameter, side, bar length) as a share of the image side
 CENTRE_MARGIN = 0.1  # object centres avoid this share of the side at each edge (about 1 object in 4 is cut)
 CLASSIFICATION_SIZE_RANGE = (0.35, 0.75)
 MIN_VISIBLE_PIXELS = 20
@@ -47,6 +46,9 @@ def settings(cfg: dict | None) -> dict:
         raise ConfigError(
             f"data.synthetic: min_objects ({filled['min_objects']}) exceeds max_objects ({filled['max_objects']})"
         )
+    low, high = filled["object_size"]
+    if low > high:
+        raise ConfigError(f"data.synthetic.object_size: minimum {low} exceeds maximum {high}")
     return filled
 
 
@@ -139,21 +141,30 @@ def save_png(array: np.ndarray, path: Path) -> None:
 # ---- detection ----------------------------------------------------------------------------------------
 
 
-def _candidate(rng: np.random.Generator, kind: str, size: int) -> tuple[np.ndarray, int]:
+def _angle(rng: np.random.Generator, rotate: bool) -> float:
+    """A random orientation, or 0 (upright); drawn either way, so both settings consume the same stream."""
+    angle = rng.uniform(0, 2 * math.pi)
+    return angle if rotate else 0.0
+
+
+def _candidate(rng: np.random.Generator, kind: str, size: int, cfg: dict) -> tuple[np.ndarray, int]:
     """A random shape drawn on a padded canvas: (its in-image mask, its full area)."""
-    pad = int(math.ceil(SIZE_RANGE[1] * size * math.sqrt(2) / 2)) + 2
-    extent = rng.uniform(*SIZE_RANGE) * size
+    low, high = cfg["object_size"]
+    pad = int(math.ceil(high * size * math.sqrt(2) / 2)) + 2
+    extent = rng.uniform(low, high) * size
     cx, cy = rng.uniform(CENTRE_MARGIN * size, (1 - CENTRE_MARGIN) * size, 2) + pad
-    full = shape_mask(kind, cx, cy, extent, rng.uniform(0, 2 * math.pi), size + 2 * pad)
+    full = shape_mask(kind, cx, cy, extent, _angle(rng, cfg["rotate"]), size + 2 * pad)
     return full[pad:pad + size, pad:pad + size], int(full.sum())
 
 
 def _place(
-    rng: np.random.Generator, owner: np.ndarray, full_areas: list[int], kind: str, min_share: float
+    rng: np.random.Generator, owner: np.ndarray, full_areas: list[int], kind: str, cfg: dict
 ) -> np.ndarray | None:
     """The owner map with one more object on top (its full area appended to ``full_areas``), or None when it,
-    or an object it covers, would show less than ``min_share`` of its full area (in the image, unoccluded)."""
-    mask, full = _candidate(rng, kind, owner.shape[0])
+    or an object it covers, would show less than ``min_visible_share`` of its full area (in the image,
+    unoccluded)."""
+    mask, full = _candidate(rng, kind, owner.shape[0], cfg)
+    min_share = cfg["min_visible_share"]
     if mask.sum() < max(MIN_VISIBLE_PIXELS, min_share * full):
         return None
     trial = owner.copy()
@@ -178,7 +189,7 @@ def detection_image(rng: np.random.Generator, cfg: dict) -> tuple[np.ndarray, li
         if len(kinds) == wanted:
             break
         kind = int(rng.integers(len(categories)))
-        trial = _place(rng, owner, full_areas, categories[kind], cfg["min_visible_share"])
+        trial = _place(rng, owner, full_areas, categories[kind], cfg)
         if trial is None:
             continue
         drawn = trial == len(kinds)
@@ -226,12 +237,14 @@ def detection_split(cfg: dict, seed: int, split: str, count: int, root: Path) ->
 # ---- classification -----------------------------------------------------------------------------------
 
 
-def classification_image(rng: np.random.Generator, shape: str, striped: bool, size: int) -> np.ndarray:
+def classification_image(
+    rng: np.random.Generator, shape: str, striped: bool, size: int, rotate: bool = False
+) -> np.ndarray:
     """One RGB image of a single shape, solid or striped, on a textured background."""
     canvas = background(rng, size)
     extent = rng.uniform(*CLASSIFICATION_SIZE_RANGE) * size
     cx, cy = rng.uniform(extent / 2, size - extent / 2, 2)
-    mask = shape_mask(shape, cx, cy, extent, rng.uniform(0, 2 * math.pi), size)
+    mask = shape_mask(shape, cx, cy, extent, _angle(rng, rotate), size)
     first = contrasting_colour(rng, canvas[mask].mean(axis=0))
     if striped:
         second = contrasting_colour(rng, first)
@@ -249,7 +262,8 @@ def classification_split(cfg: dict, seed: int, split: str, per_class: int, root:
         shape, fill = name.split("_")
         for index in range(per_class):
             rng = np.random.default_rng([seed, code, class_index, index])
-            save_png(classification_image(rng, shape, fill == "striped", size), folder / f"{index:05d}.png")
+            pixels = classification_image(rng, shape, fill == "striped", size, cfg["rotate"])
+            save_png(pixels, folder / f"{index:05d}.png")
 
 
 # ---- the whole dataset --------------------------------------------------------------------------------

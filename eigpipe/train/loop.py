@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from eigpipe import provenance, runtime
+from eigpipe.config import detector_schedule
 from eigpipe.errors import EigpipeError, NumericalError
 from eigpipe.models import build_detector, from_model_config, load_pretrained_body, save_checkpoint
 from eigpipe.models.checkpoint import unwrap
@@ -188,14 +189,15 @@ def train_detector(cfg: dict, model_name: str, init: str, annotations: Path, ima
     meta = _base_meta(cfg, "detection", model_name, out, init_kind, [annotations, init_path], seed, env)
     meta.update(num_classes=dataset.num_classes, categories=dataset.categories,
                 category_ids=dataset.category_ids, init_source=str(init_path) if init_path else None)
-    flip = cfg["train"]["schedule"].get("hflip", 0.5)
+    schedule = detector_schedule(cfg["train"], init_kind)
+    flip = schedule.get("hflip", 0.5)
 
     def augment(sample: Any, rng: np.random.Generator) -> Any:
         return coco.hflip(*sample) if rng.random() < flip else sample
 
     fingerprint = provenance.section_hash({"cfg": cfg, "model": model_name, "init": init, "data": str(annotations)})
     job = Job(model=model, dataset=AugmentedDataset(dataset, augment, seed), collate=coco.collate,
-              loss_fn=_detection_loss, schedule=cfg["train"]["schedule"], meta=meta,
+              loss_fn=_detection_loss, schedule=schedule, meta=meta,
               folder=RunFolder(out, fingerprint), env=env, seed=seed)
     try:
         run(job)

@@ -3,6 +3,8 @@ import json
 import re
 from pathlib import Path
 
+from eigpipe.config import detector_schedule
+
 
 # The software of every job (relative to the rule files). Snakemake records the file with each output;
 # on a cluster, run Snakemake inside the env made from it. (--sdm conda cannot build it: Snakemake
@@ -12,7 +14,9 @@ CONDA_ENV = "../../environment.yml"
 MODELS = config["train"]["models"]
 INITS = config["train"]["inits"]
 DETECTOR_RUNS = [f"{model}-{init}" for model in MODELS for init in INITS]
-SNAPSHOTS = sorted(i for i in set(config["train"]["schedule"]["snapshots"]) if i < config["train"]["schedule"]["steps"])
+# snapshots every detector run has (each run's steps may differ: train.steps_by_init)
+SHORTEST_RUN = min(detector_schedule(config["train"], init)["steps"] for init in INITS)
+SNAPSHOTS = sorted(i for i in set(config["train"]["schedule"]["snapshots"]) if i < SHORTEST_RUN)
 THREADS = config["runtime"]["threads"]
 
 if config["pretrain"]["source"] == "torchvision" and not config["pretrain"]["weights"]:
@@ -46,9 +50,10 @@ def stage_config(*names):
 
 
 def detector_config(wildcards):
-    """train_detector's sections, train.models/inits narrowed to the job's own run: adding a model or
-    an init to a study must not rerun the runs that exist."""
-    train = {**config["train"], "models": [wildcards.model], "inits": [wildcards.init]}
+    """train_detector's sections, train narrowed to the job's own run and schedule: adding a model or an
+    init to a study, or changing another init's steps, must not rerun the runs that exist."""
+    schedule = detector_schedule(config["train"], wildcards.init)
+    train = {"models": [wildcards.model], "inits": [wildcards.init], "schedule": schedule}
     return _dumps({**{name: config[name] for name in ("model", "data", "runtime", "seed")}, "train": train})
 
 
