@@ -208,7 +208,7 @@ def _whole_objects(section: dict, seed: int = 0) -> list[tuple[int, np.ndarray]]
 
 def test_shapes_are_upright_unless_rotate_is_set() -> None:
     def square_fill(section: dict) -> list[float]:  # visible area / box area of each square
-        return [m.sum() / (tight_box(m)[2] * tight_box(m)[3]) for kind, m in _whole_objects(section) if kind == 0]
+        return [m.sum() / np.prod(tight_box(m)[2:]) for kind, m in _whole_objects(section) if kind == 0]
 
     assert synthetic.settings({})["rotate"] is False
     assert set(square_fill(WHOLE_SINGLE)) == {1.0}  # an axis-aligned square fills its box

@@ -287,7 +287,7 @@ def test_adding_a_model_leaves_the_existing_runs_alone(workdir, tmp_path, smoke_
 
 def test_steps_of_one_init_change_only_its_runs(workdir, tmp_path, smoke_dry_run):
     before = jobs(smoke_dry_run)
-    steps = yaml.safe_load(Path(SMOKE).read_text())["train"]["schedule"]["steps"]
+    steps = yaml.safe_load((REPO / SMOKE).read_text())["train"]["schedule"]["steps"]
     # (both inits stated: --configfile merges onto config/config.yaml's steps_by_init)
     longer = {"pretrained": steps, "scratch": steps + 2}
     longer_cfg = write_config(tmp_path / "c.yaml", SMOKE, **{"train.steps_by_init": longer})
