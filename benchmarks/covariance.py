@@ -1,10 +1,11 @@
-"""Cost of covariance extraction: images/s and peak memory of plain inference, hooked extraction with
-the streaming accumulator, and a naive store-every-feature-then-numpy approach.
+"""Cost of covariance extraction: images/s and peak memory of plain inference (the backbone/FPN forward
+that extraction runs), hooked extraction with the streaming accumulator, and a naive
+store-every-feature-then-numpy approach.
 
     .venv/bin/python benchmarks/covariance.py            # CPU (and CUDA when there is one), < 5 min on 2 cores
     .venv/bin/python benchmarks/covariance.py --quick    # a smoke run of the script itself
 
-Throughput: one process per case runs the three methods interleaved, round by round, and keeps each
+Throughput: one process per case runs the methods interleaved, round by round, and keeps each
 method's best round (fair when the machine is shared). Memory: each (method, image count) in a fresh
 process, one pass: the peak resident set size (RSS, sampled every 2 ms by psutil in a thread) above the
 RSS after building the model and one warm-up batch; on CUDA, the peak of torch.cuda.max_memory_allocated
@@ -192,8 +193,8 @@ def child_throughput(spec: dict) -> dict:
 
 
 def work_per_image(case: dict, model: torch.nn.Module, meta: dict, layers: list, device: torch.device) -> dict:
-    """Multiply-adds of the forward (float32) and the least the float64 Gram updates need (C(C+1)/2 per
-    position: the symmetric half) for one image, and the float64 GEMM rate of this device."""
+    """Multiply-adds of the forward (float32) and the least the Gram updates need (C(C+1)/2 per position:
+    the symmetric half) for one image, and this device's GEMM rates in float64 and float32."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from eigpipe.covariance import accumulate
@@ -203,13 +204,16 @@ def work_per_image(case: dict, model: torch.nn.Module, meta: dict, layers: list,
     gram = sum(c * (c + 1) // 2 * h * w for c, h, w in (layer.feature_shape for layer in ordered))
     with FlopCounterMode(display=False) as counter:
         plain(model, meta, layers, one, device)
-    return {"forward_macs_per_image": counter.get_total_flops() // 2, "gram_macs_per_image": gram,
-            "float64_gemm_macs_per_s": float64_gemm_rate(device)}
+    return {
+        "forward_macs_per_image": counter.get_total_flops() // 2,
+        "gram_macs_per_image": gram,
+        **{f"{dtype}_gemm_macs_per_s": gemm_rate(device, getattr(torch, dtype)) for dtype in ("float64", "float32")},
+    }
 
 
-def float64_gemm_rate(device: torch.device, channels: int = 1024, positions: int = 16384) -> float:
-    """Multiply-adds per second of a float64 X Xᵀ (best of 3), the kernel the covariance updates run."""
-    x = torch.randn(channels, positions, dtype=torch.float64, device=device)
+def gemm_rate(device: torch.device, dtype: torch.dtype, channels: int = 1024, positions: int = 16384) -> float:
+    """Multiply-adds per second of X Xᵀ (best of 3): in float64 the kernel the covariance updates run."""
+    x = torch.randn(channels, positions, dtype=dtype, device=device)
     best = min(_timed(lambda: torch.mm(x, x.T), (), device) for _ in range(3))
     return channels * channels * positions / best
 
@@ -266,7 +270,6 @@ def run_case(name: str, device: str, threads: int, quick: bool) -> dict:
         for method, count in [("plain", n), ("extraction", n), ("extraction", 2 * n), ("naive", n), ("naive", 2 * n)]
     ]
     rates = speed["images_per_s"]
-    gram_seconds = speed["gram_macs_per_image"] / speed["float64_gemm_macs_per_s"]  # per image, at GEMM peak
     peak = {(m["method"], m["images"]): m["peak_rss_increase_mib"] for m in memory}
     return {
         "case": name,
@@ -281,15 +284,27 @@ def run_case(name: str, device: str, threads: int, quick: bool) -> dict:
         "forward_macs_per_image": speed["forward_macs_per_image"],
         "gram_macs_per_image": speed["gram_macs_per_image"],
         "gram_vs_forward_macs": round(speed["gram_macs_per_image"] / speed["forward_macs_per_image"], 3),
-        "float64_gemm_gmacs_per_s": round(speed["float64_gemm_macs_per_s"] / 1e9, 2),
-        # the most extraction/plain can be for an exact float64 method: plain inference plus the symmetric
-        # minimum of Gram multiply-adds at the measured float64 GEMM peak, with no other cost
-        "float64_extraction_bound": round(1 / (1 + rates["plain"] * gram_seconds), 3),
+        # the most extraction/plain can be when the Gram products run in that dtype: plain inference plus
+        # the symmetric minimum of Gram multiply-adds at the measured GEMM peak, with no other cost
+        **{
+            key: value
+            for dtype in ("float64", "float32")
+            for key, value in extraction_bound(dtype, rates["plain"], speed).items()
+        },
         "peak_rss_increase_mib": {
             f"{method}@{count}": peak[(method, count)] for method, count in sorted(peak, key=lambda k: (k[0], k[1]))
         },
         "throughput_run": speed,
         "memory_runs": memory,
+    }
+
+
+def extraction_bound(dtype: str, plain_images_per_s: float, speed: dict) -> dict:
+    rate = speed[f"{dtype}_gemm_macs_per_s"]
+    gram_seconds = speed["gram_macs_per_image"] / rate  # per image, at GEMM peak
+    return {
+        f"{dtype}_gemm_gmacs_per_s": round(rate / 1e9, 2),
+        f"{dtype}_extraction_bound": round(1 / (1 + plain_images_per_s * gram_seconds), 3),
     }
 
 
@@ -342,7 +357,8 @@ def main() -> None:
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     for r in results:
         print(
-            f"{r['device']} {r['case']}: extraction/plain = {r['extraction_vs_plain_throughput']}, "
+            f"{r['device']} {r['case']}: extraction/plain = {r['extraction_vs_plain_throughput']} "
+            f"(float64 bound {r['float64_extraction_bound']}, float32 {r['float32_extraction_bound']}), "
             f"naive/plain = {r['naive_vs_plain_throughput']}"
         )
     print(f"wrote {args.out}")
