@@ -56,6 +56,7 @@ CASES = {
     "demo": {"model": DEMO_MODEL, "size": 128, "images": 64, "batch": 8, "reps": 3},
     "resnet50_fpn": {"model": R50_MODEL, "size": 512, "images": 4, "batch": 2, "reps": 2},
 }
+GEMM_DTYPES = ("float64", "float32")  # float64: what the accumulator runs; float32: for comparison
 QUICK = {"demo": {"images": 16}, "resnet50_fpn": {"images": 2, "size": 256}}
 
 
@@ -207,7 +208,7 @@ def work_per_image(case: dict, model: torch.nn.Module, meta: dict, layers: list,
     return {
         "forward_macs_per_image": counter.get_total_flops() // 2,
         "gram_macs_per_image": gram,
-        **{f"{dtype}_gemm_macs_per_s": gemm_rate(device, getattr(torch, dtype)) for dtype in ("float64", "float32")},
+        **{f"{dtype}_gemm_macs_per_s": gemm_rate(device, getattr(torch, dtype)) for dtype in GEMM_DTYPES},
     }
 
 
@@ -284,13 +285,7 @@ def run_case(name: str, device: str, threads: int, quick: bool) -> dict:
         "forward_macs_per_image": speed["forward_macs_per_image"],
         "gram_macs_per_image": speed["gram_macs_per_image"],
         "gram_vs_forward_macs": round(speed["gram_macs_per_image"] / speed["forward_macs_per_image"], 3),
-        # the most extraction/plain can be when the Gram products run in that dtype: plain inference plus
-        # the symmetric minimum of Gram multiply-adds at the measured GEMM peak, with no other cost
-        **{
-            key: value
-            for dtype in ("float64", "float32")
-            for key, value in extraction_bound(dtype, rates["plain"], speed).items()
-        },
+        **extraction_bounds(rates["plain"], speed),
         "peak_rss_increase_mib": {
             f"{method}@{count}": peak[(method, count)] for method, count in sorted(peak, key=lambda k: (k[0], k[1]))
         },
@@ -299,13 +294,16 @@ def run_case(name: str, device: str, threads: int, quick: bool) -> dict:
     }
 
 
-def extraction_bound(dtype: str, plain_images_per_s: float, speed: dict) -> dict:
-    rate = speed[f"{dtype}_gemm_macs_per_s"]
-    gram_seconds = speed["gram_macs_per_image"] / rate  # per image, at GEMM peak
-    return {
-        f"{dtype}_gemm_gmacs_per_s": round(rate / 1e9, 2),
-        f"{dtype}_extraction_bound": round(1 / (1 + plain_images_per_s * gram_seconds), 3),
-    }
+def extraction_bounds(plain_images_per_s: float, speed: dict) -> dict:
+    """Per GEMM dtype, the most extraction/plain can be when the Gram products run in it: plain inference
+    plus the symmetric minimum of Gram multiply-adds at the measured GEMM peak, with no other cost."""
+    bounds = {}
+    for dtype in GEMM_DTYPES:
+        rate = speed[f"{dtype}_gemm_macs_per_s"]
+        gram_seconds = speed["gram_macs_per_image"] / rate  # per image, at GEMM peak
+        bounds[f"{dtype}_gemm_gmacs_per_s"] = round(rate / 1e9, 2)
+        bounds[f"{dtype}_extraction_bound"] = round(1 / (1 + plain_images_per_s * gram_seconds), 3)
+    return bounds
 
 
 def _cpu_name() -> str:
