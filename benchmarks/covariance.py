@@ -33,28 +33,22 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "covariance.json"
 
-DEMO_MODEL = {  # config/config.yaml's model section: ResNet-50 topology at 1/8 width, GN, FPN 64, 128 px
-    "depths": [3, 4, 6, 3],
-    "width_multiplier": 0.125,
-    "norm": "gn",
-    "gn_groups": 8,
-    "fpn_channels": 64,
-    "box_head": {"type": "mlp", "representation_size": 256},
-    "anchor_sizes": [8, 16, 32, 64, 128],
-    "min_size": 128,
-    "max_size": 128,
-}
-R50_MODEL = {  # torchvision-like ResNet-50 FPN (standard widths, BN in eval mode), 512 px
-    "depths": [3, 4, 6, 3],
-    "width_multiplier": 1.0,
-    "norm": "bn",
-    "fpn_channels": 256,
-    "min_size": 512,
-    "max_size": 512,
-}
+
+
+def _model_sections() -> dict[str, dict]:
+    """The demo's model section, read from config/config.yaml, and a torchvision-like ResNet-50 FPN (standard
+    widths, BN in eval mode) completed by the schema."""
+    from eigpipe import config
+
+    demo = config.load(ROOT / "config" / "config.yaml")["model"]
+    r50 = config.validate({"width_multiplier": 1.0, "norm": "bn", "fpn_channels": 256}, "benchmark",
+                          config.schema()["properties"]["model"])
+    return {"demo": demo, "resnet50_fpn": r50}
+
+
 CASES = {
-    "demo": {"model": DEMO_MODEL, "size": 128, "images": 64, "batch": 8, "reps": 3},
-    "resnet50_fpn": {"model": R50_MODEL, "size": 512, "images": 4, "batch": 2, "reps": 2},
+    "demo": {"size": 128, "images": 64, "batch": 8, "reps": 3},
+    "resnet50_fpn": {"size": 512, "images": 4, "batch": 2, "reps": 2},
 }
 GEMM_DTYPES = ("float64", "float32")  # float64: what the accumulator runs; float32: for comparison
 QUICK = {"demo": {"images": 16}, "resnet50_fpn": {"images": 2, "size": 256}}
@@ -109,17 +103,19 @@ def batches(case: dict, n: int) -> list[tuple[list[torch.Tensor], list[int]]]:
 
 
 def plain(model: torch.nn.Module, meta: dict, layers: list, data: list, device: torch.device) -> None:
-    from eigpipe.covariance import backbone_runner, input_transform
+    from eigpipe.models.taps import runner_path
+    from eigpipe.spectral.hooks import input_transform
 
-    transform, forward = input_transform(model, meta).eval(), backbone_runner(model, meta, layers)
+    transform = input_transform(model, meta).eval()
+    runner = model.get_submodule(runner_path(model, [n for layer in layers for n in (layer.tap, layer.name)]))
     with torch.inference_mode():
         for images, _ in data:
             batched, _ = transform([img.to(device) for img in images])
-            forward(batched.tensors, batched)
+            runner(batched.tensors)
 
 
 def extraction(model: torch.nn.Module, meta: dict, layers: list, data: list, device: torch.device) -> None:
-    from eigpipe.covariance import accumulate
+    from eigpipe.spectral.hooks import accumulate
 
     _, accs = accumulate(model, meta, layers, data, device)
     for acc in accs.values():  # what the store writes
@@ -155,12 +151,12 @@ METHODS = {"plain": plain, "extraction": extraction, "naive": naive}
 
 
 def _setup(spec: dict) -> tuple[dict, torch.nn.Module, dict, list, torch.device]:
-    from eigpipe.covariance import select_layers
+    from eigpipe.spectral.layers import select_layers
 
     torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
     case = {**CASES[spec["case"]], **spec.get("override", {})}
-    case["model"] = {**case["model"], "min_size": case["size"], "max_size": case["size"]}
+    case["model"] = {**_model_sections()[spec["case"]], "min_size": case["size"], "max_size": case["size"]}
     model, meta = build(case, device)
     return case, model, meta, select_layers(model, ["default"]), device
 
@@ -196,9 +192,8 @@ def child_throughput(spec: dict) -> dict:
 def work_per_image(case: dict, model: torch.nn.Module, meta: dict, layers: list, device: torch.device) -> dict:
     """Multiply-adds of the forward (float32) and the least the Gram updates need (C(C+1)/2 per position:
     the symmetric half) for one image, and this device's GEMM rates in float64 and float32."""
+    from eigpipe.spectral.hooks import accumulate
     from torch.utils.flop_counter import FlopCounterMode
-
-    from eigpipe.covariance import accumulate
 
     one = batches(case, 1)[:1]
     ordered, _ = accumulate(model, meta, layers, one, device)

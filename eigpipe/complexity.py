@@ -6,14 +6,13 @@ The flop counter counts convolutions and matrix products; RoIAlign and NMS are n
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.ops import FrozenBatchNorm2d
 
-from eigpipe import config
+from eigpipe.errors import EigpipeError
 from eigpipe.models import build_detector, from_model_config
 
 
@@ -57,16 +56,13 @@ def model_complexity(model: nn.Module, height: int, width: int) -> dict[str, int
     }
 
 
-def model_section(path: str | Path) -> dict:
-    """The model section of a study config, or a file holding only a model section."""
-    data = config.read_yaml(path, "model config") or {}
-    section = data.get("model", {}) if "model" in data or "study" in data else data
-    return config.validate(section, f"{path}: model", config.schema()["properties"]["model"])
-
-
-def report_for_config(path: str | Path, height: int, width: int, num_classes: int) -> str:
-    cfg = model_section(path)
-    numbers = detector_complexity(cfg, num_classes, height, width)
+def report(cfg: dict, input_size: tuple[int, int], num_classes: int) -> str:
+    """The ``eigpipe complexity`` stage: print params and MACs of the detector of the model section."""
+    height, width = input_size
+    if height < 16 or width < 16 or num_classes < 2:
+        raise EigpipeError(f"--input-size {height} {width} / --num-classes {num_classes}: sizes must be >= 16 "
+                           "and classes >= 2 (background included)")
+    numbers = detector_complexity(cfg["model"], num_classes, height, width)
     lines = [f"{'part':<10}{'params':>14}{'MACs':>16}   (input {height}x{width}, {num_classes} classes)"]
     for part, params, macs in (
         ("body", numbers["body_params"], numbers["body_macs"]),
@@ -74,4 +70,5 @@ def report_for_config(path: str | Path, height: int, width: int, num_classes: in
         ("detector", numbers["detector_params"], numbers["detector_macs"]),
     ):
         lines.append(f"{part:<10}{params / 1e6:>13.3f}M{macs / 1e9:>15.3f}G")
+    print("\n".join(lines))
     return "\n".join(lines)

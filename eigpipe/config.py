@@ -37,18 +37,19 @@ def _validator_with_defaults(cls: type) -> type:
 _Validator = _validator_with_defaults(jsonschema.Draft202012Validator)
 
 
-def _format_error(error: jsonschema.ValidationError, source: str) -> str:
-    where = ".".join(str(p) for p in error.absolute_path) or "<top>"
-    return f"{source}: {where}: {error.message}"
+def _format_error(error: jsonschema.ValidationError, source: str, prefix: str) -> str:
+    where = ".".join([prefix, *map(str, error.absolute_path)] if prefix else map(str, error.absolute_path))
+    return f"{source}: {where or '<top>'}: {error.message}"
 
 
-def validate(config: dict, source: str = "config", subschema: dict | None = None) -> dict:
-    """Validate ``config`` in place (defaults filled in) and return it; raise ConfigError naming the key."""
+def validate(config: Any, source: str = "config", subschema: dict | None = None, prefix: str = "") -> Any:
+    """Validate ``config`` in place (defaults filled in) and return it; raise ConfigError naming the key
+    (``prefix`` is the path of a section validated on its own)."""
     root = schema()
     target = root if subschema is None else {**subschema, "$defs": root["$defs"]}
     error = jsonschema.exceptions.best_match(_Validator(target).iter_errors(config))
     if error is not None:
-        raise ConfigError(_format_error(error, source))
+        raise ConfigError(_format_error(error, source, prefix))
     return config
 
 
@@ -63,48 +64,67 @@ def read_yaml(path: str | Path, what: str = "config file") -> Any:
         raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
 
 
+def _whole(config: Any, source: str) -> dict:
+    if not isinstance(config, dict):
+        raise ConfigError(f"{source}: a config must be a mapping of sections")
+    return config
+
+
 def load(path: str | Path) -> dict:
     """Load and validate a whole study config file."""
-    config = read_yaml(path)
-    if not isinstance(config, dict):
-        raise ConfigError(f"{path}: a config must be a mapping of sections")
-    return validate(config, str(path))
+    return validate(_whole(read_yaml(path), str(path)), str(path))
+
+
+def _apply(given: dict, overrides: dict[str, Any]) -> None:
+    """Set ``section.key`` values given on the command line (None: not given) before validation."""
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        section, _, key = dotted.partition(".")
+        if not isinstance(given.get(section, {}), dict):
+            raise ConfigError(f"config: {section} is not a section")
+        given.setdefault(section, {})[key] = value
+
+
+def _default_section(name: str) -> Any:
+    sub = schema()["properties"].get(name, {})
+    if "default" not in sub:
+        raise ConfigError(f"config: missing section {name}")
+    return validate(json.loads(json.dumps(sub["default"])), f"config: {name}", subschema=sub)
 
 
 def sections(
-    config_file: str | Path | None = None, config_json: str | None = None, names: tuple[str, ...] = ()
+    config_file: str | Path | None = None,
+    config_json: str | None = None,
+    names: tuple[str, ...] = (),
+    overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The config sections a stage reads: from a whole study file, or from the JSON a rule passes.
-
-    A rule passes only its own sections (``--config-json``), so each is validated on its own here.
-    """
+    """Exactly the validated config sections ``names`` of a stage: from a whole study file, or from the JSON
+    a rule passes (only its own sections, each validated on its own). ``overrides`` ("section.key": value)
+    replace keys before validation, so command-line values are checked like the config's own."""
     if config_json is not None:
         try:
-            given = json.loads(config_json)
+            given = _whole(json.loads(config_json), "--config-json")
         except json.JSONDecodeError as exc:
             raise ConfigError(f"--config-json: not valid JSON ({exc})") from None
+        _apply(given, overrides or {})
         for name, value in given.items():
             sub = schema()["properties"].get(name)
             if sub is None:
                 raise ConfigError(f"--config-json: {name}: unknown config section")
-            given[name] = validate(value, f"--config-json: {name}", subschema=sub)
+            given[name] = validate(value, "--config-json", subschema=sub, prefix=name)
     elif config_file is not None:
-        given = load(config_file)
+        given = _whole(read_yaml(config_file), str(config_file))
+        _apply(given, overrides or {})
+        validate(given, str(config_file))
     else:
         raise ConfigError("give --config FILE or --config-json JSON")
-    for name in names:
-        sub = schema()["properties"].get(name, {})
-        if name not in given and "default" in sub:
-            given[name] = validate(json.loads(json.dumps(sub["default"])), f"config: {name}", subschema=sub)
-    missing = [n for n in names if n not in given]
-    if missing:
-        raise ConfigError(f"config: missing section(s) {', '.join(missing)}")
-    return given
+    return {name: given[name] if name in given else _default_section(name) for name in names}
 
 
 def detector_schedule(train: dict, init: str) -> dict:
     """The schedule of one init's detectors: ``train.schedule`` with that init's ``train.steps_by_init``."""
-    steps = train.get("steps_by_init", {}).get(init, train["schedule"]["steps"])
+    steps = train["steps_by_init"].get(init, train["schedule"]["steps"])
     return {**train["schedule"], "steps": steps}
 
 

@@ -12,6 +12,7 @@ import torch
 from pycocotools import mask as mask_utils
 from pycocotools.cocoeval import COCOeval
 from torch.utils.data import DataLoader, Subset
+from torchvision.ops import box_convert
 from tqdm import tqdm
 
 from eigpipe import provenance, runtime
@@ -24,8 +25,7 @@ STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100",
 
 def to_coco_results(output: dict[str, torch.Tensor], image_id: int, category_ids: list[int]) -> list[dict]:
     """One image's predictions as COCO result records (xywh boxes, category ids, RLE masks)."""
-    boxes = output["boxes"].cpu()
-    boxes[:, 2:] -= boxes[:, :2]
+    boxes = box_convert(output["boxes"].cpu(), in_fmt="xyxy", out_fmt="xywh")
     records = []
     masks = output.get("masks")
     for k, (box, label, score) in enumerate(zip(boxes.tolist(), output["labels"].tolist(),
@@ -67,11 +67,15 @@ def coco_stats(coco_gt: Any, results: list[dict], iou_type: str, image_ids: list
     return {name: float(value) for name, value in zip(STAT_NAMES, evaluator.stats, strict=True)}
 
 
-def evaluate_checkpoint(checkpoint: Path, annotations: Path, images: Path, out: Path, cfg: dict) -> dict[str, Any]:
+def evaluate_checkpoint(cfg: dict, checkpoint: Path, annotations: Path, images: Path, out: Path) -> dict[str, Any]:
+    """COCO metrics, params and MACs of a detector checkpoint on a split (sections evaluate, runtime).
+
+    Evaluation draws no random numbers, so it reads no seed."""
     from eigpipe.data.coco import CocoDetection
 
-    section = cfg.get("evaluate", {})
-    env = runtime.setup(cfg.get("runtime"), cfg.get("seed", 0))
+    section = cfg["evaluate"]
+    provenance.check_writable(out)
+    env = runtime.setup(cfg["runtime"], seed=0)
     model, meta = load_checkpoint(checkpoint, env.device)
     if meta["task"] != "detection":
         raise EigpipeError(f"{checkpoint}: a {meta['task']} checkpoint cannot be evaluated as a detector")
@@ -79,18 +83,18 @@ def evaluate_checkpoint(checkpoint: Path, annotations: Path, images: Path, out: 
     if list(dataset.category_ids) != list(meta["category_ids"]):
         raise EigpipeError(f"{annotations}: categories {dataset.category_ids} differ from the checkpoint's "
                            f"{meta['category_ids']}")
-    count = min(len(dataset), section.get("max_images") or len(dataset))
+    count = min(len(dataset), section["max_images"] or len(dataset))
     image_ids = list(dataset.ids[:count])
     results = predict(model, Subset(dataset, range(count)), meta["category_ids"], env.device,
-                      section.get("batch_size", 8))
-    size = meta["model_config"].get("min_size", 800)
+                      section["batch_size"])
+    size = meta["model_config"]["min_size"]
     report: dict[str, Any] = {
         "run": meta.get("run"), "model_name": meta["model_name"], "init": meta.get("init"),
         "iteration": meta["iteration"], "checkpoint": str(checkpoint), "checkpoint_sha256": meta["sha256"],
         "n_images": count, "n_detections": len(results),
         "bbox": coco_stats(dataset.coco, results, "bbox", image_ids),
         "complexity": {"input_size": [size, size], **model_complexity(model, size, size)},
-        "provenance": provenance.record(config=cfg, inputs=[annotations], seed=cfg.get("seed", 0),
+        "provenance": provenance.record(config=cfg, inputs=[annotations], seed=None,
                                         device=str(env.device)),
     }
     if meta["model_name"] == "mask_rcnn":

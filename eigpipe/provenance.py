@@ -8,6 +8,7 @@ import json
 import os
 import platform
 import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from importlib import metadata
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from eigpipe import __version__
+from eigpipe.errors import EigpipeError
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -57,8 +59,34 @@ def record(
     }
 
 
+TEMP_MARK = ".tmp-"
+
+
 def temp_sibling(final: Path) -> Path:
-    return final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    """A hidden sibling named after the final path, this host and this process (for stale-litter removal)."""
+    return final.with_name(f".{final.name}{TEMP_MARK}{platform.node()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_temps(final: Path) -> list[Path]:
+    """Remove temp siblings of ``final`` left by killed processes of this host; never a live one's."""
+    removed = []
+    prefix = f".{final.name}{TEMP_MARK}{platform.node()}-"
+    for candidate in final.parent.glob(f".{final.name}{TEMP_MARK}*"):
+        pid = candidate.name[len(prefix) :].partition("-")[0]
+        if candidate.name.startswith(prefix) and pid.isdigit() and not _process_alive(int(pid)):
+            remove(candidate)
+            removed.append(candidate)
+    return removed
 
 
 def remove(path: Path) -> None:
@@ -68,14 +96,29 @@ def remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def check_writable(final: str | Path) -> None:
+    """Fail now, before the long work, when ``final`` cannot be published: its folder cannot be created or
+    written (read-only, permissions, a file in the way, disk full): an EigpipeError naming the folder."""
+    folder = Path(final).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{Path(final).name}.probe-"):
+            pass
+    except OSError as exc:
+        raise EigpipeError(f"{folder}: the output {Path(final).name} cannot be written there "
+                           f"({exc.strerror or exc})") from None
+
+
 @contextlib.contextmanager
 def publish(final: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling path; on success rename it to ``final``, on any error remove it.
 
-    Works for files and directories (zarr stores, dataset folders). An existing ``final`` is replaced.
+    Works for files and directories (zarr stores, dataset folders). An existing ``final`` is replaced, and
+    temp siblings of ``final`` that killed processes left behind are removed first.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(final)
     tmp = temp_sibling(final)
     try:
         yield tmp

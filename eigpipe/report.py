@@ -19,14 +19,17 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from eigpipe import store
+from eigpipe import provenance
 from eigpipe.errors import EigpipeError
+from eigpipe.models.taps import canonical
 from eigpipe.provenance import publish, write_table
-from eigpipe.spectrum import canonical, read_table
+from eigpipe.spectral import store
+from eigpipe.spectral.dimensions import read_table
+from eigpipe.spectral.spectrum import EIGENVALUE_ARRAYS
 
 ROLE_COLORS = {"classifier": "black", "pretrained": "tab:blue", "scratch": "tab:orange"}
 OTHER_COLORS = ("tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
-NEEDED = ("run", "iteration", "layer", "canonical", "forward_index", "channels", "intrinsic_dim")
+NEEDED = ("run", "iteration", "layer", "canonical", "forward_index", "channels", "intrinsic_dim", "threshold")
 
 
 # ---- inputs -----------------------------------------------------------------------------------------
@@ -209,7 +212,7 @@ def plot_dynamics(table: pd.DataFrame, layers: Sequence[str], style: dict, path:
 # ---- tables -----------------------------------------------------------------------------------------
 
 
-def summary_table(finals: pd.DataFrame) -> pd.DataFrame:
+def spectra_table(finals: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for run, group in sorted(finals.groupby("run"), key=lambda kv: _run_key(kv[0])):
         first = group.iloc[0]
@@ -266,9 +269,9 @@ def load_spectra(paths: Sequence[str | Path]) -> dict[str, dict[str, np.ndarray]
     """{run: {canonical layer: second-moment eigenvalues}} from eigenvalue stores (final models)."""
     spectra: dict[str, dict[str, np.ndarray]] = {}
     for path in paths:
-        attrs, layers = store.read_eigenvalue_store(path)
+        attrs, layers = store.read_store(path, store.EIGENVALUE_KIND, EIGENVALUE_ARRAYS)
         run = attrs.get("run") or Path(path).stem
-        spectra[run] = {canonical(name): second for name, (second, _cov, _attrs) in layers.items()}
+        spectra[run] = {canonical(name): arrays["second_moment"] for name, (arrays, _attrs) in layers.items()}
     return spectra
 
 
@@ -276,32 +279,32 @@ def load_spectra(paths: Sequence[str | Path]) -> dict[str, dict[str, np.ndarray]
 
 
 def make_report(
-    dimensions: Sequence[str | Path],
-    eigenvalues: Sequence[str | Path] = (),
-    evaluations: Sequence[str | Path] = (),
-    out_dir: str | Path = "report",
-    cfg: dict | None = None,
+    cfg: dict,
+    dimensions: Sequence[Path],
+    out_dir: Path,
+    eigenvalues: Sequence[Path] = (),
+    evaluations: Sequence[Path] = (),
+    widths_files: Sequence[Path] = (),
 ) -> dict[str, Path]:
-    """The ``eigpipe report`` stage: three PNGs and the CSV tables into ``out_dir``; returns what it wrote."""
-    cfg = cfg or {}
+    """The ``eigpipe report`` stage (section report): PNGs and CSV tables into ``out_dir``; returns what it wrote."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    provenance.check_writable(out_dir / "spectra.csv")
     table = load_dimensions(dimensions)
     finals = final_snapshots(table)
     order = layer_order(finals)
-    layers = chosen_layers(order, cfg.get("layers") or [])
+    layers = chosen_layers(order, cfg["report"]["layers"])
     style = styles(table)
     spectra = load_spectra(eigenvalues)
     for run in spectra:
         style.setdefault(run, {"color": "gray", "linestyle": "-", "label": run})
-    threshold = float(table["threshold"].iloc[0]) if "threshold" in table.columns else 1e-3
+    threshold = float(table["threshold"].iloc[0])
     written = {
         "eigenvalues": plot_eigenvalues(spectra, layers, style, threshold, out_dir / "eigenvalues.png"),
         "dimensions": plot_dimensions(finals, order, style, out_dir / "dimensions.png"),
         "dynamics": plot_dynamics(table, layers, style, out_dir / "dynamics.png"),
-        "summary": out_dir / "summary.csv",
+        "spectra": out_dir / "spectra.csv",
     }
-    write_table(written["summary"], summary_table(finals))
+    write_table(written["spectra"], spectra_table(finals))
     if evaluations:
         written["evaluation"] = out_dir / "evaluation.csv"
         write_table(written["evaluation"], evaluation_table(evaluations))

@@ -43,9 +43,8 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def setup(runtime_cfg: dict | None = None, seed: int = 0) -> Runtime:
-    """Apply threads / determinism / seeds and, under torchrun, join the process group."""
-    cfg = {"device": "auto", "threads": 2, "deterministic": True, **(runtime_cfg or {})}
+def setup(cfg: dict, seed: int) -> Runtime:
+    """Apply the runtime section (threads, determinism, device) and seeds; under torchrun, join the group."""
     torch.set_num_threads(cfg["threads"])
     if cfg["deterministic"]:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

@@ -54,8 +54,10 @@ def test_unreadable_config_files(tmp_path):
 
 
 def test_sections_from_json_are_validated_on_their_own():
-    got = config.sections(config_json=json.dumps({"spectrum": {"threshold": 0.01}, "seed": 4}), names=("spectrum",))
-    assert got["spectrum"] == {"threshold": 0.01, "soft_lambda": 1e-3} and got["seed"] == 4
+    given = json.dumps({"spectrum": {"threshold": 0.01}, "seed": 4})
+    got = config.sections(config_json=given, names=("spectrum", "seed"))
+    assert got == {"spectrum": {"threshold": 0.01, "relative_threshold": 1e-3, "soft_lambda": 1e-3}, "seed": 4}
+    assert config.sections(config_json=given, names=("spectrum",)).keys() == {"spectrum"}  # exactly its sections
     with pytest.raises(ConfigError, match="spectrum.threshold|threshold"):
         config.sections(config_json=json.dumps({"spectrum": {"threshold": -1}}))
     with pytest.raises(ConfigError, match="unknown config section"):
@@ -63,6 +65,39 @@ def test_sections_from_json_are_validated_on_their_own():
     assert config.sections(config_json="{}", names=("spectrum",))["spectrum"]["threshold"] == 1e-3
     with pytest.raises(ConfigError, match="missing section"):
         config.sections(config_json="{}", names=("model",))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [({"covariance.images": -3}, "covariance.images: -3 is less than the minimum of 1"),
+     ({"covariance.images": 0}, "covariance.images: 0 is less than the minimum of 1"),
+     ({"covariance.layers": []}, "covariance.layers: [] should be non-empty")],
+)
+def test_command_line_overrides_are_validated_like_the_config(overrides, fragment):
+    with pytest.raises(ConfigError) as info:
+        config.sections(config_json="{}", names=("covariance",), overrides=overrides)
+    assert fragment in str(info.value)
+    got = config.sections(config_json="{}", names=("covariance",), overrides={"covariance.images": 5})
+    assert got["covariance"]["images"] == 5
+
+
+@pytest.mark.parametrize("text", ["[1]", "3", '"x"', "null", '{"covariance": [1]}'])
+def test_config_json_of_the_wrong_shape_is_one_line(text, capsys, tmp_path):
+    code = cli.main(["spectrum", "--config-json", text, str(tmp_path / "s.zarr"), "--out", str(tmp_path / "t.parquet")])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and "--config-json" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("section", "fragment"),
+    [({"pretrain": {"source": "torchvision"}}, "weights"),
+     ({"pretrain": {"source": "synthetic"}}, "schedule"),
+     ({"data": {"source": "coco"}}, "coco")],
+)
+def test_cross_field_rules_live_in_the_schema(section, fragment):
+    name = next(iter(section))
+    with pytest.raises(ConfigError, match=fragment):
+        config.validate(section[name], name, config.schema()["properties"][name])
 
 
 def test_cli_reports_config_errors_in_one_line(tmp_path, capsys):

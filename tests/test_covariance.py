@@ -14,13 +14,15 @@ import pytest
 import torch
 import zarr
 
-from eigpipe import covariance
-from eigpipe.covariance import CovarianceAccumulator, NonFiniteFeature, select_layers
+from eigpipe import config
 from eigpipe.errors import EigpipeError, NumericalError
+from eigpipe.spectral import accumulator, extract, hooks
+from eigpipe.spectral.accumulator import CovarianceAccumulator, NonFiniteFeature
+from eigpipe.spectral.layers import select_layers
 
 torch.set_num_threads(1)
 
-SMALL_MODEL = {
+SMALL_MODEL = {  # completed by the schema below, as every stage receives it
     "depths": [1, 1, 1, 1],
     "width_multiplier": 0.125,
     "norm": "gn",
@@ -31,6 +33,7 @@ SMALL_MODEL = {
     "min_size": 64,
     "max_size": 64,
 }
+SMALL_MODEL = config.validate(SMALL_MODEL, "test", config.schema()["properties"]["model"])
 
 
 # ---- reference ------------------------------------------------------------------------------------
@@ -100,7 +103,7 @@ def test_unequal_image_sizes_weight_each_image_equally() -> None:
 
 def test_wide_layer_block_triangular_gram_matches_reference() -> None:
     """C >= 512 takes the blocked lower-triangle path (600 = two full blocks and a partial one)."""
-    shared = covariance.Workspace()
+    shared = accumulator.Workspace()
     acc = CovarianceAccumulator(600, workspace=shared)
     batches = [features(3, 600, 3, 4, offset=1e3, seed=s) for s in range(3)]
     for batch in batches:
@@ -137,7 +140,7 @@ def test_merge_of_halves_equals_whole() -> None:
 
 
 def test_filled_under_inference_mode_merges_outside_it() -> None:
-    shared = covariance.Workspace()
+    shared = accumulator.Workspace()
     with torch.inference_mode():
         first, second = CovarianceAccumulator(5, workspace=shared), CovarianceAccumulator(5, workspace=shared)
         first.update(features(2, 5, 3, 3, seed=1))
@@ -165,9 +168,9 @@ def test_non_finite_feature_names_the_image_and_changes_nothing() -> None:
 
 def test_crop_valid_removes_batch_padding() -> None:
     feats = torch.zeros(2, 3, 8, 8)
-    crops = covariance._crop_valid(feats, [(128, 96), (100, 128)], (128, 128))
+    crops = hooks._crop_valid(feats, [(128, 96), (100, 128)], (128, 128))
     assert [tuple(c.shape) for c in crops] == [(3, 8, 6), (3, math.ceil(100 * 8 / 128), 8)]
-    assert covariance._crop_valid(feats, [(128, 128), (128, 128)], (128, 128)) is feats
+    assert hooks._crop_valid(feats, [(128, 128), (128, 128)], (128, 128)) is feats
 
 
 # ---- layer selection and hooks ---------------------------------------------------------------------
@@ -216,7 +219,7 @@ def test_default_layers_taps_and_forward_order(detector: torch.nn.Module) -> Non
     assert taps[b + "layer1.0.conv3"] == b + "layer1.0.bn3"
     assert taps[b + "layer1.0.downsample.0"] == b + "layer1.0.downsample.1"
     assert taps[b + "layer2.0"] == b + "layer2.0"
-    ordered, accs = covariance.accumulate(detector, DETECTOR_META, layers, [(images(), [1, 2])], "cpu")
+    ordered, accs = hooks.accumulate(detector, DETECTOR_META, layers, [(images(), [1, 2])], "cpu")
     assert [layer.name for layer in ordered] == expected_default(b, with_fpn=True)
     assert [layer.forward_index for layer in ordered] == list(range(len(ordered)))
     assert set(accs) == set(taps) and all(acc.count == 2 for acc in accs.values())
@@ -227,7 +230,7 @@ def test_hooks_capture_the_post_activation_features(detector: torch.nn.Module) -
     names = ["conv1", "layer1.0.conv2", "layer1.0.conv3", "layer1.0"]
     layers = select_layers(detector, [f"backbone.body.{n}" for n in names])
     img = images(1)
-    _, accs = covariance.accumulate(detector, DETECTOR_META, layers, [(img, [7])], "cpu")
+    _, accs = hooks.accumulate(detector, DETECTOR_META, layers, [(img, [7])], "cpu")
     with torch.inference_mode():
         x = detector.transform(img)[0].tensors
         stem = body.relu(body.bn1(body.conv1(x)))
@@ -250,7 +253,7 @@ def test_classifier_default_skips_fpn_and_runs_only_the_body() -> None:
     model = Classifier(build_body(SMALL_MODEL), 5).eval()
     layers = select_layers(model, ["default"])
     meta = {"task": "classification", "model_config": SMALL_MODEL}
-    ordered, _ = covariance.accumulate(model, meta, layers, [(images(), [1, 2])], "cpu")
+    ordered, _ = hooks.accumulate(model, meta, layers, [(images(), [1, 2])], "cpu")
     assert [layer.name for layer in ordered] == expected_default("body.", with_fpn=False)
 
 
@@ -266,13 +269,13 @@ def test_selectors_by_type_and_glob(detector: torch.nn.Module) -> None:
 def test_module_running_twice_is_refused(detector: torch.nn.Module) -> None:
     layers = select_layers(detector, ["rpn.head.conv"])
     with pytest.raises(EigpipeError, match="more than once"):
-        covariance.accumulate(detector, DETECTOR_META, layers, [(images(1), [1])], "cpu")
+        hooks.accumulate(detector, DETECTOR_META, layers, [(images(1), [1])], "cpu")
 
 
 def test_unequal_images_are_cropped_to_their_valid_region(detector: torch.nn.Module) -> None:
     layers = select_layers(detector, ["backbone.body.layer1.0"])
     batch = images(1, (64, 48), seed=1) + images(1, (48, 64), seed=2)
-    ordered, accs = covariance.accumulate(detector, DETECTOR_META, layers, [(batch, [1, 2])], "cpu")
+    ordered, accs = hooks.accumulate(detector, DETECTOR_META, layers, [(batch, [1, 2])], "cpu")
     # both resized to 64 x 48 / 48 x 64, padded to 64 x 64; layer1 is at stride 4
     assert accs["backbone.body.layer1.0"].positions == 2 * 16 * 12
     assert ordered[0].feature_shape[1:] == [16, 12]
@@ -300,7 +303,7 @@ class FakeCoco:
 
 
 @pytest.fixture
-def stage(tmp_path: Path, detector: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> dict:
+def stage(tmp_path: Path, detector: torch.nn.Module, monkeypatch: pytest.MonkeyPatch, stage_cfg) -> dict:
     """Everything ``extract`` needs, with the checkpoint loader and dataset replaced by stand-ins."""
     import eigpipe.models
 
@@ -320,21 +323,18 @@ def stage(tmp_path: Path, detector: torch.nn.Module, monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(FakeCoco, "nan_id", None)
     ann = tmp_path / "val.json"
     ann.write_text(json.dumps({"images": [], "annotations": [], "categories": []}))
-    cfg = {"covariance": {"images": 4, "batch_size": 3, "layers": ["default"]}, "runtime": {"threads": 1}, "seed": 0}
+    cfg = {"covariance": {"images": 4, "batch_size": 3, "layers": ["default"]}, "runtime": {"threads": 1}}
     return {
+        "cfg": stage_cfg(**cfg),
         "checkpoint": tmp_path / "final.pt",
         "annotations": ann,
         "images": tmp_path,
-        "num_images": 4,
-        "layers": ["default"],
-        "batch_size": 3,
         "out": tmp_path / "cov" / "40.zarr",
-        "cfg": cfg,
     }
 
 
 def test_extract_writes_a_plain_zarr_store(stage: dict) -> None:
-    out = covariance.extract(**stage)
+    out = extract.extract(**stage)
     assert out == stage["out"]
     root = zarr.open_group(str(out), mode="r")
     attrs = root.attrs.asdict()
@@ -354,43 +354,43 @@ def test_extract_writes_a_plain_zarr_store(stage: dict) -> None:
 
 def test_killed_extraction_leaves_no_store(stage: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = {"n": 0}
-    original = covariance.Extractor.run
+    original = hooks.Extractor.run
 
-    def dying(self: covariance.Extractor, *args: object) -> None:
+    def dying(self: hooks.Extractor, *args: object) -> None:
         calls["n"] += 1
         if calls["n"] == 2:
             raise KeyboardInterrupt
         original(self, *args)
 
-    monkeypatch.setattr(covariance.Extractor, "run", dying)
+    monkeypatch.setattr(hooks.Extractor, "run", dying)
     with pytest.raises(KeyboardInterrupt):
-        covariance.extract(**stage)
+        extract.extract(**stage)
     assert not stage["out"].exists()
     assert not stage["out"].parent.exists() or not list(stage["out"].parent.iterdir())
 
 
 def test_failed_store_write_leaves_nothing(stage: dict, monkeypatch: pytest.MonkeyPatch) -> None:
-    from eigpipe import store
+    import zarr.core.group
 
     calls = {"n": 0}
-    original = store._add_array
+    original = zarr.core.group.Group.create_array
 
-    def failing(*args: object, **kwargs: object) -> None:
+    def failing(*args: object, **kwargs: object) -> object:
         calls["n"] += 1
         if calls["n"] == 5:
             raise OSError("disk full")
-        original(*args, **kwargs)
+        return original(*args, **kwargs)
 
-    monkeypatch.setattr(store, "_add_array", failing)
+    monkeypatch.setattr(zarr.core.group.Group, "create_array", failing)
     with pytest.raises(OSError, match="disk full"):
-        covariance.extract(**stage)
+        extract.extract(**stage)
     assert not stage["out"].exists() and not list(stage["out"].parent.iterdir())
 
 
 def test_nan_feature_names_layer_and_image_id(stage: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(FakeCoco, "nan_id", 402)
     with pytest.raises(NumericalError, match=r"layer backbone\.body\.conv1: non-finite feature in image id 402"):
-        covariance.extract(**stage)
+        extract.extract(**stage)
     assert not stage["out"].exists()
 
 
@@ -406,7 +406,7 @@ def on_disk(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("on_disk")
     synth = {"image_size": 64, "train_images": 1, "val_images": 5}
     synth["classification"] = {"image_size": 16, "train_per_class": 1, "val_per_class": 1}
-    synthetic.generate(synth, seed=0, out=root / "data")
+    synthetic.generate({"data": {"source": "synthetic", "synthetic": synth}, "seed": 0}, out=root / "data")
     widths = {"stem": 8, "stages": [{"out": w * 4, "blocks": [[w, w]]} for w in (8, 16, 32, 64)]}
     base = {"model_config": SMALL_MODEL, "widths": widths, "num_classes": 4, "provenance": {}, "iteration": 30}
     torch.manual_seed(0)
@@ -451,7 +451,7 @@ def test_cli_covariance_spectrum_dimensions_report(on_disk: dict, tmp_path: Path
     report_args = ["report", "--config-json", json.dumps({"report": {}}), "--dimensions", *map(str, dims)]
     report_args += ["--eigenvalues", *eigs]
     assert cli.main([*report_args, "--out-dir", str(tmp_path / "report")]) == 0
-    summary = pd.read_csv(tmp_path / "report" / "summary.csv")
+    summary = pd.read_csv(tmp_path / "report" / "spectra.csv")
     assert sorted(summary["run"]) == ["classifier", "faster_rcnn-scratch"]
     assert list(summary["layers"]) == [len(expected_default("body.", False)), len(expected_default("b.", True))]
 
@@ -463,7 +463,8 @@ def test_torchrun_ranks_share_images_and_merge(on_disk: dict, tmp_path: Path) ->
     import shutil
     import subprocess
 
-    from eigpipe import cli, store
+    from eigpipe import cli
+    from eigpipe.spectral import store
 
     cfg = json.dumps({"covariance": {"images": 5, "batch_size": 2}, "runtime": {"threads": 1, "device": "cpu"}})
     single, ddp = tmp_path / "single.zarr", tmp_path / "ddp.zarr"
@@ -474,11 +475,12 @@ def test_torchrun_ranks_share_images_and_merge(on_disk: dict, tmp_path: Path) ->
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    attrs_1, layers_1 = store.read_covariance_store(single)
-    attrs_2, layers_2 = store.read_covariance_store(ddp)
+    arrays = ("second_moment", "mean")
+    attrs_1, layers_1 = store.read_store(single, store.COVARIANCE_KIND, arrays)
+    attrs_2, layers_2 = store.read_store(ddp, store.COVARIANCE_KIND, arrays)
     assert attrs_2["provenance"]["world_size"] == 2 and attrs_2["layers"] == attrs_1["layers"]
-    for name, (second, mean, lattrs) in layers_1.items():
-        assert layers_2[name][2]["count"] == lattrs["count"] == 5
-        assert np.allclose(layers_2[name][0], second, rtol=1e-5, atol=1e-7 * np.abs(second).max()), name
-        assert np.allclose(layers_2[name][1], mean, rtol=1e-5, atol=1e-7 * np.abs(mean).max()), name
+    for name, (data, lattrs) in layers_1.items():
+        assert layers_2[name][1]["count"] == lattrs["count"] == 5
+        for key, value in data.items():
+            assert np.allclose(layers_2[name][0][key], value, rtol=1e-5, atol=1e-7 * np.abs(value).max()), name
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp.zarr", "single.zarr"]

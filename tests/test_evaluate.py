@@ -12,7 +12,6 @@ from eigpipe.data import synthetic
 from eigpipe.data.coco import CocoDetection
 from eigpipe.evaluate import STAT_NAMES, coco_stats, to_coco_results
 from eigpipe.models import build_detector, save_checkpoint, standard
-from tests.test_train import MODEL
 
 SMALL = {"image_size": 64, "train_images": 6, "val_images": 4,
          "classification": {"image_size": 32, "train_per_class": 1, "val_per_class": 1}}
@@ -21,7 +20,7 @@ SMALL = {"image_size": 64, "train_images": 6, "val_images": 4,
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic") / "data"
-    synthetic.generate(SMALL, seed=0, out=root)
+    synthetic.generate({"data": {"source": "synthetic", "synthetic": SMALL}, "seed": 0}, out=root)
     return root / "detection"
 
 
@@ -60,22 +59,22 @@ def test_shifted_predictions_score_less(data):
     assert coco_stats(dataset.coco, [], "bbox", list(dataset.ids))["AP"] == 0.0
 
 
-def checkpoint(tmp_path, name, dataset, task="detection"):
-    model = build_detector(name, MODEL, dataset.num_classes)
-    meta = {"task": task, "model_name": name, "model_config": MODEL, "widths": standard(multiplier=0.0625).to_dict(),
+def checkpoint(tmp_path, name, dataset, model_cfg, task="detection"):
+    model = build_detector(name, model_cfg, dataset.num_classes)
+    meta = {"task": task, "model_name": name, "model_config": model_cfg, "widths": standard(multiplier=0.0625).to_dict(),
             "num_classes": dataset.num_classes, "category_ids": dataset.category_ids, "iteration": 3, "run": name}
     save_checkpoint(tmp_path / f"{name}.pt", model, meta)
     return tmp_path / f"{name}.pt"
 
 
 @pytest.mark.parametrize("name", ["faster_rcnn", "mask_rcnn"])
-def test_evaluate_checkpoint_writes_the_metrics(tmp_path, data, name):
+def test_evaluate_checkpoint_writes_the_metrics(tmp_path, data, name, tiny_model):
     dataset = CocoDetection(data / "instances_val.json", data / "val", train=False)
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({"evaluate": {"batch_size": 2}, "runtime": {"threads": 2}, "seed": 0}))
     out = tmp_path / "eval.json"
     code = cli.main(["evaluate", "--config-json", json.dumps(yaml.safe_load(config.read_text())), "--checkpoint",
-                     str(checkpoint(tmp_path, name, dataset)), "--data", str(data / "instances_val.json"),
+                     str(checkpoint(tmp_path, name, dataset, tiny_model)), "--data", str(data / "instances_val.json"),
                      "--image-dir", str(data / "val"), "--out", str(out)])
     assert code == 0
     report = json.loads(out.read_text())
@@ -85,9 +84,9 @@ def test_evaluate_checkpoint_writes_the_metrics(tmp_path, data, name):
     assert torch.__version__.startswith(report["provenance"]["versions"]["torch"])
 
 
-def test_category_mismatch_is_refused(tmp_path, data, capsys):
+def test_category_mismatch_is_refused(tmp_path, data, capsys, tiny_model):
     dataset = CocoDetection(data / "instances_val.json", data / "val", train=False)
-    ckpt = checkpoint(tmp_path, "faster_rcnn", dataset)
+    ckpt = checkpoint(tmp_path, "faster_rcnn", dataset, tiny_model)
     raw = torch.load(ckpt, weights_only=True)
     raw["category_ids"] = [1, 2, 7]
     torch.save(raw, ckpt)

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from eigpipe import spectrum, store
 from eigpipe.errors import EigpipeError, NumericalError
+from eigpipe.spectral import dimensions, spectrum, store
+
+CFG = {"threshold": 1e-3, "relative_threshold": 1e-3, "soft_lambda": 1e-3}
 
 
 def planted(values: list[float], seed: int = 0) -> np.ndarray:
@@ -20,25 +21,40 @@ def planted(values: list[float], seed: int = 0) -> np.ndarray:
 
 
 def write_store(path: Path, layers: dict[str, tuple[np.ndarray, np.ndarray]], run: str, iteration: int) -> Path:
-    accs = {n: SimpleNamespace(second_moment=s, mean=m, count=9) for n, (s, m) in layers.items()}
+    arrays = {n: {"second_moment": s, "mean": m} for n, (s, m) in layers.items()}
     attrs = {n: {"forward_index": i, "module_type": "Conv2d", "count": 9} for i, n in enumerate(layers)}
     root = {"run": run, "iteration": iteration, "init": "scratch", "task": "detection", "n_images": 9}
-    return store.write_covariance_store(path, accs, root, attrs)
+    return store.write_store(path, store.COVARIANCE_KIND, arrays, root, attrs)
+
+
+def decompose(cov: Path, out: Path, eigenvalues_out: Path | None = None, **cfg: float) -> pd.DataFrame:
+    return spectrum.decompose({"spectrum": {**CFG, **cfg}}, cov, out, eigenvalues_out)
+
+
+def read_eigenvalues(path: Path) -> tuple[dict, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    attrs, layers = store.read_store(path, store.EIGENVALUE_KIND, spectrum.EIGENVALUE_ARRAYS)
+    return attrs, {name: (data["second_moment"], data["covariance"]) for name, (data, _) in layers.items()}
 
 
 def test_planted_spectrum_gives_known_measures() -> None:
     values = [4.0, 2.0, 1.0, 0.5, 2e-3, 5e-4, 1e-6, 0.0]
     found, clipped = spectrum.eigenvalues(planted(values))
     assert np.allclose(found, values, atol=1e-12)
-    m = spectrum.measures(found, threshold=1e-3, soft_lambda=1e-3)
+    m = spectrum.measures(found, CFG)
     assert m["intrinsic_dim"] == 5 and m["intrinsic_dim_ratio"] == 5 / 8
+    assert m["relative_dim"] == 4  # above 1e-3 x 4.0
+    assert spectrum.measures(found, {**CFG, "relative_threshold": 0.2})["relative_dim"] == 3  # above 0.8
     want_soft = sum(v / (v + 1e-3) for v in values)
     assert m["soft_dof"] == pytest.approx(want_soft, rel=1e-9)
     assert m["top_eigenvalue"] == pytest.approx(4.0) and m["trace"] == pytest.approx(sum(values))
-    flat = spectrum.measures(np.array([2.0, 2.0, 2.0, 2.0, 0.0]), 1e-3, 1e-3)
+    flat = spectrum.measures(np.array([2.0, 2.0, 2.0, 2.0, 0.0]), CFG)
     assert flat["effective_rank"] == pytest.approx(4.0)  # equal eigenvalues: exactly their number
-    assert spectrum.measures(np.array([5.0, 0.0, 0.0]), 1e-3, 1e-3)["effective_rank"] == pytest.approx(1.0)
-    assert spectrum.measures(np.zeros(3), 1e-3, 1e-3)["effective_rank"] == 0.0
+    assert spectrum.measures(np.array([5.0, 0.0, 0.0]), CFG)["effective_rank"] == pytest.approx(1.0)
+    assert spectrum.measures(np.zeros(3), CFG)["effective_rank"] == 0.0
+    assert spectrum.measures(np.zeros(3), CFG)["relative_dim"] == 0
+    # scale-free: the relative count does not change when the features are scaled, the absolute one does
+    small = np.array(values) * 1e-3
+    assert spectrum.measures(small, CFG)["relative_dim"] == 4 and spectrum.measures(small, CFG)["intrinsic_dim"] == 2
 
 
 def test_round_off_negatives_are_clipped_and_counted_real_ones_raise() -> None:
@@ -62,12 +78,12 @@ def test_decompose_store_matches_eigvalsh(tmp_path: Path) -> None:
         layers[name] = (x @ x.T / x.shape[1], mean)
     cov = write_store(tmp_path / "cov" / "40.zarr", layers, "faster_rcnn-scratch", 40)
     out = tmp_path / "spectra" / "40.parquet"
-    table = spectrum.decompose_store(cov, out, cfg={"threshold": 0.05, "soft_lambda": 0.01})
+    table = decompose(cov, out, threshold=0.05, soft_lambda=0.01)
     assert (tmp_path / "spectra" / "40.zarr").is_dir()
     read = pd.read_parquet(out)
     assert list(read["layer"]) == list(layers) and len(read) == 3
     assert list(read["canonical"]) == ["conv1", "layer1.0.conv2", "backbone.fpn.layer_blocks.0"]
-    _, eigs = store.read_eigenvalue_store(tmp_path / "spectra" / "40.zarr")
+    _, eigs = read_eigenvalues(tmp_path / "spectra" / "40.zarr")
     for row in read.itertuples():
         second, mean = layers[row.layer]
         ref = np.clip(np.linalg.eigvalsh(second)[::-1], 0, None)
@@ -75,6 +91,7 @@ def test_decompose_store_matches_eigvalsh(tmp_path: Path) -> None:
         assert np.allclose(eigs[row.layer][0], ref, rtol=1e-10, atol=1e-12)
         assert np.allclose(eigs[row.layer][1], ref_c, rtol=1e-10, atol=1e-12)
         assert row.intrinsic_dim == (ref > 0.05).sum() and row.centered_intrinsic_dim == (ref_c > 0.05).sum()
+        assert row.relative_dim == (ref > 1e-3 * ref[0]).sum()
         assert row.soft_dof == pytest.approx((ref / (ref + 0.01)).sum(), rel=1e-9)
         assert row.top_eigenvalue == pytest.approx(ref[0]) and row.trace == pytest.approx(np.trace(second))
         assert row.centered_trace == pytest.approx(np.trace(second) - mean @ mean)
@@ -86,10 +103,10 @@ def test_decompose_store_matches_eigvalsh(tmp_path: Path) -> None:
 
 def test_csv_table_and_explicit_eigenvalue_path(tmp_path: Path) -> None:
     cov = write_store(tmp_path / "c.zarr", {"body.conv1": (planted([1.0, 0.1, 1e-5]), np.zeros(3))}, "classifier", 5)
-    spectrum.decompose_store(cov, tmp_path / "t.csv", eigenvalues_out=tmp_path / "eig" / "x.zarr", cfg={})
+    decompose(cov, tmp_path / "t.csv", tmp_path / "eig" / "x.zarr")
     table = pd.read_csv(tmp_path / "t.csv")
     assert table.loc[0, "intrinsic_dim"] == 2 and table.loc[0, "threshold"] == 1e-3
-    attrs, _ = store.read_eigenvalue_store(tmp_path / "eig" / "x.zarr")
+    attrs, _ = read_eigenvalues(tmp_path / "eig" / "x.zarr")
     assert attrs["run"] == "classifier" and attrs["source_store"] == str(cov)
 
 
@@ -101,11 +118,31 @@ def test_dimensions_table_orders_snapshots(tmp_path: Path) -> None:
             "body.conv1": (planted([1.0, 1e-4]), np.zeros(2)),
         }
         cov = write_store(tmp_path / f"{it}.zarr", layers, "classifier", it)
-        spectrum.decompose_store(cov, tmp_path / f"{it}.parquet", cfg={})
+        decompose(cov, tmp_path / f"{it}.parquet")
         paths.append(tmp_path / f"{it}.parquet")
-    table = spectrum.dimensions_table(paths, tmp_path / "dim.parquet")
+    table = dimensions.dimensions({}, paths, tmp_path / "dim.parquet")
     assert list(table["iteration"]) == [0, 0, 100, 100, 200, 200]
     assert list(table["forward_index"]) == [0, 1] * 3
     assert pd.read_parquet(tmp_path / "dim.parquet").shape == table.shape
     with pytest.raises(EigpipeError, match="more than one table"):
-        spectrum.dimensions_table([paths[0], paths[0]])
+        dimensions.dimensions({}, [paths[0], paths[0]], tmp_path / "dup.parquet")
+    assert not (tmp_path / "dup.parquet").exists()
+
+
+def test_dimensions_refuses_tables_of_two_runs(tmp_path: Path) -> None:
+    paths = []
+    for run in ("faster_rcnn-scratch", "faster_rcnn-pretrained"):
+        cov = write_store(tmp_path / f"{run}.zarr", {"body.conv1": (planted([1.0, 0.5]), np.zeros(2))}, run, 0)
+        paths.append(decompose(cov, tmp_path / f"{run}.parquet") is not None and tmp_path / f"{run}.parquet")
+    with pytest.raises(EigpipeError, match="runs faster_rcnn-pretrained, faster_rcnn-scratch"):
+        dimensions.dimensions({}, paths, tmp_path / "d.parquet")
+    assert not (tmp_path / "d.parquet").exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"not a parquet file", b"PAR1\x00\x00PAR1"])
+def test_unreadable_spectrum_table_is_one_line(tmp_path: Path, content: bytes) -> None:
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(content)
+    with pytest.raises(EigpipeError) as info:
+        dimensions.dimensions({}, [bad], tmp_path / "d.parquet")
+    assert "\n" not in str(info.value) and str(bad) in str(info.value)

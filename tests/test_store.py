@@ -1,4 +1,4 @@
-"""Covariance and eigenvalue stores: round trip, plain-zarr readability, atomic publication."""
+"""Stores: round trip, plain-zarr readability, atomic publication, integrity verified on every read."""
 
 from __future__ import annotations
 
@@ -6,24 +6,30 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import zarr
 
-from eigpipe import store
 from eigpipe.errors import EigpipeError
+from eigpipe.spectral import store
+
+ARRAYS = ("second_moment", "mean")
+COV = store.COVARIANCE_KIND
 
 
-def fake_layers(seed: int = 0) -> dict[str, SimpleNamespace]:
+def fake_layers(seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
     rng = np.random.default_rng(seed)
     layers = {}
     sizes = [("backbone.body.conv1", 8), ("backbone.body.layer1.0.conv2", 600), ("backbone.fpn.layer_blocks.0", 5)]
     for name, c in sizes:
         a = rng.normal(size=(c, c + 3))
-        layers[name] = SimpleNamespace(second_moment=a @ a.T / c, mean=rng.normal(size=c), count=7, channels=c)
+        layers[name] = {"second_moment": a @ a.T / c, "mean": rng.normal(size=c)}
     return layers
+
+
+def write(path: Path, layers: dict | None = None, kind: str = COV, layer_attrs: dict | None = None) -> Path:
+    return store.write_store(path, kind, fake_layers() if layers is None else layers, ROOT, layer_attrs or {})
 
 
 ROOT = {
@@ -35,22 +41,21 @@ ROOT = {
 }
 
 
-def test_covariance_store_round_trip(tmp_path: Path) -> None:
+def test_store_round_trip_in_forward_order(tmp_path: Path) -> None:
     layers = fake_layers()
     layer_attrs = {name: {"module_type": "Conv2d", "forward_index": i} for i, name in enumerate(layers)}
-    path = store.write_covariance_store(tmp_path / "100.zarr", layers, ROOT, layer_attrs)
-    attrs, read = store.read_covariance_store(path)
-    assert attrs["kind"] == store.COVARIANCE_KIND and attrs["run"] == ROOT["run"]
-    assert attrs["layers"] == list(layers) == list(read)
-    for name, layer in layers.items():
-        second, mean, lattrs = read[name]
-        assert np.array_equal(second, layer.second_moment) and np.array_equal(mean, layer.mean)
-        assert lattrs["channels"] == layer.channels and lattrs["count"] == 7 and lattrs["module_type"] == "Conv2d"
-    assert [name for name, *_ in store.iter_covariance_store(path)] == list(layers)
+    path = write(tmp_path / "100.zarr", layers, layer_attrs=layer_attrs)
+    attrs, read = store.read_store(path, COV, ARRAYS)
+    assert attrs["kind"] == COV and attrs["run"] == ROOT["run"] and attrs["layers"] == list(layers) == list(read)
+    for name, arrays in layers.items():
+        data, lattrs = read[name]
+        assert all(np.array_equal(data[key], arrays[key]) for key in ARRAYS)
+        assert lattrs == layer_attrs[name]  # the stage's attributes, as given (integrity kept apart)
+    assert [name for name, *_ in store.iter_layers(path, COV, ARRAYS)] == list(layers)
 
 
 def test_store_is_chunked_compressed_consolidated(tmp_path: Path) -> None:
-    path = store.write_covariance_store(tmp_path / "s.zarr", fake_layers(), ROOT)
+    path = write(tmp_path / "s.zarr")
     meta = json.loads((path / "zarr.json").read_text())
     assert meta["zarr_format"] == 3 and meta["consolidated_metadata"]["metadata"]
     arr = zarr.open_group(str(path), mode="r")["backbone.body.layer1.0.conv2/second_moment"]
@@ -59,7 +64,7 @@ def test_store_is_chunked_compressed_consolidated(tmp_path: Path) -> None:
 
 
 def test_store_opens_with_plain_zarr_without_eigpipe(tmp_path: Path) -> None:
-    path = store.write_covariance_store(tmp_path / "s.zarr", fake_layers(), ROOT)
+    path = write(tmp_path / "s.zarr")
     code = (
         "import sys, zarr\n"
         f"g = zarr.open_group({str(path)!r}, mode='r')\n"
@@ -71,43 +76,111 @@ def test_store_opens_with_plain_zarr_without_eigpipe(tmp_path: Path) -> None:
 
 
 def test_failed_write_leaves_nothing_and_keeps_the_old_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    path = store.write_covariance_store(tmp_path / "s.zarr", fake_layers(seed=1), ROOT)
-    calls = {"n": 0}
-    original = store._add_array
+    import zarr.core.group
 
-    def failing(*args: object, **kwargs: object) -> None:
+    path = write(tmp_path / "s.zarr", fake_layers(seed=1))
+    calls = {"n": 0}
+    original = zarr.core.group.Group.create_array
+
+    def failing(*args: object, **kwargs: object) -> object:
         calls["n"] += 1
         if calls["n"] % 6 == 3:  # half-way through each of the two writes below
             raise KeyboardInterrupt
-        original(*args, **kwargs)
+        return original(*args, **kwargs)
 
-    monkeypatch.setattr(store, "_add_array", failing)
+    monkeypatch.setattr(zarr.core.group.Group, "create_array", failing)
     with pytest.raises(KeyboardInterrupt):
-        store.write_covariance_store(tmp_path / "new.zarr", fake_layers(), ROOT)
+        write(tmp_path / "new.zarr")
     calls["n"] = 0
     with pytest.raises(KeyboardInterrupt):
-        store.write_covariance_store(path, fake_layers(seed=2), ROOT)
+        write(path, fake_layers(seed=2))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.zarr"]
-    _, read = store.read_covariance_store(path)
-    assert np.array_equal(read["backbone.body.conv1"][1], fake_layers(seed=1)["backbone.body.conv1"].mean)
+    _, read = store.read_store(path, COV, ARRAYS)
+    assert np.array_equal(read["backbone.body.conv1"][0]["mean"], fake_layers(seed=1)["backbone.body.conv1"]["mean"])
 
 
 def test_eigenvalue_store_round_trip(tmp_path: Path) -> None:
     eigs = {"body.conv1": {"second_moment": np.array([3.0, 1.0, 0.0]), "covariance": np.array([2.0, 0.5, 0.0])}}
-    path = store.write_eigenvalue_store(tmp_path / "e.zarr", eigs, ROOT, {"body.conv1": {"channels": 3}})
-    attrs, read = store.read_eigenvalue_store(path)
+    path = write(tmp_path / "e.zarr", eigs, store.EIGENVALUE_KIND, {"body.conv1": {"channels": 3}})
+    attrs, read = store.read_store(path, store.EIGENVALUE_KIND, ("second_moment", "covariance"))
     assert attrs["kind"] == store.EIGENVALUE_KIND and attrs["layers"] == ["body.conv1"]
-    second, cov, lattrs = read["body.conv1"]
-    assert np.array_equal(second, [3.0, 1.0, 0.0]) and np.array_equal(cov, [2.0, 0.5, 0.0])
+    data, lattrs = read["body.conv1"]
+    assert np.array_equal(data["second_moment"], [3.0, 1.0, 0.0]) and np.array_equal(data["covariance"], [2.0, 0.5, 0])
     assert lattrs == {"channels": 3}
 
 
 def test_wrong_or_missing_store_is_a_named_error(tmp_path: Path) -> None:
     with pytest.raises(EigpipeError, match="nope.zarr: store not found"):
-        store.read_covariance_store(tmp_path / "nope.zarr")
-    eig = store.write_eigenvalue_store(tmp_path / "e.zarr", {}, ROOT)
+        store.read_store(tmp_path / "nope.zarr", COV, ARRAYS)
+    eig = write(tmp_path / "e.zarr", {}, store.EIGENVALUE_KIND)
     with pytest.raises(EigpipeError, match="not an eigpipe.covariance store"):
-        store.read_covariance_store(eig)
+        store.read_store(eig, COV, ARRAYS)
     (tmp_path / "junk.zarr").mkdir()
     with pytest.raises(EigpipeError, match="junk.zarr"):
-        store.read_covariance_store(tmp_path / "junk.zarr")
+        store.read_store(tmp_path / "junk.zarr", COV, ARRAYS)
+
+
+# ---- integrity: zarr reads a missing chunk as its fill value; every read is verified --------------------
+
+
+def _chunks(path: Path, layer: str, array: str) -> list[Path]:
+    return sorted(p for p in (path / layer / array / "c").rglob("*") if p.is_file())
+
+
+def _delete_chunks(path: Path, layer: str, array: str) -> None:
+    for chunk in _chunks(path, layer, array):
+        chunk.unlink()
+
+
+def _truncate_chunk(path: Path, layer: str, array: str) -> None:
+    chunk = _chunks(path, layer, array)[0]
+    chunk.write_bytes(chunk.read_bytes()[: chunk.stat().st_size // 2])
+
+
+def _corrupt_chunk(path: Path, layer: str, array: str) -> None:
+    chunk = _chunks(path, layer, array)[-1]
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+
+
+def _drop_array(path: Path, layer: str, array: str) -> None:
+    import shutil
+
+    shutil.rmtree(path / layer / array)
+
+
+def _zero_chunk(path: Path, layer: str, array: str) -> None:
+    chunk = _chunks(path, layer, array)[0]
+    chunk.write_bytes(b"")
+
+
+@pytest.mark.parametrize("damage", [_delete_chunks, _truncate_chunk, _corrupt_chunk, _drop_array, _zero_chunk])
+@pytest.mark.parametrize(("layer", "array"), [("backbone.body.conv1", "mean"),
+                                              ("backbone.body.layer1.0.conv2", "second_moment"),
+                                              ("backbone.fpn.layer_blocks.0", "second_moment")])
+def test_damaged_array_is_one_line_naming_store_layer_and_array(tmp_path: Path, damage, layer, array) -> None:
+    path = write(tmp_path / "s.zarr")
+    damage(path, layer, array)
+    with pytest.raises(EigpipeError) as info:
+        store.read_store(path, COV, ARRAYS)
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message and f"layer {layer}" in message and f"array {array}" in message
+
+
+def test_store_without_checksums_is_read_with_one_warning(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = write(tmp_path / "old.zarr")
+    for name in fake_layers():
+        meta_file = path / name / "zarr.json"
+        meta = json.loads(meta_file.read_text())
+        meta["attributes"].pop(store.INTEGRITY)
+        meta_file.write_text(json.dumps(meta))
+    root_meta = json.loads((path / "zarr.json").read_text())
+    for key, entry in root_meta["consolidated_metadata"]["metadata"].items():
+        if "/" not in key:
+            entry["attributes"].pop(store.INTEGRITY, None)
+    (path / "zarr.json").write_text(json.dumps(root_meta))
+    _, read = store.read_store(path, COV, ARRAYS)
+    assert np.array_equal(read["backbone.body.conv1"][0]["mean"], fake_layers()["backbone.body.conv1"]["mean"])
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "before integrity checksums" in warnings[0] and str(path) in warnings[0]

@@ -29,7 +29,7 @@ SMALL = {
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("synth") / "data"
-    synthetic.generate(SMALL, seed=7, out=out)
+    synthetic.generate({"data": {"source": "synthetic", "synthetic": SMALL}, "seed": 7}, out=out)
     return out
 
 
@@ -47,8 +47,8 @@ def tight_box(mask: np.ndarray) -> list[float]:
 
 
 def test_same_seed_gives_identical_bytes_and_another_seed_differs(dataset, tmp_path):
-    synthetic.generate(SMALL, seed=7, out=tmp_path / "again")
-    synthetic.generate(SMALL, seed=8, out=tmp_path / "other")
+    synthetic.generate({"data": {"source": "synthetic", "synthetic": SMALL}, "seed": 7}, out=tmp_path / "again")
+    synthetic.generate({"data": {"source": "synthetic", "synthetic": SMALL}, "seed": 8}, out=tmp_path / "other")
     first, again, other = files(dataset), files(tmp_path / "again"), files(tmp_path / "other")
     assert len(first) == 2 + 12 + 6 + 8 * (3 + 2) + 1
     assert first == again
@@ -161,7 +161,7 @@ def test_failure_midway_leaves_nothing(tmp_path, monkeypatch):
     original = synthetic.classification_image
     monkeypatch.setattr(synthetic, "classification_image", broken)
     with pytest.raises(RuntimeError, match="disk full"):
-        synthetic.generate(SMALL, seed=7, out=tmp_path / "data")
+        synthetic.generate({"data": {"source": "synthetic", "synthetic": SMALL}, "seed": 7}, out=tmp_path / "data")
     assert len(calls) == 5 and list(tmp_path.iterdir()) == []
 
 

@@ -18,21 +18,23 @@ from eigpipe.train import loop
 from eigpipe.train.batches import batch_keys
 from eigpipe.train.schedule import lr_factor
 
-MODEL = {"width_multiplier": 0.0625, "norm": "gn", "gn_groups": 4, "fpn_channels": 16, "min_size": 64,
-         "max_size": 64, "anchor_sizes": [4, 8, 16, 32, 64], "box_head": {"type": "mlp", "representation_size": 32},
-         "mask_head_layers": [16, 16], "rpn_pre_nms_top_n_train": 100, "rpn_post_nms_top_n_train": 50,
-         "rpn_pre_nms_top_n_test": 50, "rpn_post_nms_top_n_test": 30, "box_batch_size_per_image": 16}
 
+@pytest.fixture
+def study(tmp_path, tiny_model):
+    """study(steps, snapshots) -> a whole study file around the tiny model."""
 
-def study(tmp_path, steps=8, snapshots=(0, 4)):
-    schedule = {"steps": steps, "batch_size": 4, "lr": 0.02, "warmup_steps": 2, "snapshots": list(snapshots),
-                "checkpoint_every": 3, "log_every": 2}
-    config = {"study": "t", "seed": 3, "runtime": {"threads": 2}, "data": {"source": "synthetic"}, "model": MODEL,
-              "pretrain": {"source": "synthetic", "schedule": {**schedule, "batch_size": 8, "lr": 0.05}},
-              "train": {"models": ["faster_rcnn"], "inits": ["scratch"], "schedule": schedule}}
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    def make(steps=8, snapshots=(0, 4)):
+        schedule = {"steps": steps, "batch_size": 4, "lr": 0.02, "warmup_steps": 2, "snapshots": list(snapshots),
+                    "checkpoint_every": 3, "log_every": 2}
+        config = {"study": "t", "seed": 3, "runtime": {"threads": 2}, "data": {"source": "synthetic"},
+                  "model": tiny_model,
+                  "pretrain": {"source": "synthetic", "schedule": {**schedule, "batch_size": 8, "lr": 0.05}},
+                  "train": {"models": ["faster_rcnn"], "inits": ["scratch"], "schedule": schedule}}
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(config))
+        return path
+
+    return make
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +61,7 @@ def metrics(path):
 
 
 def train_classifier(config, data, out):
-    return cli.main(["train", "--task", "classification", "--config", str(config), "--data", str(data),
-                     "--out", str(out)])
+    return cli.main(["pretrain", "--config", str(config), "--data", str(data), "--out", str(out)])
 
 
 def crash_at(monkeypatch, name, iteration):
@@ -77,11 +78,15 @@ def crash_at(monkeypatch, name, iteration):
     return calls
 
 
-def test_lr_schedule_warmup_step_and_cosine():
-    step = lr_factor({"steps": 100, "warmup_steps": 10, "warmup_factor": 0.1, "lr_steps": [0.5, 80], "gamma": 0.1})
+def test_lr_schedule_warmup_step_and_cosine(complete):
+    def schedule(**partial):
+        return complete("pretrain", {"source": "synthetic", "schedule": {"batch_size": 1, "lr": 1, **partial}})[
+            "schedule"]
+
+    step = lr_factor(schedule(steps=100, warmup_steps=10, warmup_factor=0.1, lr_steps=[0.5, 80], gamma=0.1))
     assert step(0) == pytest.approx(0.1) and step(5) == pytest.approx(0.55) and step(10) == 1.0
     assert step(49) == 1.0 and step(50) == pytest.approx(0.1) and step(80) == pytest.approx(0.01)
-    cosine = lr_factor({"steps": 100, "decay": "cosine"})
+    cosine = lr_factor(schedule(steps=100, decay="cosine"))
     assert cosine(0) == 1.0 and cosine(50) == pytest.approx(0.5) and cosine(100) == pytest.approx(0.0)
 
 
@@ -93,8 +98,8 @@ def test_batches_are_a_function_of_seed_and_iteration():
     assert sorted(epoch0) == list(range(10))
 
 
-def test_classifier_resume_equals_uninterrupted(tmp_path, image_folder, monkeypatch):
-    config = study(tmp_path)
+def test_classifier_resume_equals_uninterrupted(tmp_path, image_folder, monkeypatch, study):
+    config = study()
     assert train_classifier(config, image_folder, tmp_path / "whole") == 0
     crash_at(monkeypatch, "_classification_loss", 7)
     assert train_classifier(config, image_folder, tmp_path / "killed") == 130
@@ -110,17 +115,17 @@ def test_classifier_resume_equals_uninterrupted(tmp_path, image_folder, monkeypa
     assert meta["run"] == "classifier" and meta["task"] == "classification"
 
 
-def test_resume_state_of_another_config_is_not_used(tmp_path, image_folder, monkeypatch, capsys):
+def test_resume_state_of_another_config_is_not_used(tmp_path, image_folder, monkeypatch, capsys, study):
     crash_at(monkeypatch, "_classification_loss", 7)
-    assert train_classifier(study(tmp_path), image_folder, tmp_path / "run") == 130
+    assert train_classifier(study(), image_folder, tmp_path / "run") == 130
     monkeypatch.undo()
     capsys.readouterr()
-    assert train_classifier(study(tmp_path, steps=9), image_folder, tmp_path / "run") == 0
+    assert train_classifier(study(steps=9), image_folder, tmp_path / "run") == 0
     assert "resuming" not in capsys.readouterr().err
     assert load_checkpoint(tmp_path / "run" / "final.pt")[1]["iteration"] == 9
 
 
-def test_non_finite_loss_stops_with_the_iteration(tmp_path, image_folder, monkeypatch, capsys):
+def test_non_finite_loss_stops_with_the_iteration(tmp_path, image_folder, monkeypatch, capsys, study):
     original = loop._classification_loss
     calls = {"n": 0}
 
@@ -130,7 +135,7 @@ def test_non_finite_loss_stops_with_the_iteration(tmp_path, image_folder, monkey
         return (loss * float("nan") if calls["n"] == 4 else loss), parts
 
     monkeypatch.setattr(loop, "_classification_loss", exploding)
-    assert train_classifier(study(tmp_path), image_folder, tmp_path / "run") == 1
+    assert train_classifier(study(), image_folder, tmp_path / "run") == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert "non-finite loss at iteration 3" in err[-1] and "Traceback" not in "".join(err)
     assert not (tmp_path / "run" / "final.pt").exists()
@@ -143,28 +148,27 @@ def test_init_rejects_bad_values(tmp_path):
         loop.parse_init(f"pretrained:{tmp_path / 'none.pt'}")
 
 
-def test_slurm_variables_alone_do_not_mean_distributed(monkeypatch):
+def test_slurm_variables_alone_do_not_mean_distributed(monkeypatch, complete):
     for name in runtime.TORCHRUN_VARS:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("SLURM_PROCID", "0")
     monkeypatch.setenv("SLURM_NTASKS", "1")
     assert not runtime.launched_by_torchrun()
-    assert runtime.setup({"threads": 1, "device": "cpu"}).world_size == 1
+    assert runtime.setup(complete("runtime", {"threads": 1, "device": "cpu"}), seed=0).world_size == 1
 
 
-def test_cuda_asked_without_a_gpu_is_a_clear_error(monkeypatch):
+def test_cuda_asked_without_a_gpu_is_a_clear_error(monkeypatch, complete):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(Exception, match="runtime.device: cuda"):
-        runtime.setup({"device": "cuda"})
+        runtime.setup(complete("runtime", {"device": "cuda"}), seed=0)
 
 
 @pytest.mark.slow
-def test_torchrun_ddp_on_cpu(tmp_path, image_folder):
+def test_torchrun_ddp_on_cpu(tmp_path, image_folder, study):
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "eigpipe.cli", "train", "--task",
-               "classification", "--config", str(study(tmp_path, steps=4, snapshots=())), "--data",
-               str(image_folder), "--out", str(tmp_path / "ddp")]
+    command = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "eigpipe.cli", "pretrain",
+               "--config", str(study(steps=4, snapshots=())), "--data", str(image_folder), "--out", str(tmp_path / "ddp")]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert load_checkpoint(tmp_path / "ddp" / "final.pt")[1]["iteration"] == 4

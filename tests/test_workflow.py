@@ -7,7 +7,6 @@ DAG (config/smoke.yaml) end to end.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -16,12 +15,14 @@ import shutil
 import subprocess
 import sys
 import time
-from importlib.machinery import SourceFileLoader
 from pathlib import Path
 
 import psutil
 import pytest
 import yaml
+
+from eigpipe import codehash
+from eigpipe.stages import STAGES
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -40,18 +41,6 @@ SMOKE_JOBS = {
     "all": 1,
 }
 
-# The config sections each stage receives in --config-json (None: the stage takes no config).
-STAGE_SECTIONS = {
-    "synth_data": {"data", "seed"},
-    "check_data": None,
-    "pretrain": {"model", "pretrain", "runtime", "seed"},
-    "train_detector": {"model", "train", "data", "runtime", "seed"},
-    "evaluate": {"evaluate", "runtime"},
-    "covariance": {"covariance", "runtime", "seed"},
-    "spectrum": {"spectrum"},
-    "dimensions": None,
-    "report": {"report"},
-}
 
 
 # ---- helpers ----
@@ -131,12 +120,9 @@ def write_config(path: Path, base: str, **changes) -> Path:
     return path
 
 
-def load_codehash():
-    path = REPO / "workflow/rules/codehash.smk"
-    spec = importlib.util.spec_from_file_location("codehash", path, loader=SourceFileLoader("codehash", str(path)))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def stage_of(command: str) -> str:
+    """The eigpipe stage a job's shell command runs."""
+    return re.search(r"(?:^|\s)eigpipe ([a-z-]+)", command).group(1)
 
 
 @pytest.fixture(scope="module")
@@ -249,9 +235,11 @@ def test_every_rule_runs_one_eigpipe_command(workdir, smoke_dry_run, fake_coco):
 
 
 def test_stages_receive_only_their_config_sections(smoke_dry_run):
+    """Every job passes exactly the sections the package's stage table names for its stage."""
     for (rule, outputs), command in jobs(smoke_dry_run).items():
         sections = config_json(command)
-        assert (set(sections) if sections else None) == STAGE_SECTIONS[rule], (rule, outputs)
+        wanted = set(STAGES[stage_of(command)].sections)
+        assert (set(sections) if sections else set()) == wanted, (rule, outputs)
 
 
 @pytest.mark.parametrize(
@@ -340,7 +328,6 @@ def _write_package(root: Path, files: dict[str, str]) -> Path:
 
 
 def test_source_files_follow_eigpipe_imports(tmp_path):
-    codehash = load_codehash()
     pkg = _write_package(
         tmp_path,
         {
@@ -367,35 +354,19 @@ def test_source_files_follow_eigpipe_imports(tmp_path):
 
 
 def test_editing_a_module_changes_only_the_hashes_of_stages_that_run_it(tmp_path):
-    codehash = load_codehash()
     pkg = tmp_path / "eigpipe"
-    shutil.copytree(codehash.package_root(), pkg, ignore=shutil.ignore_patterns("__pycache__"))
-    (pkg / "report.py").touch()  # the stage may not exist yet: the test still holds
-    before = {stage: codehash.code_hash(stage, str(pkg)) for stage in codehash.STAGE_MODULES}
+    shutil.copytree(codehash.PACKAGE_ROOT, pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    before = {stage: codehash.code_hash(stage, pkg) for stage in STAGES}
     with (pkg / "report.py").open("a") as handle:
         handle.write("\n# an edit\n")
+    with (pkg / "spectral" / "accumulator.py").open("a") as handle:
+        handle.write("\n# an edit\n")
     codehash.code_hash.cache_clear()
-    after = {stage: codehash.code_hash(stage, str(pkg)) for stage in codehash.STAGE_MODULES}
-    assert {stage for stage in before if before[stage] != after[stage]} == {"report"}
+    after = {stage: codehash.code_hash(stage, pkg) for stage in STAGES}
+    assert {stage for stage in before if before[stage] != after[stage]} == {"report", "covariance"}
 
 
 # ---- slow: the smoke study end to end ----
-
-STAGES = [
-    "eigpipe.data.synthetic",
-    "eigpipe.train.loop",
-    "eigpipe.evaluate",
-    "eigpipe.covariance",
-    "eigpipe.spectrum",
-    "eigpipe.report",
-]
-
-
-def _require_stages() -> None:
-    missing = [name for name in STAGES if importlib.util.find_spec(name) is None]
-    if missing:
-        pytest.skip(f"package stages not implemented yet: {', '.join(missing)}")
-
 
 def expected_outputs(root: Path) -> list[Path]:
     r = root / "results/smoke"
@@ -435,9 +406,8 @@ def _failure(proc, root: Path) -> str:
 def frozen_src(tmp_path_factory) -> Path:
     """A copy of the package, first on PYTHONPATH for the slow runs: the jobs run it and the code
     hashes read it, so edits others make to the working tree meanwhile cannot trigger reruns."""
-    _require_stages()
     src = tmp_path_factory.mktemp("src")
-    shutil.copytree(load_codehash().package_root(), src / "eigpipe", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(codehash.PACKAGE_ROOT, src / "eigpipe", ignore=shutil.ignore_patterns("__pycache__"))
     return src
 
 

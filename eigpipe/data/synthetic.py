@@ -273,11 +273,11 @@ def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, sort_keys=True, separators=(",", ":")) + "\n")
 
 
-def generate(cfg: dict, seed: int, out: str | Path) -> None:
-    """Write the synthetic dataset to ``out`` atomically (nothing appears there unless all of it is written)."""
-    cfg = settings(cfg)
-    if seed < 0:
-        raise ConfigError(f"seed: must be >= 0 for the synthetic dataset, got {seed}")
+def generate(cfg: dict, out: Path) -> None:
+    """Write the synthetic dataset (sections data, seed) to ``out`` atomically: nothing appears there unless
+    all of it is written."""
+    seed = cfg["seed"]
+    cfg = settings(cfg["data"]["synthetic"])
     counts: dict[str, Any] = {"detection": {}, "classification": {}}
     with provenance.publish(out) as root:
         root.mkdir()

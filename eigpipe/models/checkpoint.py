@@ -13,11 +13,11 @@ from torch import nn
 from eigpipe.errors import EigpipeError
 from eigpipe.models.classifier import Classifier
 from eigpipe.models.detector import build_body, build_detector
+from eigpipe.models.taps import BODY_PREFIXES
 from eigpipe.models.widths import Stage, WidthSpec
 from eigpipe.provenance import publish, sha256_file
 
 FORMAT = "eigpipe-checkpoint/1"
-BODY_PREFIXES = ("backbone.body.", "body.")
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -21,40 +21,34 @@ DETECTORS = ("faster_rcnn", "mask_rcnn")
 
 def build_body(model_cfg: dict, widths: WidthSpec | None = None) -> ResNet:
     widths = widths or from_model_config(model_cfg)
-    norm = norm_factory(model_cfg.get("norm", "gn"), model_cfg.get("gn_groups", 32))
-    return ResNet(widths, norm, model_cfg.get("zero_init_residual", True))
+    norm = norm_factory(model_cfg["norm"], model_cfg["gn_groups"])
+    return ResNet(widths, norm, model_cfg["zero_init_residual"])
 
 
 def build_backbone(model_cfg: dict, widths: WidthSpec | None = None) -> BackboneWithFPN:
     body = build_body(model_cfg, widths)
-    freeze_for_trainable_layers(body, model_cfg.get("trainable_layers", 5))
+    freeze_for_trainable_layers(body, model_cfg["trainable_layers"])
     backbone = BackboneWithFPN(
         body,
         return_layers={f"layer{i + 1}": str(i) for i in range(4)},
         in_channels_list=body.widths.stage_outs,
-        out_channels=model_cfg.get("fpn_channels", 256),
+        out_channels=model_cfg["fpn_channels"],
         extra_blocks=LastLevelMaxPool(),
         norm_layer=gn_norm_for(model_cfg),
     )
-    # IntermediateLayerGetter copies the children only; keep the stem's tap for covariance hooks.
-    backbone.body.feature_taps = ResNet.feature_taps
     return backbone
 
 
 def build_transform(model_cfg: dict) -> GeneralizedRCNNTransform:
-    return GeneralizedRCNNTransform(
-        model_cfg.get("min_size", 800), model_cfg.get("max_size", 1333), IMAGENET_MEAN, IMAGENET_STD
-    )
+    return GeneralizedRCNNTransform(model_cfg["min_size"], model_cfg["max_size"], IMAGENET_MEAN, IMAGENET_STD)
 
 
 def _box_head(model_cfg: dict, channels: int) -> nn.Module:
-    head = model_cfg.get("box_head", {})
-    size = head.get("representation_size", 1024)
-    if head.get("type", "mlp") == "convfc":
-        norm = nn.GroupNorm if model_cfg.get("norm") == "gn" else nn.BatchNorm2d
-        groups = model_cfg.get("gn_groups", 32)
-        norm_layer = (lambda c: norm(min(groups, c), c)) if norm is nn.GroupNorm else norm
-        return FastRCNNConvFCHead((channels, 7, 7), head.get("conv_layers", [256] * 4), [size], norm_layer=norm_layer)
+    head = model_cfg["box_head"]
+    size = head["representation_size"]
+    if head["type"] == "convfc":
+        norm_layer = norm_factory(model_cfg["norm"], model_cfg["gn_groups"])
+        return FastRCNNConvFCHead((channels, 7, 7), head["conv_layers"], [size], norm_layer=norm_layer)
     return TwoMLPHead(channels * 7 * 7, size)
 
 
@@ -62,28 +56,28 @@ def build_detector(model_name: str, model_cfg: dict, num_classes: int, widths: W
     """``num_classes`` includes the background class."""
     backbone = build_backbone(model_cfg, widths)
     channels = backbone.out_channels
-    sizes = model_cfg.get("anchor_sizes", [32, 64, 128, 256, 512])
-    ratios = tuple(model_cfg.get("aspect_ratios", [0.5, 1.0, 2.0]))
+    sizes = model_cfg["anchor_sizes"]
+    ratios = tuple(model_cfg["aspect_ratios"])
     common = dict(
-        min_size=model_cfg.get("min_size", 800),
-        max_size=model_cfg.get("max_size", 1333),
+        min_size=model_cfg["min_size"],
+        max_size=model_cfg["max_size"],
         image_mean=IMAGENET_MEAN,
         image_std=IMAGENET_STD,
         rpn_anchor_generator=AnchorGenerator(tuple((s,) for s in sizes), (ratios,) * len(sizes)),
-        rpn_pre_nms_top_n_train=model_cfg.get("rpn_pre_nms_top_n_train", 2000),
-        rpn_post_nms_top_n_train=model_cfg.get("rpn_post_nms_top_n_train", 2000),
-        rpn_pre_nms_top_n_test=model_cfg.get("rpn_pre_nms_top_n_test", 1000),
-        rpn_post_nms_top_n_test=model_cfg.get("rpn_post_nms_top_n_test", 1000),
-        box_batch_size_per_image=model_cfg.get("box_batch_size_per_image", 512),
-        box_detections_per_img=model_cfg.get("box_detections_per_img", 100),
-        box_score_thresh=model_cfg.get("box_score_thresh", 0.05),
+        rpn_pre_nms_top_n_train=model_cfg["rpn_pre_nms_top_n_train"],
+        rpn_post_nms_top_n_train=model_cfg["rpn_post_nms_top_n_train"],
+        rpn_pre_nms_top_n_test=model_cfg["rpn_pre_nms_top_n_test"],
+        rpn_post_nms_top_n_test=model_cfg["rpn_post_nms_top_n_test"],
+        box_batch_size_per_image=model_cfg["box_batch_size_per_image"],
+        box_detections_per_img=model_cfg["box_detections_per_img"],
+        box_score_thresh=model_cfg["box_score_thresh"],
         box_head=_box_head(model_cfg, channels),
-        box_predictor=FastRCNNPredictor(model_cfg.get("box_head", {}).get("representation_size", 1024), num_classes),
+        box_predictor=FastRCNNPredictor(model_cfg["box_head"]["representation_size"], num_classes),
     )
     if model_name == "faster_rcnn":
         return FasterRCNN(backbone, num_classes=None, **common)
     if model_name == "mask_rcnn":
-        layers = model_cfg.get("mask_head_layers", [256] * 4)
+        layers = model_cfg["mask_head_layers"]
         mask_head = MaskRCNNHeads(channels, layers, 1, norm_layer=gn_norm_for(model_cfg))
         return MaskRCNN(
             backbone, num_classes=None, mask_head=mask_head,

@@ -2,7 +2,7 @@
 
 Module and parameter names match torchvision's ResNet-50, so its ImageNet state dict loads directly when
 the widths are standard. Each block has its own ReLU modules so that every conv's post-activation output
-can be hooked (``feature_taps``).
+can be hooked (``eigpipe.models.taps``).
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ def norm_factory(norm: str, gn_groups: int = 32) -> NormFactory:
 
 
 class Bottleneck(nn.Module):
-    feature_taps = {"conv1": "relu1", "conv2": "relu2", "conv3": "bn3"}
+    # the module whose output is each conv's feature (conv3 before the residual sum: after its norm)
+    FEATURE_TAPS = {"conv1": "relu1", "conv2": "relu2", "conv3": "bn3"}
 
     def __init__(
         self, in_ch: int, widths: tuple[int, int], out_ch: int, stride: int, norm: NormFactory
@@ -66,8 +67,6 @@ class Bottleneck(nn.Module):
 
 class ResNet(nn.Module):
     """Stem + four stages of bottlenecks; no pooling/fc (the classifier adds those)."""
-
-    feature_taps = {"conv1": "relu"}
 
     def __init__(self, widths: WidthSpec, norm: NormFactory, zero_init_residual: bool = True) -> None:
         super().__init__()
@@ -115,8 +114,8 @@ def freeze_for_trainable_layers(body: nn.Module, trainable_layers: int) -> None:
 
 def gn_norm_for(model_cfg: dict) -> Callable[[int], nn.Module] | None:
     """GroupNorm factory for FPN / heads when the config asks for norm gn (and fpn_norm)."""
-    if model_cfg.get("norm") == "gn" and model_cfg.get("fpn_norm"):
-        return partial(_gn, groups=model_cfg.get("gn_groups", 32))
+    if model_cfg["norm"] == "gn" and model_cfg["fpn_norm"]:
+        return partial(_gn, groups=model_cfg["gn_groups"])
     return None
 
 

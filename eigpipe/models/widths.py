@@ -99,6 +99,6 @@ def standard(depths: list[int] | tuple[int, ...] = STANDARD_DEPTHS, multiplier: 
 
 def from_model_config(model_cfg: dict) -> WidthSpec:
     """The spec a model section asks for: its widths file, else the standard widths times the multiplier."""
-    if model_cfg.get("widths"):
+    if model_cfg["widths"]:
         return WidthSpec.load(model_cfg["widths"])
-    return standard(model_cfg.get("depths", STANDARD_DEPTHS), model_cfg.get("width_multiplier", 1.0))
+    return standard(model_cfg["depths"], model_cfg["width_multiplier"])

@@ -6,6 +6,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -71,13 +72,13 @@ def _resume(job: Job, optimizer: torch.optim.Optimizer, scheduler: Any) -> int:
 def run(job: Job) -> None:
     """Train ``job.model`` for the schedule's steps, publishing snapshots, the final model and metrics."""
     schedule, env, folder = job.schedule, job.env, job.folder
-    steps, snapshots = schedule["steps"], set(schedule.get("snapshots", []))
+    steps, snapshots = schedule["steps"], set(schedule["snapshots"])
     job.model.to(env.device)
     optimizer, scheduler = build_optimizer(job.model, schedule)
     start = _resume(job, optimizer, scheduler)
     model = job.model
     if env.distributed:
-        if job.meta["model_config"].get("norm") == "sync_bn":
+        if job.meta["model_config"]["norm"] == "sync_bn":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         device_ids = [env.local_rank] if env.device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
@@ -89,18 +90,18 @@ def run(job: Job) -> None:
         batch_sampler=IterationSampler(len(job.dataset), schedule["batch_size"], job.seed, start, steps,
                                        env.rank, env.world_size),
         collate_fn=job.collate,
-        num_workers=schedule.get("workers", 0),
+        num_workers=schedule["workers"],
         generator=torch.Generator().manual_seed(job.seed),  # keeps the global RNG untouched (resume)
     )
     model.train()
-    began, log_every = time.time(), schedule.get("log_every", 20)
+    began, log_every = time.time(), schedule["log_every"]
     for iteration, batch in enumerate(loader, start):
         loss, parts = job.loss_fn(model, batch, env.device)
         if not torch.isfinite(loss):
             raise NumericalError(f"{folder.out}: non-finite loss at iteration {iteration} ({parts})")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if schedule.get("clip_grad_norm"):
+        if schedule["clip_grad_norm"]:
             nn.utils.clip_grad_norm_(model.parameters(), schedule["clip_grad_norm"])
         optimizer.step()
         scheduler.step()
@@ -115,7 +116,7 @@ def run(job: Job) -> None:
         if done in snapshots and done < steps:
             _save_model(job, folder.snapshot_path(done), done)
             folder.keep_snapshot(done)
-        if done % schedule.get("checkpoint_every", 100) == 0 and done < steps:
+        if done % schedule["checkpoint_every"] == 0 and done < steps:
             folder.save_state({
                 "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(), "iteration": done,
@@ -132,8 +133,7 @@ def run(job: Job) -> None:
 
 
 def _seed_and_env(cfg: dict) -> tuple[int, runtime.Runtime]:
-    seed = cfg.get("seed", 0)
-    return seed, runtime.setup(cfg.get("runtime"), seed)
+    return cfg["seed"], runtime.setup(cfg["runtime"], cfg["seed"])
 
 
 def _base_meta(cfg: dict, task: str, model_name: str, out: Path, init: str, inputs: list, seed: int,
@@ -172,14 +172,27 @@ def parse_init(init: str) -> tuple[str, Path | None]:
     return "pretrained", Path(path)
 
 
-def train_detector(cfg: dict, model_name: str, init: str, annotations: Path, images: Path | None, out: Path) -> None:
+def flip_detection(probability: float, sample: Any, rng: np.random.Generator) -> Any:
+    """Seeded horizontal flip of an (image, target) detection sample (module level: picklable for workers)."""
+    from eigpipe.data.coco import hflip
+
+    return hflip(*sample) if rng.random() < probability else sample
+
+
+def flip_classification(probability: float, sample: Any, rng: np.random.Generator) -> Any:
+    """Seeded horizontal flip of an (image, label) classification sample."""
+    image, label = sample
+    return (image.flip(-1) if rng.random() < probability else image), label
+
+
+def train_detector(cfg: dict, model_name: str, init: str, annotations: Path, images: Path, out: Path) -> None:
+    """Train one detector (sections model, train, data, runtime, seed) into the run folder ``out``."""
     from eigpipe.data import coco
 
-    if images is None:
-        raise EigpipeError("--image-dir is required for detection training")
+    provenance.check_writable(out / "final.pt")
     init_kind, init_path = parse_init(init)
     seed, env = _seed_and_env(cfg)
-    dataset = coco.CocoDetection(annotations, images, train=True, strict=cfg["data"].get("strict", False),
+    dataset = coco.CocoDetection(annotations, images, train=True, strict=cfg["data"]["strict"],
                                  masks=model_name == "mask_rcnn")
     model = build_detector(model_name, cfg["model"], dataset.num_classes)
     if init_path is not None:
@@ -190,11 +203,7 @@ def train_detector(cfg: dict, model_name: str, init: str, annotations: Path, ima
     meta.update(num_classes=dataset.num_classes, categories=dataset.categories,
                 category_ids=dataset.category_ids, init_source=str(init_path) if init_path else None)
     schedule = detector_schedule(cfg["train"], init_kind)
-    flip = schedule.get("hflip", 0.5)
-
-    def augment(sample: Any, rng: np.random.Generator) -> Any:
-        return coco.hflip(*sample) if rng.random() < flip else sample
-
+    augment = partial(flip_detection, schedule["hflip"])
     fingerprint = provenance.section_hash({"cfg": cfg, "model": model_name, "init": init, "data": str(annotations)})
     job = Job(model=model, dataset=AugmentedDataset(dataset, augment, seed), collate=coco.collate,
               loss_fn=_detection_loss, schedule=schedule, meta=meta,
@@ -239,19 +248,19 @@ def accuracy(model: nn.Module, dataset: Dataset, device: torch.device, batch_siz
 
 
 def train_classifier(cfg: dict, data: Path, out: Path) -> None:
-    """Pre-train the classifier on ``data/train`` (ImageFolder); report accuracy on ``data/val`` if present."""
+    """Pre-train the classifier (sections model, pretrain, runtime, seed) on ``data/train`` (ImageFolder) into
+    ``out``; report accuracy on ``data/val`` if present."""
     from eigpipe.models import Classifier, build_body
 
+    provenance.check_writable(out / "final.pt")
     seed, env = _seed_and_env(cfg)
-    data, out = Path(data), Path(out)
     train_set = _image_folder(data / "train")
     model = Classifier(build_body(cfg["model"]), len(train_set.classes))
     meta = _base_meta(cfg, "classification", "classifier", out, "scratch", [], seed, env)
     meta.update(run="classifier", num_classes=len(train_set.classes), categories=train_set.classes)
 
-    def augment(sample: Any, rng: np.random.Generator) -> Any:
-        image, label = sample
-        return (image.flip(-1) if rng.random() < 0.5 else image), label
+    schedule = cfg["pretrain"]["schedule"]
+    augment = partial(flip_classification, schedule["hflip"])
 
     def finish(model: nn.Module) -> dict[str, float]:
         if not (data / "val").is_dir():
@@ -261,7 +270,7 @@ def train_classifier(cfg: dict, data: Path, out: Path) -> None:
         return {"val_accuracy": value}
 
     job = Job(model=model, dataset=AugmentedDataset(train_set, augment, seed), collate=None,
-              loss_fn=_classification_loss, schedule=cfg["pretrain"]["schedule"], meta=meta,
+              loss_fn=_classification_loss, schedule=schedule, meta=meta,
               folder=RunFolder(out, provenance.section_hash({"cfg": cfg, "data": str(data)})), env=env, seed=seed,
               finish=finish)
     try:

@@ -13,14 +13,14 @@ from torch.optim.lr_scheduler import LambdaLR
 def decay_points(schedule: dict) -> list[int]:
     """lr_steps below 1 are fractions of the schedule, others iterations."""
     steps = schedule["steps"]
-    return sorted(int(p * steps) if p < 1 else int(p) for p in schedule.get("lr_steps", [0.8]))
+    return sorted(int(p * steps) if p < 1 else int(p) for p in schedule["lr_steps"])
 
 
 def lr_factor(schedule: dict) -> Callable[[int], float]:
-    steps, warmup = schedule["steps"], schedule.get("warmup_steps", 0)
-    start = schedule.get("warmup_factor", 0.001)
-    gamma, points = schedule.get("gamma", 0.1), decay_points(schedule)
-    cosine = schedule.get("decay", "step") == "cosine"
+    steps, warmup = schedule["steps"], schedule["warmup_steps"]
+    start = schedule["warmup_factor"]
+    gamma, points = schedule["gamma"], decay_points(schedule)
+    cosine = schedule["decay"] == "cosine"
 
     def factor(iteration: int) -> float:
         scale = 1.0
@@ -36,6 +36,6 @@ def lr_factor(schedule: dict) -> Callable[[int], float]:
 
 def build_optimizer(model: nn.Module, schedule: dict) -> tuple[torch.optim.Optimizer, LambdaLR]:
     params = [p for p in model.parameters() if p.requires_grad]
-    momentum, decay = schedule.get("momentum", 0.9), schedule.get("weight_decay", 1e-4)
+    momentum, decay = schedule["momentum"], schedule["weight_decay"]
     optimizer = torch.optim.SGD(params, lr=schedule["lr"], momentum=momentum, weight_decay=decay)
     return optimizer, LambdaLR(optimizer, lr_factor(schedule))

@@ -1,9 +1,12 @@
 # Helpers for the rules in this folder: config sections as params, code hashes, paths, input functions.
-import json
+# Which sections a stage reads and which code it runs come from the package's stage table
+# (eigpipe.stages.STAGES); nothing here repeats it.
 import re
 from pathlib import Path
 
-from eigpipe.config import detector_schedule
+from eigpipe.codehash import code_hash
+from eigpipe.config import detector_schedule, dumps
+from eigpipe.stages import STAGES
 
 
 # The software of every job (relative to the rule files). Snakemake records the file with each output;
@@ -19,11 +22,6 @@ SHORTEST_RUN = min(detector_schedule(config["train"], init)["steps"] for init in
 SNAPSHOTS = sorted(i for i in set(config["train"]["schedule"]["snapshots"]) if i < SHORTEST_RUN)
 THREADS = config["runtime"]["threads"]
 
-if config["pretrain"]["source"] == "torchvision" and not config["pretrain"]["weights"]:
-    raise ValueError("pretrain.weights: required when pretrain.source is torchvision (a resnet50 state-dict file)")
-if config["data"]["source"] == "coco" and "coco" not in config["data"]:
-    raise ValueError("data.coco: required when data.source is coco (annotation and image paths)")
-
 wildcard_constraints:
     study=re.escape(config["study"]),
     model="|".join(MODELS),
@@ -33,19 +31,15 @@ wildcard_constraints:
     iteration=r"\d+|final",
 
 
-# ---- config sections as params (what makes reruns incremental, with code_hash() of codehash.smk) ----
+# ---- config sections as params (what makes reruns incremental, with code_hash(stage)) ----
 
 
-def _dumps(sections):
-    return json.dumps(sections, sort_keys=True, separators=(",", ":"))
-
-
-def stage_config(*names):
-    """Params value: the JSON of only the config sections a stage reads (`--config-json`).
+def stage_config(stage):
+    """Params value: the JSON of only the config sections the stage reads (`--config-json`).
 
     A callable, so that Snakemake does not take braces in the JSON for wildcards.
     """
-    text = _dumps({name: config[name] for name in names})
+    text = dumps({name: config[name] for name in STAGES[stage].sections})
     return lambda wildcards: text
 
 
@@ -54,7 +48,8 @@ def detector_config(wildcards):
     init to a study, or changing another init's steps, must not rerun the runs that exist."""
     schedule = detector_schedule(config["train"], wildcards.init)
     train = {"models": [wildcards.model], "inits": [wildcards.init], "schedule": schedule}
-    return _dumps({**{name: config[name] for name in ("model", "data", "runtime", "seed")}, "train": train})
+    sections = {name: config[name] for name in STAGES["train"].sections}
+    return dumps({**sections, "train": train})
 
 
 def launcher(gpus):

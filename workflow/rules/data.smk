@@ -2,8 +2,8 @@ rule synth_data:
     output:
         directory("results/{study}/data"),
     params:
-        cfg=stage_config("data", "seed"),
-        code=code_hash("synth_data"),
+        cfg=stage_config("synth-data"),
+        code=code_hash("synth-data"),
     log:
         "results/{study}/logs/synth_data.log",
     benchmark:
@@ -26,7 +26,7 @@ rule check_data:
         "results/{study}/checks/{split}.txt",
     params:
         strict="--strict" if config["data"]["strict"] else "",
-        code=code_hash("check_data"),
+        code=code_hash("check-data"),
     log:
         "results/{study}/logs/check_data/{split}.log",
     benchmark:

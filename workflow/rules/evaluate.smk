@@ -5,7 +5,7 @@ rule evaluate:
     output:
         "results/{study}/eval/{run}.json",
     params:
-        cfg=stage_config("evaluate", "runtime"),
+        cfg=stage_config("evaluate"),
         code=code_hash("evaluate"),
         annotations=split_paths("val")[0],
         images=split_paths("val")[1],

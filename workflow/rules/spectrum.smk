@@ -7,7 +7,7 @@ rule covariance:
     output:
         directory("results/{study}/covariance/{run}/{iteration}.zarr"),
     params:
-        cfg=stage_config("covariance", "runtime", "seed"),
+        cfg=stage_config("covariance"),
         code=code_hash("covariance"),
         annotations=split_paths("val")[0],
         images=split_paths("val")[1],
@@ -57,7 +57,7 @@ rule dimensions:
     output:
         "results/{study}/dimensions/{run}.parquet",
     params:
-        code=code_hash("spectrum"),
+        code=code_hash("dimensions"),
     log:
         "results/{study}/logs/dimensions/{run}.log",
     benchmark:

@@ -7,8 +7,8 @@ rule pretrain:
         final="results/{study}/pretrain/final.pt",
         metrics="results/{study}/pretrain/metrics.jsonl",
     params:
-        cfg=stage_config("model", "pretrain", "runtime", "seed"),
-        code=code_hash("train"),
+        cfg=stage_config("pretrain"),
+        code=code_hash("pretrain"),
         launch=launch,
         out=parent_of("final"),
     log:
@@ -23,7 +23,7 @@ rule pretrain:
     conda:
         CONDA_ENV
     shell:
-        "{params.launch} eigpipe train --task classification --config-json {params.cfg:q}"
+        "{params.launch} eigpipe pretrain --config-json {params.cfg:q}"
         " --data {input.data}/classification --out {params.out} > {log} 2>&1"
 
 
@@ -59,6 +59,6 @@ rule train_detector:
     conda:
         CONDA_ENV
     shell:
-        "{params.launch} eigpipe train --task detection --model {wildcards.model} --init {params.init}"
+        "{params.launch} eigpipe train --model {wildcards.model} --init {params.init}"
         " --config-json {params.cfg:q} --data {params.annotations} --image-dir {params.images}"
         " --out {params.out} > {log} 2>&1"

@@ -1,33 +1,24 @@
-# code_hash(stage): a params value that changes when the package source a stage runs changes.
-# Snakemake's rerun triggers do not follow Python imports, so each rule carries the hash of its
-# stage's entry module and everything it imports from eigpipe (found statically, function-level
-# imports included); editing report.py reruns only the report. Plain Python, so tests can load it.
+"""Code hashes: a short hash of the package source a stage runs, so that editing it reruns that stage.
+
+Snakemake's rerun triggers do not follow Python imports, so each rule carries, as a param, the hash of its
+stage's entry module and everything that module imports from eigpipe (found statically, function-level
+imports included): editing report.py reruns only the report.
+"""
+
+from __future__ import annotations
+
 import ast
 import hashlib
-import importlib.util
+from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 
-STAGE_MODULES = {
-    "synth_data": "eigpipe.data.synthetic",
-    "check_data": "eigpipe.data.coco",
-    "train": "eigpipe.train.loop",
-    "evaluate": "eigpipe.evaluate",
-    "covariance": "eigpipe.covariance",
-    "spectrum": "eigpipe.spectrum",
-    "report": "eigpipe.report",
-}
+from eigpipe.stages import STAGES
+
+PACKAGE_ROOT = Path(__file__).resolve().parent
 
 
-def package_root():
-    """The eigpipe sources that the `eigpipe` command will run (installed or editable)."""
-    spec = importlib.util.find_spec("eigpipe")
-    if spec is not None and spec.origin:
-        return Path(spec.origin).parent
-    return Path(workflow.basedir).parent / "eigpipe"
-
-
-def _module_file(root, modname):
+def _module_file(root: Path, modname: str) -> Path | None:
     """eigpipe.a.b -> ROOT/a/b.py or ROOT/a/b/__init__.py; None for a name that is no module file."""
     parts = modname.split(".")[1:]
     candidates = [root.joinpath(*parts[:-1], f"{parts[-1]}.py")] if parts else []
@@ -35,7 +26,7 @@ def _module_file(root, modname):
     return next((path for path in candidates if path.is_file()), None)
 
 
-def _imported_modules(path, modname):
+def _imported_modules(path: Path, modname: str) -> Iterator[str]:
     """Names a module imports (absolute form), including imports inside functions."""
     try:
         tree = ast.parse(path.read_text())
@@ -54,7 +45,7 @@ def _imported_modules(path, modname):
             yield from (f"{base}.{alias.name}" for alias in node.names)
 
 
-def source_files(root, entry):
+def source_files(root: Path, entry: str) -> list[Path]:
     """The package files a stage's entry module runs: its transitive eigpipe imports and their packages."""
     files, seen, todo = set(), set(), [entry]
     while todo:
@@ -72,11 +63,10 @@ def source_files(root, entry):
 
 
 @cache
-def code_hash(stage, root=None):
-    """Params value: a short hash of the package source a stage runs, so editing it reruns that stage."""
-    root = Path(root) if root is not None else package_root()
+def code_hash(stage: str, root: Path = PACKAGE_ROOT) -> str:
+    """Params value: a short hash of the package files the stage's entry module runs."""
     digest = hashlib.sha256()
-    for path in source_files(root, STAGE_MODULES[stage]):
+    for path in source_files(root, STAGES[stage].module):
         content = path.read_bytes()
         digest.update(f"{path.relative_to(root).as_posix()}:{len(content)}:".encode())
         digest.update(content)

@@ -1,46 +1,39 @@
-"""Eigen-decomposition of covariance stores and the dimension measures of each layer.
+"""The ``eigpipe spectrum`` stage: eigenvalues of a covariance store and the dimension measures of each layer.
 
 Measures of a spectrum mu_1 >= ... >= mu_C >= 0 (negative round-off clipped to 0 and counted):
 intrinsic_dim = #{mu_j > threshold} (the paper's, threshold 1e-3), intrinsic_dim_ratio = that / C,
-soft_dof = sum mu_j / (mu_j + lambda), effective_rank = exp(entropy of mu / sum mu),
-top_eigenvalue, trace. Each is given for the paper's uncentred second moment and, with the prefix
-``centered_``, for the centred covariance.
+relative_dim = #{mu_j > relative_threshold * mu_1} (scale-free), soft_dof = sum mu_j / (mu_j + lambda),
+effective_rank = exp(entropy of mu / sum mu), top_eigenvalue, trace. Each is given for the paper's
+uncentred second moment and, with the prefix ``centered_``, for the centred covariance.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from eigpipe import store
 from eigpipe.errors import EigpipeError, NumericalError
+from eigpipe.models.taps import canonical
 from eigpipe.provenance import record, write_table
+from eigpipe.spectral import store
 
-DEFAULTS = {"threshold": 1e-3, "soft_lambda": 1e-3}
 # negative eigenvalues beyond this share of the largest one are not round-off: the matrix is broken
 NEGATIVE_TOLERANCE = 1e-9
 MEASURES = (
     "intrinsic_dim",
     "intrinsic_dim_ratio",
+    "relative_dim",
     "soft_dof",
     "effective_rank",
     "top_eigenvalue",
     "trace",
     "n_negative_clipped",
 )
-PREFIXES = ("backbone.body.", "body.")
-
-
-def canonical(layer: str) -> str:
-    """Layer path without the backbone prefix, so classifier and detector layers line up."""
-    for prefix in PREFIXES:
-        if layer.startswith(prefix):
-            return layer[len(prefix) :]
-    return layer
+COVARIANCE_ARRAYS = ("second_moment", "mean")
+EIGENVALUE_ARRAYS = ("second_moment", "covariance")
 
 
 def eigenvalues(matrix: np.ndarray, scale: float | None = None, what: str = "matrix") -> tuple[np.ndarray, int]:
@@ -60,12 +53,14 @@ def eigenvalues(matrix: np.ndarray, scale: float | None = None, what: str = "mat
     return np.where(negative, 0.0, values), int(negative.sum())
 
 
-def measures(values: np.ndarray, threshold: float, soft_lambda: float, trace: float | None = None) -> dict:
-    """Dimension measures of a clipped, descending spectrum (see the module docstring)."""
+def measures(values: np.ndarray, cfg: dict, trace: float | None = None) -> dict:
+    """Dimension measures of a clipped, descending spectrum (see the module docstring); ``cfg`` is the
+    spectrum section (threshold, relative_threshold, soft_lambda)."""
     values = np.asarray(values, dtype=np.float64)
     channels = len(values)
     total = float(values.sum())
-    intrinsic = int((values > threshold).sum())
+    intrinsic = int((values > cfg["threshold"]).sum())
+    top = float(values[0]) if channels else float("nan")
     if total > 0:
         p = values[values > 0] / total
         effective_rank = float(np.exp(-(p * np.log(p)).sum()))
@@ -74,9 +69,10 @@ def measures(values: np.ndarray, threshold: float, soft_lambda: float, trace: fl
     return {
         "intrinsic_dim": intrinsic,
         "intrinsic_dim_ratio": intrinsic / channels if channels else float("nan"),
-        "soft_dof": float((values / (values + soft_lambda)).sum()),
+        "relative_dim": int((values > cfg["relative_threshold"] * top).sum()) if top > 0 else 0,
+        "soft_dof": float((values / (values + cfg["soft_lambda"])).sum()),
         "effective_rank": effective_rank,
-        "top_eigenvalue": float(values[0]) if channels else float("nan"),
+        "top_eigenvalue": top,
         "trace": total if trace is None else float(trace),
     }
 
@@ -107,11 +103,10 @@ def _row(root: dict, name: str, attrs: dict, spectra: dict, traces: dict, cfg: d
     }
     for key, prefix in (("second_moment", ""), ("covariance", "centered_")):
         values, clipped = spectra[key]
-        found = measures(values, cfg["threshold"], cfg["soft_lambda"], trace=traces[key])
+        found = measures(values, cfg, trace=traces[key])
         found["n_negative_clipped"] = clipped
         row.update({prefix + k: found[k] for k in MEASURES})
-    row["threshold"] = cfg["threshold"]
-    row["soft_lambda"] = cfg["soft_lambda"]
+    row.update({key: cfg[key] for key in ("threshold", "relative_threshold", "soft_lambda")})
     return row
 
 
@@ -120,20 +115,16 @@ def eigenvalue_path(out: str | Path) -> Path:
     return Path(out).with_suffix(".zarr")
 
 
-def decompose_store(
-    store_path: str | Path,
-    out: str | Path,
-    eigenvalues_out: str | Path | None = None,
-    cfg: dict | None = None,
-) -> pd.DataFrame:
-    """The ``eigpipe spectrum`` stage: eigenvalue store + one table row per layer of a covariance store."""
-    cfg = {**DEFAULTS, **(cfg or {})}
+def decompose(cfg: dict, store_path: Path, out: Path, eigenvalues_out: Path | None = None) -> pd.DataFrame:
+    """Eigenvalue store + one table row per layer of a covariance store (section spectrum)."""
+    section = cfg["spectrum"]
     rows, eig_arrays, eig_attrs = [], {}, {}
-    root = store.covariance_store_attrs(store_path)
-    for name, second, mean, attrs in store.iter_covariance_store(store_path):
+    root = store.store_attrs(store_path, store.COVARIANCE_KIND)
+    for name, arrays, attrs in store.iter_layers(store_path, store.COVARIANCE_KIND, COVARIANCE_ARRAYS):
+        second, mean = arrays["second_moment"], arrays["mean"]
         spectra = layer_spectra(second, mean, what=f"{store_path}: layer {name}")
         traces = {"second_moment": float(np.trace(second)), "covariance": float(np.trace(second) - mean @ mean)}
-        rows.append(_row(root, name, attrs, spectra, traces, cfg))
+        rows.append(_row(root, name, attrs, spectra, traces, section))
         eig_arrays[name] = {key: values for key, (values, _) in spectra.items()}
         eig_attrs[name] = {
             **attrs,
@@ -145,41 +136,10 @@ def decompose_store(
     attrs = {
         **{k: v for k, v in root.items() if k not in ("kind", "format_version", "layers")},
         "source_store": str(store_path),
-        "spectrum": cfg,
-        "spectrum_provenance": record(config=cfg, seed=None, device="cpu"),
+        "spectrum": section,
+        "spectrum_provenance": record(config=section, seed=None, device="cpu"),
     }
-    store.write_eigenvalue_store(eigenvalues_out or eigenvalue_path(out), eig_arrays, attrs, eig_attrs)
+    store.write_store(eigenvalues_out or eigenvalue_path(out), store.EIGENVALUE_KIND, eig_arrays, attrs, eig_attrs)
     table = pd.DataFrame(rows)
     write_table(out, table)
-    return table
-
-
-def read_table(path: str | Path) -> pd.DataFrame:
-    path = Path(path)
-    if not path.exists():
-        raise EigpipeError(f"{path}: table not found")
-    return pd.read_csv(path) if path.suffix == ".csv" else pd.read_parquet(path)
-
-
-def dimensions_table(spectra: Sequence[str | Path], out: str | Path | None = None) -> pd.DataFrame:
-    """The ``eigpipe dimensions`` stage: all snapshots' tables of a run in one, by (iteration, forward_index)."""
-    if not spectra:
-        raise EigpipeError("dimensions: no spectrum tables given")
-    frames = []
-    for path in spectra:
-        frame = read_table(path)
-        frame["source"] = str(path)
-        frames.append(frame)
-    table = pd.concat(frames, ignore_index=True)
-    duplicated = table.duplicated(subset=["run", "iteration", "layer"], keep=False)
-    if duplicated.any():
-        first = table[duplicated].iloc[0]
-        raise EigpipeError(
-            f"dimensions: run {first['run']} iteration {first['iteration']} layer {first['layer']} "
-            f"appears in more than one table ({', '.join(sorted(set(table[duplicated]['source'])))})"
-        )
-    keys = ["run", "iteration", "forward_index"] if table["run"].nunique() > 1 else ["iteration", "forward_index"]
-    table = table.sort_values(keys, kind="stable").reset_index(drop=True)
-    if out is not None:
-        write_table(out, table)
     return table

@@ -1,0 +1,348 @@
+"""Width derivation: new ResNet widths from a dimensions table under a body-MACs budget (the `eigpipe widths` stage)."""
+
+from __future__ import annotations
+
+import math
+import statistics
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from eigpipe.errors import ConfigError, EigpipeError
+from eigpipe.models.widths import Stage, WidthSpec
+
+BASE_MEASURES = ("intrinsic_dim", "relative_dim", "soft_dof", "effective_rank")
+MEASURES = BASE_MEASURES + tuple("centered_" + m for m in BASE_MEASURES)
+AGGREGATES: dict[str, Callable[[list[float]], float]] = {
+    "max": max, "mean": statistics.fmean, "median": statistics.median
+}
+TIED_FROM = ("block_output", "conv3")
+REQUIRED_COLUMNS = ("run", "iteration", "canonical", "channels")
+
+
+# -- analytic cost ------------------------------------------------------------------------------------------
+
+def _out(size: int, kernel: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def convs(spec: WidthSpec, height: int, width: int) -> Iterator[tuple[str, int, int, int, int]]:
+    """(canonical name, in channels, out channels, kernel, output positions) of every conv of the body."""
+    h, w = _out(height, 7, 2, 3), _out(width, 7, 2, 3)
+    yield "conv1", 3, spec.stem, 7, h * w
+    h, w = _out(h, 3, 2, 1), _out(w, 3, 2, 1)  # maxpool
+    cin = spec.stem
+    for i, stage in enumerate(spec.stages, start=1):
+        for j, (w1, w2) in enumerate(stage.blocks):
+            stride = 2 if (j == 0 and i > 1) else 1
+            ho, wo = _out(h, 3, stride, 1), _out(w, 3, stride, 1)
+            name = f"layer{i}.{j}"
+            yield f"{name}.conv1", cin, w1, 1, h * w
+            yield f"{name}.conv2", w1, w2, 3, ho * wo
+            yield f"{name}.conv3", w2, stage.out, 1, ho * wo
+            if stride != 1 or cin != stage.out:
+                yield f"{name}.downsample.0", cin, stage.out, 1, ho * wo
+            h, w, cin = ho, wo, stage.out
+
+
+def body_cost(spec: WidthSpec, height: int, width: int) -> tuple[int, int]:
+    """(params, MACs) of the ResNet body: conv weights + 2 affine terms per norm channel; conv MACs only."""
+    params = macs = 0
+    for _, cin, cout, k, positions in convs(spec, height, width):
+        weights = cin * cout * k * k
+        params += weights + 2 * cout
+        macs += weights * positions
+    return params, macs
+
+
+# -- derivation ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Derivation:
+    widths: WidthSpec
+    alpha: float
+    layers: list[dict[str, Any]] = field(default_factory=list)
+    body: dict[str, dict[str, float]] = field(default_factory=dict)
+    floor: int = 1
+    zero: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """One independent width: the stem, a block's conv1/conv2, or a stage's tied out width."""
+
+    key: tuple[int, int, int]  # (stage, block, which): stem (0, 0, 0); conv k of block (i, j, k); stage out (i, -1, 3)
+    sources: tuple[str, ...]
+    d: float
+    values: tuple[float, ...] = ()
+
+
+def _check_table(table: pd.DataFrame, spec: WidthSpec, measure: str) -> dict[str, pd.Series]:
+    if measure not in MEASURES:
+        raise ConfigError(f"widths.measure: unknown measure {measure!r}; accepted: {', '.join(MEASURES)}")
+    missing = [c for c in (*REQUIRED_COLUMNS, measure) if c not in table.columns]
+    if missing:
+        hint = " (re-run the spectrum stage to add it)" if measure in missing else ""
+        raise EigpipeError(f"dimensions table: no column {', '.join(missing)}{hint}")
+    if table.empty:
+        raise EigpipeError("dimensions table: no rows")
+    snapshots = sorted({(str(r), int(i)) for r, i in zip(table["run"], table["iteration"], strict=True)})
+    if len(snapshots) > 1:
+        shown = ", ".join(f"{r}@{i}" for r, i in snapshots[:6]) + (" ..." if len(snapshots) > 6 else "")
+        raise EigpipeError(f"dimensions table: holds {len(snapshots)} run/iteration snapshots ({shown}); give one")
+    duplicated = table["canonical"][table["canonical"].duplicated()]
+    if len(duplicated):
+        raise EigpipeError(f"dimensions table: layer {duplicated.iloc[0]} appears more than once")
+    rows = {str(row["canonical"]): row for _, row in table.iterrows()}
+    # depths: highest block index per stage present in the table
+    seen: dict[int, int] = {}
+    for name in rows:
+        parts = name.split(".")
+        if parts[0].startswith("layer") and parts[0][5:].isdigit() and len(parts) > 1 and parts[1].isdigit():
+            seen[int(parts[0][5:])] = max(seen.get(int(parts[0][5:]), 0), int(parts[1]) + 1)
+    for i in sorted(set(seen) | set(range(1, len(spec.stages) + 1))):
+        depth = spec.depths[i - 1] if i <= len(spec.stages) else 0
+        if i in seen and seen[i] != depth:
+            raise EigpipeError(
+                f"dimensions table: another architecture: layer{i} has {seen[i]} blocks in the table, {depth} in "
+                "the spec"
+            )
+    expected = {"conv1": spec.stem}
+    for i, stage in enumerate(spec.stages, start=1):
+        for j, (w1, w2) in enumerate(stage.blocks):
+            name = f"layer{i}.{j}"
+            expected.update({f"{name}.conv1": w1, f"{name}.conv2": w2, f"{name}.conv3": stage.out, name: stage.out})
+            expected[f"{name}.downsample.0"] = stage.out
+    for name, width in expected.items():
+        if name in rows and int(rows[name]["channels"]) != width:
+            raise EigpipeError(
+                f"dimensions table: another architecture: {name} has {int(rows[name]['channels'])} channels in the "
+                f"table, {width} in the spec"
+            )
+    return rows
+
+
+def _value(rows: dict[str, pd.Series], name: str, measure: str) -> float:
+    if name not in rows:
+        raise EigpipeError(f"dimensions table: layer {name} is missing (the widths spec needs it)")
+    value = float(rows[name][measure])
+    if not math.isfinite(value) or value < 0:
+        raise EigpipeError(f"dimensions table: layer {name} has {measure} = {value} (need a finite value >= 0)")
+    return value
+
+
+def _slots(rows: dict[str, pd.Series], spec: WidthSpec, measure: str, aggregate: str, tied_from: str) -> list[_Slot]:
+    stem = _value(rows, "conv1", measure)
+    slots = [_Slot((0, 0, 0), ("conv1",), stem, (stem,))]
+    for i, stage in enumerate(spec.stages, start=1):
+        for j in range(len(stage.blocks)):
+            for k in (1, 2):
+                name = f"layer{i}.{j}.conv{k}"
+                value = _value(rows, name, measure)
+                slots.append(_Slot((i, j, k), (name,), value, (value,)))
+        suffix = "" if tied_from == "block_output" else ".conv3"
+        sources = tuple(f"layer{i}.{j}{suffix}" for j in range(len(stage.blocks)))
+        values = [_value(rows, name, measure) for name in sources]
+        slots.append(_Slot((i, -1, 3), sources, float(AGGREGATES[aggregate](values)), tuple(values)))
+    return slots
+
+
+def _round(value: float, multiple: int, floor: int) -> int:
+    return max(floor, multiple * math.floor(value / multiple + 0.5))
+
+
+def _spec(slots: list[_Slot], alpha: float, multiple: int, floor: int, like: WidthSpec) -> WidthSpec:
+    widths = {slot.key: _round(alpha * slot.d, multiple, floor) for slot in slots}
+    stages = tuple(
+        Stage(out=widths[(i, -1, 3)], blocks=tuple((widths[(i, j, 1)], widths[(i, j, 2)]) for j in range(depth)))
+        for i, depth in enumerate(like.depths, start=1)
+    )
+    return WidthSpec(stem=widths[(0, 0, 0)], stages=stages)
+
+
+def _position(name: str) -> tuple[int, int, int]:
+    """(stage, block, conv) of a conv's canonical name: the stem is (0, 0, 0), a downsample is conv 4."""
+    if name == "conv1":
+        return 0, 0, 0
+    parts = name.split(".")
+    return int(parts[0][5:]), int(parts[1]), 4 if parts[2] == "downsample" else int(parts[2][-1])
+
+
+def _layers(original: WidthSpec, derived: WidthSpec, slots: list[_Slot], size: tuple[int, int]) -> list[dict]:
+    """Per conv of either body (a downsample exists only where in != out): measure, widths, params, MACs."""
+    by_key = {slot.key: slot for slot in slots}
+    old = {name: rest for name, *rest in convs(original, *size)}
+    new = {name: rest for name, *rest in convs(derived, *size)}
+    layers = []
+    for name in sorted(old.keys() | new.keys(), key=_position):
+        i, j, k = _position(name)
+        slot = by_key[(i, j, k) if k in (0, 1, 2) and (i, j, k) in by_key else (i, -1, 3)]
+        entry: dict[str, Any] = {"name": name, "source": ",".join(slot.sources), "d": slot.d}
+        costs: dict[str, int] = {}
+        for which, found in (("original", old), ("derived", new)):
+            cin, cout, kernel, positions = found.get(name, (0, None, 0, 0))
+            entry[which] = cout  # None: no such conv in that body (a downsample exists only where in != out)
+            costs[f"params_{which}"] = cin * (cout or 0) * kernel * kernel + 2 * (cout or 0)
+            costs[f"macs_{which}"] = cin * (cout or 0) * kernel * kernel * positions
+        layers.append({**entry, **dict(sorted(costs.items()))})
+    return layers
+
+
+def widths_at(
+    table: pd.DataFrame,
+    spec: WidthSpec,
+    alpha: float,
+    *,
+    measure: str = "intrinsic_dim",
+    multiple: int = 8,
+    min_width: int = 8,
+    aggregate: str = "max",
+    tied_from: str = "block_output",
+) -> WidthSpec:
+    """The widths a given alpha assigns (no budget): what derive_widths bisects over."""
+    slots = _slots(_check_table(table, spec, measure), spec, measure, aggregate, tied_from)
+    return _spec(slots, alpha, multiple, multiple * math.ceil(min_width / multiple), spec)
+
+
+def derive_widths(
+    table: pd.DataFrame,
+    spec: WidthSpec,
+    *,
+    measure: str = "intrinsic_dim",
+    multiple: int = 8,
+    min_width: int = 8,
+    macs_budget: float = 1.0,
+    input_size: tuple[int, int] = (224, 224),
+    aggregate: str = "max",
+    tied_from: str = "block_output",
+) -> Derivation:
+    """Widths alpha * d rounded to ``multiple`` (at least ``min_width``), with the largest global alpha whose body
+    MACs at ``input_size`` stay within ``macs_budget`` x the original's. ``table`` is one run's one snapshot."""
+    if aggregate not in AGGREGATES:
+        raise ConfigError(f"widths.aggregate: unknown {aggregate!r}; accepted: {', '.join(AGGREGATES)}")
+    if tied_from not in TIED_FROM:
+        raise ConfigError(f"widths.tied_from: unknown {tied_from!r}; accepted: {', '.join(TIED_FROM)}")
+    if multiple < 1 or min_width < 1 or not macs_budget > 0:
+        raise ConfigError(f"widths: need multiple >= 1, min_width >= 1, macs_budget > 0 ({multiple}, {min_width}, "
+                          f"{macs_budget})")
+    height, width = (int(v) for v in input_size)
+    rows = _check_table(table, spec, measure)
+    slots = _slots(rows, spec, measure, aggregate, tied_from)
+    floor = multiple * math.ceil(min_width / multiple)  # the smallest multiple of `multiple` >= min_width
+    original_params, original_macs = body_cost(spec, height, width)
+    budget = macs_budget * original_macs
+
+    def macs(alpha: float) -> int:
+        return body_cost(_spec(slots, alpha, multiple, floor, spec), height, width)[1]
+
+    if macs(0.0) > budget:
+        raise EigpipeError(
+            f"widths: the budget cannot be met: the smallest body MACs (every width at the floor {floor}) are "
+            f"{macs(0.0):,}, the budget is {budget:,.0f} ({macs_budget} x {original_macs:,})"
+        )
+    lo, hi = 0.0, 1.0
+    if any(slot.d > 0 for slot in slots):
+        while macs(hi) <= budget:  # bracket: MACs grow without bound with alpha
+            lo, hi = hi, hi * 2
+            if math.isinf(hi):
+                raise EigpipeError("widths: alpha diverges (measures too small to reach the budget)")
+        while True:  # MACs(alpha) is a non-decreasing step function: bisect down to adjacent floats
+            mid = lo + (hi - lo) / 2
+            if mid <= lo or mid >= hi:
+                break
+            lo, hi = (mid, hi) if macs(mid) <= budget else (lo, mid)
+    derived = _spec(slots, lo, multiple, floor, spec)
+    params, derived_macs = body_cost(derived, height, width)
+    zero = [name for slot in slots if slot.d == 0 for name, v in zip(slot.sources, slot.values, strict=True) if v == 0]
+    if zero:
+        print(f"warning: widths: {measure} is 0 at {', '.join(zero)}: their convs get the floor width {floor}",
+              file=sys.stderr)
+    return Derivation(
+        widths=derived,
+        alpha=lo,
+        layers=_layers(spec, derived, slots, (height, width)),
+        body={
+            "original": {"params": original_params, "macs": original_macs},
+            "derived": {"params": params, "macs": derived_macs},
+            "ratio": {"params": params / original_params, "macs": derived_macs / original_macs},
+        },
+        floor=floor,
+        zero=zero,
+    )
+
+
+# -- the stage ----------------------------------------------------------------------------------------------
+
+def _detector(meta: dict, spec: WidthSpec, size: tuple[int, int]) -> dict[str, int]:
+    from eigpipe.complexity import model_complexity
+    from eigpipe.models import build_detector
+
+    model = build_detector(meta["model_name"], meta["model_config"], meta["num_classes"], widths=spec)
+    found = model_complexity(model, *size)
+    return {"params": found["detector_params"], "macs": found["detector_macs"],
+            "body_params": found["body_params"], "body_macs": found["body_macs"]}
+
+
+def derive(cfg: dict, dimensions: Path, checkpoint: Path, out: Path) -> dict:
+    """The `eigpipe widths` stage: write a widths spec YAML with its `derivation` record; return the record."""
+    from eigpipe import config, provenance
+    from eigpipe.models.checkpoint import read_checkpoint
+
+    section = config.validate(dict(cfg.get("widths") or {}), "widths", config.schema()["properties"]["widths"])
+    dimensions, checkpoint, out = Path(dimensions), Path(checkpoint), Path(out)
+    if not dimensions.is_file():
+        raise EigpipeError(f"{dimensions}: dimensions table not found")
+    table = pd.read_parquet(dimensions)
+    if "iteration" not in table.columns or table.empty:
+        raise EigpipeError(f"{dimensions}: not a dimensions table (no rows or no iteration column)")
+    available = sorted(int(i) for i in table["iteration"].unique())
+    iteration = available[-1] if section["source_iteration"] is None else int(section["source_iteration"])
+    if iteration not in available:
+        raise EigpipeError(f"{dimensions}: no iteration {iteration} (the table has {', '.join(map(str, available))})")
+    table = table[table["iteration"] == iteration]
+    raw = read_checkpoint(checkpoint)
+    meta = {k: v for k, v in raw.items() if k != "state_dict"}
+    for key in ("model_config", "widths", "num_classes", "model_name"):
+        if key not in meta:
+            raise EigpipeError(f"{checkpoint}: checkpoint meta lacks {key!r} (not an eigpipe detector checkpoint)")
+    original = WidthSpec.from_dict(meta["widths"], source=f"{checkpoint}: widths")
+    runs = sorted({str(r) for r in table["run"]}) if "run" in table.columns else []
+    if meta.get("run") is not None and runs and runs != [str(meta["run"])]:
+        print(f"warning: widths: table run {', '.join(runs)} is not checkpoint run {meta['run']}", file=sys.stderr)
+    size = tuple(section["input_size"] or (meta["model_config"]["min_size"],) * 2)
+    try:
+        result = derive_widths(
+            table, original, measure=section["measure"], multiple=section["multiple"],
+            min_width=section["min_width"], macs_budget=section["macs_budget"], input_size=size,
+            aggregate=section["aggregate"], tied_from=section["tied_from"],
+        )
+    except EigpipeError as exc:  # name the file the table came from
+        raise type(exc)(f"{dimensions}: {exc}") from None
+    detector = {"original": _detector(meta, original, size), "derived": _detector(meta, result.widths, size)}
+    detector["ratio"] = {k: detector["derived"][k] / detector["original"][k] for k in ("params", "macs")}
+    record = {
+        "source": {"run": runs[0] if runs else meta.get("run"), "iteration": iteration,
+                   "model_name": meta["model_name"], "dimensions": str(dimensions),
+                   "dimensions_sha256": provenance.sha256_file(dimensions), "checkpoint": str(checkpoint),
+                   "checkpoint_sha256": provenance.sha256_file(checkpoint)},
+        "measure": section["measure"], "alpha": result.alpha, "macs_budget": section["macs_budget"],
+        "budget_macs": int(section["macs_budget"] * result.body["original"]["macs"]), "floor": result.floor,
+        "multiple": section["multiple"], "min_width": section["min_width"], "aggregate": section["aggregate"],
+        "tied_from": section["tied_from"], "input_size": list(size),
+        "body": result.body, "detector": detector, "original_widths": original.to_dict(), "layers": result.layers,
+        "provenance": provenance.record(config=section, inputs=[dimensions, checkpoint]),
+    }
+    text = yaml.safe_dump({**result.widths.to_dict(), "derivation": record}, default_flow_style=None, sort_keys=False)
+    with provenance.publish(out) as tmp:
+        tmp.write_text(text)
+        if WidthSpec.load(tmp) != result.widths:
+            raise EigpipeError(f"{out}: the written widths spec does not read back as derived")
+    body = result.body["ratio"]
+    print(f"widths: {record['source']['run']} @ {iteration} by {section['measure']}: alpha {result.alpha:.4g}, "
+          f"body params x{body['params']:.3f}, body MACs x{body['macs']:.3f} -> {out}", file=sys.stderr)
+    return record

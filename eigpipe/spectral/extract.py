@@ -1,0 +1,145 @@
+"""The ``eigpipe covariance`` stage: one covariance store per checkpoint, with the attributes it records."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from eigpipe import provenance
+from eigpipe.errors import EigpipeError
+from eigpipe.spectral import store
+from eigpipe.spectral.accumulator import CovarianceAccumulator
+from eigpipe.spectral.hooks import accumulate, input_transform
+from eigpipe.spectral.layers import Layer, select_layers
+
+MATRIX = "second_moment = (1/n) sum_i mean_xy F F^T (uncentred); mean = (1/n) sum_i mean_xy F"
+
+
+def _batches(dataset: Any, indices: Sequence[int], batch_size: int) -> Iterator[tuple[list, list]]:
+    for start in range(0, len(indices), batch_size):
+        items = [dataset[i] for i in indices[start : start + batch_size]]
+        yield [img for img, _ in items], [_image_id(target) for _, target in items]
+
+
+def _image_id(target: dict) -> int:
+    value = target["image_id"]
+    return int(value.item() if isinstance(value, torch.Tensor) else value)
+
+
+def gather_to_main(accumulators: dict[str, CovarianceAccumulator], names: Sequence[str], runtime: Any) -> None:
+    """Under torchrun: merge every rank's partial accumulators into rank 0's (in place)."""
+    import torch.distributed as dist
+
+    states = {name: acc.state_dict() for name, acc in accumulators.items()}
+    gathered: list[Any] | None = [None] * runtime.world_size if runtime.is_main else None
+    dist.gather_object(states, gathered, dst=0)
+    if not runtime.is_main:
+        return
+    assert gathered is not None
+    for rank_states in gathered[1:]:
+        for name in names:
+            if name in rank_states:
+                other = CovarianceAccumulator.from_state_dict(rank_states[name], runtime.device)
+                if name in accumulators:
+                    accumulators[name].merge(other)
+                else:
+                    accumulators[name] = other
+
+
+def transform_attrs(transform: nn.Module) -> dict[str, Any]:
+    """The input transform every image went through (resize bounds, normalisation, padding)."""
+    return {
+        "transform": type(transform).__name__,
+        "min_size": list(getattr(transform, "min_size", ())),
+        "max_size": getattr(transform, "max_size", None),
+        "mean": list(getattr(transform, "image_mean", ())),
+        "std": list(getattr(transform, "image_std", ())),
+        "size_divisible": getattr(transform, "size_divisible", None),
+    }
+
+
+def root_attrs(meta: dict, paths: dict[str, Path], n_images: int, cfg: dict, transform: nn.Module, device: str,
+               world_size: int) -> dict[str, Any]:
+    """Root attributes of a covariance store: what was measured, on what, and how."""
+    annotations_sha = provenance.sha256_file(paths["annotations"])
+    record = provenance.record(config=cfg["covariance"], seed=cfg["seed"], device=device)
+    record["inputs"] = {str(paths["checkpoint"]): meta["sha256"], str(paths["annotations"]): annotations_sha}
+    record["world_size"] = world_size
+    return {
+        **{key: meta.get(key) for key in ("run", "iteration", "init", "task", "model_name", "num_classes")},
+        "model_config": meta.get("model_config"),
+        "widths": meta.get("widths"),
+        "checkpoint": str(paths["checkpoint"]),
+        "checkpoint_sha256": meta["sha256"],
+        "checkpoint_provenance": meta.get("provenance"),
+        "dataset": {
+            "annotations": str(paths["annotations"]),
+            "annotations_sha256": annotations_sha,
+            "images": str(paths["images"]),
+            "n_images": int(n_images),
+            "order": "first n image ids, ascending",
+        },
+        "n_images": int(n_images),
+        "selectors": list(cfg["covariance"]["layers"]),
+        "input": transform_attrs(transform),
+        "matrix": MATRIX,
+        "provenance": record,
+    }
+
+
+def layer_attrs(layer: Layer, acc: CovarianceAccumulator) -> dict[str, Any]:
+    """Attributes of one layer group."""
+    return {
+        "module_type": layer.module_type,
+        "tap": layer.tap,
+        "channels": int(acc.channels),
+        "feature_shape": list(layer.feature_shape),
+        "count": int(acc.count),
+        "positions": int(acc.positions),
+        "forward_index": int(layer.forward_index),
+    }
+
+
+def extract(cfg: dict, checkpoint: Path, annotations: Path, images: Path, out: Path) -> Path | None:
+    """One covariance store for one checkpoint (sections covariance, runtime, seed).
+
+    Under torchrun every rank takes a strided share of the images; rank 0 merges and writes.
+    """
+    from tqdm import tqdm
+
+    from eigpipe import runtime
+    from eigpipe.data.coco import CocoDetection
+    from eigpipe.models import load_checkpoint
+
+    section = cfg["covariance"]
+    provenance.check_writable(out)
+    rt = runtime.setup(cfg["runtime"], seed=cfg["seed"])
+    model, meta = load_checkpoint(checkpoint, rt.device)
+    selected = select_layers(model, section["layers"])
+    dataset = CocoDetection(annotations, images, train=False)
+    n = min(section["images"], len(dataset))
+    if n == 0:
+        raise EigpipeError(f"{annotations}: no images to extract features from")
+    if n < section["images"] and rt.is_main:
+        print(f"covariance: only {n} images in {annotations} (asked for {section['images']})", file=sys.stderr)
+    share = list(range(rt.rank, n, rt.world_size))
+    desc = f"covariance {meta.get('run')}@{meta.get('iteration')}"
+    with tqdm(total=len(share), desc=desc, unit="img", file=sys.stderr, disable=not rt.is_main) as bar:
+        batches = _batches(dataset, share, section["batch_size"])
+        ordered, accs = accumulate(model, meta, selected, batches, rt.device, bar)
+    if rt.distributed:
+        gather_to_main(accs, [layer.name for layer in ordered], rt)
+        if not rt.is_main:
+            return None
+    paths = {"checkpoint": Path(checkpoint), "annotations": Path(annotations), "images": Path(images)}
+    attrs = root_attrs(meta, paths, n, cfg, input_transform(model, meta), str(rt.device), rt.world_size)
+    arrays = {layer.name: {"second_moment": accs[layer.name].second_moment, "mean": accs[layer.name].mean}
+              for layer in ordered}
+    per_layer = {layer.name: layer_attrs(layer, accs[layer.name]) for layer in ordered}
+    return store.write_store(out, store.COVARIANCE_KIND, arrays, attrs, per_layer)
+

@@ -1,0 +1,158 @@
+"""Forward hooks that fold the selected layers' features into accumulators while a model runs on images."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from eigpipe.errors import EigpipeError, NumericalError
+from eigpipe.models.taps import is_detector, runner_path
+from eigpipe.spectral.accumulator import CovarianceAccumulator, FeatureBatch, NonFiniteFeature, Workspace
+from eigpipe.spectral.layers import Layer
+
+
+def input_transform(model: nn.Module, meta: dict) -> nn.Module:
+    """How every model sees the images: the detector's own transform, or the same one for classifiers."""
+    if meta["task"] == "detection":
+        transform = getattr(model, "transform", None)
+        if transform is None:
+            raise EigpipeError(f"checkpoint of run {meta.get('run')}: detector has no transform module")
+        return transform
+    from eigpipe.models import build_transform
+
+    return build_transform(meta["model_config"])
+
+
+class Extractor:
+    """Hooks the selected layers of a model and folds every batch's features into accumulators.
+
+    Use as a context manager (hooks are removed on exit); call ``run(images, image_ids)`` per batch.
+    Only the smallest part of the model that runs every selected layer is run (the body, the backbone,
+    or, for head layers, the whole model, whose own transform then sees the images).
+    """
+
+    def __init__(self, model: nn.Module, meta: dict, layers: Sequence[Layer], device: torch.device | str) -> None:
+        self.model = model
+        self.layers = list(layers)
+        self.device = torch.device(device)
+        self.transform = input_transform(model, meta).to(self.device).eval()
+        part = runner_path(model, [name for layer in self.layers for name in (layer.tap, layer.name)])
+        self.runner = model.get_submodule(part) if part else None
+        self.accumulators: dict[str, CovarianceAccumulator] = {}
+        self.workspace = Workspace()
+        self._by_tap: dict[str, list[Layer]] = {}
+        for layer in self.layers:
+            self._by_tap.setdefault(layer.tap, []).append(layer)
+        self._handles: list[Any] = []
+        self._fired: dict[str, int] = {}
+        self._order: list[str] = []
+        self._batch: tuple[list[tuple[int, int]], tuple[int, int], list[Any]] | None = None
+        self._ids: list[Any] = []
+
+    def __enter__(self) -> Extractor:
+        for tap in self._by_tap:
+            self._handles.append(self.model.get_submodule(tap).register_forward_hook(self._hook(tap)))
+        if self.runner is None and is_detector(self.model):
+            self._handles.append(self.transform.register_forward_hook(self._record_transform))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def run(self, images: Sequence[torch.Tensor], image_ids: Sequence[Any]) -> None:
+        """Forward and accumulate one batch of [3, H, W] images in [0, 1]."""
+        self._fired = {}
+        self._ids = list(image_ids)
+        first = not self._order
+        images = [img.to(self.device) for img in images]
+        if self.runner is None and is_detector(self.model):
+            self.model(images)  # its transform's hook records the batch geometry
+        else:
+            batched, _ = self.transform(images)
+            self._record_transform(self.transform, (images,), (batched, None))
+            (self.runner or self.model)(batched.tensors)
+        self._check_fired(first)
+
+    def _record_transform(self, _module: nn.Module, _inputs: Any, output: Any) -> None:
+        batched = output[0]
+        padded = (batched.tensors.shape[-2], batched.tensors.shape[-1])
+        self._batch = (list(batched.image_sizes), padded, self._ids)
+
+    def _check_fired(self, first: bool) -> None:
+        missing = [layer.name for layer in self.layers if layer.tap not in self._fired]
+        if missing:
+            raise EigpipeError(f"layer {missing[0]}: the forward pass never ran its module ({len(missing)} such)")
+        if first:
+            for i, name in enumerate(self._order):
+                for layer in self._by_tap[name]:
+                    layer.forward_index = i
+            self.layers.sort(key=lambda layer: layer.forward_index)
+
+    def _hook(self, tap: str) -> Callable[..., None]:
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            self._fired[tap] = self._fired.get(tap, 0) + 1
+            if self._fired[tap] > 1:
+                raise EigpipeError(
+                    f"layer {self._by_tap[tap][0].name}: module {tap} runs more than once per forward pass; "
+                    "its features are ambiguous (select a module that runs once)"
+                )
+            if len(self._order) < len(self._by_tap) and tap not in self._order:
+                self._order.append(tap)
+            for layer in self._by_tap[tap]:
+                self._accumulate(layer, output)
+
+        return hook
+
+    def _accumulate(self, layer: Layer, output: Any) -> None:
+        if not isinstance(output, torch.Tensor):
+            raise EigpipeError(f"layer {layer.name}: output of {layer.tap} is a {type(output).__name__}, not a tensor")
+        feats = output.unsqueeze(-1).unsqueeze(-1) if output.dim() == 2 else output
+        if feats.dim() != 4:
+            raise EigpipeError(f"layer {layer.name}: expected a [N, C, H, W] feature, got {tuple(output.shape)}")
+        assert self._batch is not None
+        sizes, padded, ids = self._batch
+        per_image = not layer.per_region and feats.shape[0] == len(ids)
+        crops = _crop_valid(feats, sizes, padded) if per_image else feats
+        acc = self.accumulators.get(layer.name)
+        if acc is None:
+            acc = self.accumulators[layer.name] = CovarianceAccumulator(feats.shape[1], self.device, self.workspace)
+            first = crops[0]
+            layer.feature_shape = [int(s) for s in first.shape]
+        try:
+            acc.update(crops)
+        except NonFiniteFeature as bad:
+            where = f"image id {ids[bad.index]}" if per_image else f"the batch of image ids {list(ids)}"
+            raise NumericalError(f"layer {layer.name}: non-finite feature in {where}") from None
+
+
+def _crop_valid(feats: torch.Tensor, sizes: list[tuple[int, int]], padded: tuple[int, int]) -> FeatureBatch:
+    """Each image's feature map without the zero padding of the batch (the whole batch if none)."""
+    fh, fw = feats.shape[-2:]
+    valid = [(math.ceil(h * fh / padded[0]), math.ceil(w * fw / padded[1])) for h, w in sizes]
+    if all(v == (fh, fw) for v in valid):
+        return feats
+    return [feats[i, :, :vh, :vw] for i, (vh, vw) in enumerate(valid)]
+
+
+def accumulate(
+    model: nn.Module,
+    meta: dict,
+    layers: Sequence[Layer],
+    batches: Iterable[tuple[Sequence[torch.Tensor], Sequence[Any]]],
+    device: torch.device | str,
+    progress: Any = None,
+) -> tuple[list[Layer], dict[str, CovarianceAccumulator]]:
+    """Run every batch of (images, image ids) through the model; layers come back in forward order."""
+    model.eval()
+    with torch.inference_mode(), Extractor(model, meta, layers, device) as extractor:
+        for images, ids in batches:
+            extractor.run(images, ids)
+            if progress is not None:
+                progress.update(len(images))
+    return extractor.layers, extractor.accumulators

@@ -1,0 +1,151 @@
+"""Zarr v3 stores of per-layer arrays: atomic publication, attributes as given, integrity checked on every read.
+
+Layout (DESIGN.md, "Artifacts")::
+
+    <name>.zarr/            root attrs (the writing stage's), plus kind, format_version, layers (forward order)
+      <layer path>/         layer attrs (the writing stage's), plus integrity: {array: {sha256, shape, dtype}}
+        <array>             float64, chunked, zstd
+
+Zarr reads a missing chunk as its fill value, so every array's checksum, shape and dtype are recorded
+when it is written and verified when it is read: a missing, truncated or corrupted array fails in one
+line naming the store, the layer and the array. The stores open with plain ``zarr.open_group(path,
+mode="r")``; nothing here needs the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import ZstdCodec
+
+from eigpipe.errors import EigpipeError
+from eigpipe.provenance import publish
+
+COVARIANCE_KIND = "eigpipe.covariance"
+EIGENVALUE_KIND = "eigpipe.eigenvalues"
+FORMAT_VERSION = 1
+CHUNK = 512  # [C, C] chunks of at most 512 x 512 float64 (2 MiB)
+INTEGRITY = "integrity"
+
+Arrays = dict[str, np.ndarray]
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def as_numpy(value: Any) -> np.ndarray:
+    """A float64 C-contiguous copy-free view where possible (torch tensors are moved to the CPU)."""
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().numpy()
+    return np.ascontiguousarray(value, dtype=np.float64)
+
+
+def fingerprint(data: np.ndarray) -> dict[str, Any]:
+    """What is recorded of an array to verify it on read: sha256 of its bytes, shape and dtype."""
+    data = np.ascontiguousarray(data)
+    return {"sha256": hashlib.sha256(data.tobytes()).hexdigest(), "shape": list(data.shape), "dtype": str(data.dtype)}
+
+
+def _check_name(name: str) -> None:
+    if not name or "/" in name or name.startswith("__"):
+        raise EigpipeError(f"layer {name!r}: not usable as a zarr group name")
+
+
+def _consolidate(path: Path) -> None:
+    with warnings.catch_warnings():
+        # zarr warns that consolidated metadata is not yet in the v3 spec; zarr-python itself reads it
+        warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+        zarr.consolidate_metadata(str(path))
+
+
+def write_store(
+    path: str | Path, kind: str, layers: Mapping[str, Arrays], attrs: dict, layer_attrs: Mapping[str, dict]
+) -> Path:
+    """Publish ``layers`` ({layer: {array: data}}, forward order) with the given attributes, atomically."""
+    path = Path(path)
+    with publish(path) as tmp:
+        root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+        root.attrs.update(_jsonable({**attrs, "kind": kind, "format_version": FORMAT_VERSION, "layers": list(layers)}))
+        for name, arrays in layers.items():
+            _check_name(name)
+            group = root.create_group(name)
+            integrity = {}
+            for array_name, value in arrays.items():
+                data = as_numpy(value)
+                chunks = tuple(min(s, CHUNK) for s in data.shape) or ()
+                group.create_array(array_name, data=data, chunks=chunks, compressors=ZstdCodec(level=3))
+                integrity[array_name] = fingerprint(data)
+            group.attrs.update(_jsonable({**layer_attrs.get(name, {}), INTEGRITY: integrity}))
+        _consolidate(tmp)
+    return path
+
+
+def open_store(path: str | Path, kind: str) -> zarr.Group:
+    """The root group of a store of ``kind``; one-line errors for a missing, unreadable or foreign store."""
+    path = Path(path)
+    if not path.exists():
+        raise EigpipeError(f"{path}: store not found")
+    try:
+        root = zarr.open_group(str(path), mode="r")
+        found = root.attrs.get("kind")
+    except Exception as exc:  # zarr raises several types for a damaged or foreign store
+        raise EigpipeError(f"{path}: not a readable zarr group ({type(exc).__name__}: {exc})") from None
+    if found != kind:
+        raise EigpipeError(f"{path}: not an {kind} store (kind={found!r})")
+    if not isinstance(root.attrs.get("layers"), list):
+        raise EigpipeError(f"{path}: the root attrs have no list of layers")
+    return root
+
+
+def store_attrs(path: str | Path, kind: str) -> dict:
+    """Root attributes of a store (no array is read)."""
+    return dict(open_store(path, kind).attrs)
+
+
+def _read_array(group: zarr.Group, name: str, where: str, expected: dict | None) -> np.ndarray:
+    try:
+        data = group[name][...]
+    except KeyError:
+        raise EigpipeError(f"{where}: array {name} is missing") from None
+    except Exception as exc:  # decompression and decoding errors of damaged chunks
+        raise EigpipeError(f"{where}: array {name} cannot be read ({type(exc).__name__}: {exc})") from None
+    if expected is not None and fingerprint(data) != expected:
+        raise EigpipeError(f"{where}: array {name} does not match its recorded checksum (missing or damaged chunks)")
+    return data
+
+
+def iter_layers(path: str | Path, kind: str, arrays: Sequence[str]) -> Iterator[tuple[str, Arrays, dict]]:
+    """(layer, {array: data}, layer attrs) in forward order, one layer in memory at a time, each verified."""
+    root = open_store(path, kind)
+    warned = False
+    for name in root.attrs["layers"]:
+        where = f"{path}: layer {name}"
+        try:
+            group = root[name]
+        except KeyError:
+            raise EigpipeError(f"{where}: listed in the root attrs but has no group") from None
+        attrs = dict(group.attrs)
+        integrity = attrs.pop(INTEGRITY, None)
+        if integrity is None and not warned:
+            print(f"warning: {path}: written before integrity checksums; its arrays are read unverified",
+                  file=sys.stderr)
+            warned = True
+        unrecorded = [a for a in arrays if integrity is not None and a not in integrity]
+        if unrecorded:
+            raise EigpipeError(f"{where}: array {unrecorded[0]} has no recorded checksum")
+        data = {a: _read_array(group, a, where, integrity[a] if integrity else None) for a in arrays}
+        yield name, data, attrs
+
+
+def read_store(path: str | Path, kind: str, arrays: Sequence[str]) -> tuple[dict, dict[str, tuple[Arrays, dict]]]:
+    """(root attrs, {layer: ({array: data}, layer attrs)}) of a whole store, verified."""
+    return store_attrs(path, kind), {name: (data, attrs) for name, data, attrs in iter_layers(path, kind, arrays)}
