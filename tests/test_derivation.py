@@ -14,8 +14,9 @@ from eigpipe import config
 from eigpipe.complexity import count_macs, count_params, model_complexity
 from eigpipe.errors import ConfigError, EigpipeError
 from eigpipe.models import WidthSpec, build_body, build_detector, save_checkpoint, standard
+from eigpipe.models.cost import body_cost, convs
 from eigpipe.models.widths import Stage
-from eigpipe.spectral.derivation import MEASURES, body_cost, convs, derive, derive_widths, widths_at
+from eigpipe.spectral.derivation import MEASURES, derive, derive_widths, widths_at
 
 TINY = {"width_multiplier": 0.0625, "norm": "gn", "gn_groups": 4, "fpn_channels": 16, "min_size": 64,
         "max_size": 64, "anchor_sizes": [4, 8, 16, 32, 64], "box_head": {"type": "mlp", "representation_size": 32},

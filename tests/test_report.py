@@ -8,9 +8,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
-from eigpipe import cli, report, store
+from eigpipe import cli, report
 from eigpipe.errors import EigpipeError
+from eigpipe.report import comparison, inputs
+from eigpipe.spectral import store
 
 BODY = ["conv1", "layer1.0.conv1", "layer1.0.conv2", "layer2.0.conv3", "layer2.1.conv2", "layer2.1.conv3"]
 BODY += ["layer3.0.conv3", "layer4.0.conv2", "layer4.0.conv3", "layer4.0"]
@@ -54,18 +57,40 @@ def eigenvalue_stores(tmp_path: Path, runs: dict = RUNS) -> list[Path]:
             values[-2:] = 0.0
             eigs[full] = {"second_moment": values, "covariance": values / 2}
         root = {"run": run, "init": init, "iteration": iterations[-1]}
-        paths.append(store.write_eigenvalue_store(tmp_path / f"{run}.zarr", eigs, root))
+        paths.append(store.write_store(tmp_path / f"{run}.zarr", store.EIGENVALUE_KIND, eigs, root, {}))
     return paths
+
+
+def evaluation(tmp_path: Path, run: str, ap: float, seed: int = 0, body_params: int = 1_400_000,
+               widths: str | None = None, segm: float | None = None) -> Path:
+    init = "pretrained" if "pretrained" in run else "scratch"
+    stats = {name: ap + i / 100 for i, name in enumerate(("AP", "AP50", "AP75", "APs", "APm", "APl"))}
+    record = {"run": run, "model_name": run.split("-")[0], "init": init, "seed": seed, "widths": widths,
+              "bbox": stats, "per_class": [1],
+              "complexity": {"input_size": [128, 128], "body_params": body_params, "detector_params": 2 * body_params,
+                             "body_macs": 25_000_000, "detector_macs": 79_000_000}}
+    if segm is not None:
+        record["segm"] = {name: segm for name in stats}
+    path = tmp_path / "eval" / f"{run}.json"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(record))
+    return path
 
 
 def evaluations(tmp_path: Path) -> list[Path]:
-    paths = []
-    for run, ap in [("faster_rcnn-scratch", 0.41), ("faster_rcnn-pretrained", 0.43)]:
-        path = tmp_path / f"{run}.json"
-        record = {"run": run, "bbox": {"AP": ap, "AP50": ap + 0.2}, "params": 1.4e6, "macs": 7.9e7, "per_class": [1]}
-        path.write_text(json.dumps(record))
-        paths.append(path)
-    return paths
+    return [evaluation(tmp_path, "faster_rcnn-scratch", 0.41), evaluation(tmp_path, "faster_rcnn-pretrained", 0.43)]
+
+
+def derivation_file(tmp_path: Path, name: str = "faster_rcnn-derived") -> Path:
+    layers = [{"name": n, "d": d, "original": o, "derived": w} for n, d, o, w in
+              [("conv1", 5, 8, 8), ("layer1.0.conv1", 3, 8, 4), ("layer1.out", 20, 32, 24), ("layer1.0.downsample.0",
+                                                                                             20, 32, None)]]
+    record = {"measure": "intrinsic_dim", "alpha": 1.2, "body": {"ratio": {"params": 0.7, "macs": 0.99}},
+              "layers": layers}
+    path = tmp_path / "widths" / f"{name}.yaml"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(yaml.safe_dump({"stem": 8, "stages": [], "derivation": record}))
+    return path
 
 
 def is_png(path: Path) -> bool:
@@ -75,11 +100,12 @@ def is_png(path: Path) -> bool:
 def test_full_report(tmp_path: Path) -> None:
     out = tmp_path / "report"
     written = report.make_report(
-        dimension_tables(tmp_path), eigenvalue_stores(tmp_path), evaluations(tmp_path), out, {"layers": []}
+        {"report": {"layers": []}}, dimension_tables(tmp_path), out, eigenvalue_stores(tmp_path),
+        evaluations(tmp_path), [derivation_file(tmp_path)],
     )
-    for name in ("eigenvalues.png", "dimensions.png", "dynamics.png"):
+    for name in ("eigenvalues.png", "dimensions.png", "dynamics.png", "widths.png"):
         assert is_png(out / name) and (out / name).stat().st_size > 10_000, name
-    summary = pd.read_csv(out / "summary.csv")
+    summary = pd.read_csv(out / "spectra.csv")
     assert list(summary["run"]) == ["classifier", "faster_rcnn-pretrained", "faster_rcnn-scratch"]
     assert list(summary["iteration"]) == [800, 200, 200]
     assert list(summary["role"]) == ["classifier", "pretrained", "scratch"]
@@ -88,38 +114,41 @@ def test_full_report(tmp_path: Path) -> None:
     evaluation = pd.read_csv(out / "evaluation.csv")
     assert list(evaluation["run"]) == ["faster_rcnn-pretrained", "faster_rcnn-scratch"]
     assert list(evaluation["bbox_AP"]) == [0.43, 0.41] and "per_class" not in evaluation.columns
-    assert set(written) == {"eigenvalues", "dimensions", "dynamics", "summary", "evaluation"}
+    assert set(written) == {"eigenvalues", "dimensions", "dynamics", "spectra", "evaluation", "summary", "summary_md",
+                            "widths"}
+    assert list(pd.read_csv(out / "summary.csv")["model"]) == ["faster_rcnn-scratch", "faster_rcnn-pretrained"]
+    assert (out / "summary.md").read_text().startswith("| model | detector |")
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
 
 
 def test_missing_runs_and_inputs_degrade_gracefully(tmp_path: Path) -> None:
     only_scratch = {"faster_rcnn-scratch": RUNS["faster_rcnn-scratch"]}
     out = tmp_path / "report"
-    written = report.make_report(dimension_tables(tmp_path, only_scratch), [], [], out, {})
+    written = report.make_report({"report": {"layers": []}}, dimension_tables(tmp_path, only_scratch), out)
     assert all(is_png(out / n) for n in ("eigenvalues.png", "dimensions.png", "dynamics.png"))
     assert "evaluation" not in written and not (out / "evaluation.csv").exists()
-    assert len(pd.read_csv(out / "summary.csv")) == 1
+    assert len(pd.read_csv(out / "spectra.csv")) == 1
 
 
 def test_layer_choice() -> None:
     order = BODY + FPN
-    assert report.chosen_layers(order, []) == ["conv1", "layer2.1.conv3", "layer3.0.conv3", "layer4.0.conv3"]
-    assert report.chosen_layers(order, ["layer1.0.conv1"]) == ["layer1.0.conv1"]
+    assert inputs.chosen_layers(order, []) == ["conv1", "layer2.1.conv3", "layer3.0.conv3", "layer4.0.conv3"]
+    assert inputs.chosen_layers(order, ["layer1.0.conv1"]) == ["layer1.0.conv1"]
     with pytest.raises(EigpipeError, match="report.layers: layer9.0.conv2 is not a layer"):
-        report.chosen_layers(order, ["layer9.0.conv2"])
-    assert report.chosen_layers(["a", "b", "c", "d", "e", "f", "g", "h"], []) == ["a", "c", "e", "g"]
+        inputs.chosen_layers(order, ["layer9.0.conv2"])
+    assert inputs.chosen_layers(["a", "b", "c", "d", "e", "f", "g", "h"], []) == ["a", "c", "e", "g"]
 
 
 def test_roles_and_styles() -> None:
-    assert report.role("classifier") == "classifier"
-    assert report.role("x", task="classification") == "classifier"
-    assert report.role("faster_rcnn-pretrained", init="pretrained:results/x/final.pt") == "pretrained"
-    assert report.role("mask_rcnn-scratch") == "scratch" and report.role("faster_rcnn-derived") == "other"
+    assert inputs.role("classifier") == "classifier"
+    assert inputs.role("x", task="classification") == "classifier"
+    assert inputs.role("faster_rcnn-pretrained", init="pretrained:results/x/final.pt") == "pretrained"
+    assert inputs.role("mask_rcnn-scratch") == "scratch" and inputs.role("faster_rcnn-derived") == "other"
     table = pd.DataFrame(
         {"run": ["classifier", "mask_rcnn-scratch", "faster_rcnn-scratch"], "init": [None, "scratch", "scratch"]}
         | {"task": ["classification", "detection", "detection"], "model_name": ["c", "mask_rcnn", "faster_rcnn"]}
     )
-    style = report.styles(table)
+    style = inputs.styles(table)
     assert style["classifier"]["color"] == "black" and style["mask_rcnn-scratch"]["linestyle"] == "--"
     assert len({s["color"] for s in style.values()}) == 3
 
@@ -129,6 +158,31 @@ def test_report_cli(tmp_path: Path) -> None:
     args = ["report", "--config-json", json.dumps({"report": {"layers": ["conv1", "layer4.0"]}})]
     args += ["--dimensions", *map(str, dims), "--out-dir", str(tmp_path / "r")]
     assert cli.main(args) == 0
-    assert is_png(tmp_path / "r" / "dynamics.png") and (tmp_path / "r" / "summary.csv").is_file()
+    assert is_png(tmp_path / "r" / "dynamics.png") and (tmp_path / "r" / "spectra.csv").is_file()
     bad = ["report", "--config-json", json.dumps({"report": {"layers": ["nope"]}})]
     assert cli.main([*bad, "--dimensions", *map(str, dims), "--out-dir", str(tmp_path / "r2")]) == 1
+
+
+def test_comparison_table_means_spreads_and_deltas(tmp_path: Path) -> None:
+    derived = str(tmp_path / "widths" / "faster_rcnn-derived.yaml")
+    paths = [
+        evaluation(tmp_path, "faster_rcnn-pretrained", 0.68), evaluation(tmp_path, "faster_rcnn-pretrained-s1", 0.66, 1),
+        evaluation(tmp_path, "faster_rcnn-scratch", 0.66), evaluation(tmp_path, "faster_rcnn-scratch-s1", 0.62, 1),
+        evaluation(tmp_path, "faster_rcnn-derived", 0.65, 0, 1_000_000, derived),
+        evaluation(tmp_path, "faster_rcnn-derived-s1", 0.63, 1, 1_000_000, derived),
+        evaluation(tmp_path, "mask_rcnn-scratch", 0.5, segm=0.4),
+        evaluation(tmp_path, "mask_rcnn-derived", 0.45, 0, 700_000, str(tmp_path / "mask_rcnn-derived.yaml"), 0.42),
+    ]
+    table = comparison.comparison_table(paths).set_index("model")
+    assert list(table.index) == ["faster_rcnn-pretrained", "faster_rcnn-scratch", "faster_rcnn-derived",
+                                 "mask_rcnn-scratch", "mask_rcnn-derived"]
+    derived_row = table.loc["faster_rcnn-derived"]
+    assert derived_row["AP"] == pytest.approx(0.64) and derived_row["seeds"] == "0 1"
+    assert derived_row["AP_min"] == pytest.approx(0.63) and derived_row["AP_max"] == pytest.approx(0.65)
+    assert derived_row["delta_AP"] == pytest.approx(0.0) and derived_row["widths_source"] == "faster_rcnn-derived"
+    assert derived_row["body_params_ratio"] == pytest.approx(1_000_000 / 1_400_000)
+    assert table.loc["faster_rcnn-pretrained", "delta_AP"] == pytest.approx(0.67 - 0.64)
+    assert table.loc["mask_rcnn-derived", "delta_segm_AP"] == pytest.approx(0.02)
+    assert table.loc["mask_rcnn-derived", "APm"] == pytest.approx(0.45 + 0.04)  # every COCO size column is kept
+    text = comparison.markdown(table.reset_index())
+    assert "| faster_rcnn-derived |" in text and "+0.000" in text and "0.714x" in text

@@ -9,7 +9,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from eigpipe import cli
-from eigpipe.data import coco, synthetic
+from eigpipe.data import annotations, coco, synthetic
 from eigpipe.errors import ConfigError
 
 # pycocotools' decode trips a numpy 2 deprecation inside pycocotools itself
@@ -130,7 +130,7 @@ def test_manifest(dataset):
 
 def test_generated_data_passes_validation_and_loads(dataset, capsys):
     split = dataset / "detection"
-    report = coco.validate(split / "instances_val.json", split / "val", strict=True)
+    report = annotations.validate(split / "instances_val.json", split / "val", strict=True)
     assert (report.n_images, report.n_clipped, report.n_dropped, report.n_crowd) == (6, 0, 0, 0)
     data = coco.CocoDetection(split / "instances_train.json", split / "train", train=True, masks=True)
     image, target = data[3]

@@ -32,24 +32,33 @@ SMOKE = "config/smoke.yaml"
 SMOKE_JOBS = {
     "synth_data": 1,
     "pretrain": 1,
-    "train_detector": 2,  # faster_rcnn x {pretrained, scratch}
-    "evaluate": 2,
-    "covariance": 7,  # 2 runs x (snapshots 0, 3 + final) + the classifier
-    "spectrum": 7,
-    "dimensions": 3,
+    "train_detector": 6,  # {faster_rcnn, mask_rcnn} x {pretrained, scratch, derived}
+    "evaluate": 6,
+    "covariance": 15,  # 4 runs x (snapshots 0, 3 + final) + 2 derived (final) + the classifier
+    "spectrum": 15,
+    "dimensions": 7,
+    "derive_widths": 2,
     "report": 1,
     "all": 1,
 }
+BASE_RUNS = [f"{model}-{init}" for model in ("faster_rcnn", "mask_rcnn") for init in ("pretrained", "scratch")]
+DERIVED_RUNS = ["faster_rcnn-derived", "mask_rcnn-derived"]
+REPORT_FILES = ["eigenvalues.png", "dimensions.png", "dynamics.png", "spectra.csv", "evaluation.csv", "summary.csv",
+                "summary.md", "widths.png"]
 
 
 
 # ---- helpers ----
 
 
-def make_workdir(path: Path) -> Path:
+def make_workdir(path: Path, copy_config: bool = False) -> Path:
+    """A working directory with workflow/ linked and config/ linked (or copied, to edit the demo config)."""
     path.mkdir(parents=True, exist_ok=True)
-    for name in ("workflow", "config"):
-        (path / name).symlink_to(REPO / name)
+    (path / "workflow").symlink_to(REPO / "workflow")
+    if copy_config:
+        shutil.copytree(REPO / "config", path / "config")
+    else:
+        (path / "config").symlink_to(REPO / "config")
     return path
 
 
@@ -162,8 +171,6 @@ def smoke_dry_run(workdir) -> str:
 @pytest.mark.parametrize("config", [None, SMOKE, "coco"])
 def test_lint_is_clean(workdir, fake_coco, config):
     args = [] if config is None else ["--configfile", str(fake_coco) if config == "coco" else config]
-    if config == "coco":
-        args.append("--replace-workflow-config")
     proc = snakemake(workdir, "--lint", *args)
     assert proc.returncode == 0, proc.output
     assert "Lints for" not in proc.output, proc.output
@@ -175,19 +182,20 @@ def test_smoke_dag_has_the_expected_jobs(smoke_dry_run):
 
 
 def test_demo_dag_covers_every_snapshot(workdir):
-    counts = job_counts(dry_run(workdir))  # config/config.yaml: snapshots 0, 100, 300, 600 + final
-    assert counts["covariance"] == counts["spectrum"] == 2 * 5 + 1
-    assert counts["train_detector"] == 2 and counts["dimensions"] == 3
+    counts = job_counts(dry_run(workdir))  # config/config.yaml: snapshots 0, 100, 300, 500 + final
+    assert counts["covariance"] == counts["spectrum"] == 2 * 5 + 1 + 1  # + the derived model's final
+    assert counts["train_detector"] == 3 and counts["dimensions"] == 4 and counts["derive_widths"] == 1
 
 
 def test_coco_dag_uses_the_dataset_and_weights_in_place(workdir, fake_coco):
-    output = dry_run(workdir, "--configfile", str(fake_coco), "--replace-workflow-config")
+    output = dry_run(workdir, "--configfile", str(fake_coco))
     counts = job_counts(output)
     assert "synth_data" not in counts and "pretrain" not in counts
     assert counts["check_data"] == 2
-    assert counts["train_detector"] == 4  # {faster_rcnn, mask_rcnn} x {pretrained, scratch}
+    assert counts["train_detector"] == 6  # {faster_rcnn, mask_rcnn} x {pretrained, scratch, derived}
+    assert counts["derive_widths"] == 2 and counts["evaluate"] == 6
     snapshots = yaml.safe_load(fake_coco.read_text())["train"]["schedule"]["snapshots"]
-    assert counts["covariance"] == 4 * (len(snapshots) + 1) + 1
+    assert counts["covariance"] == 4 * (len(snapshots) + 1) + 2 + 1
     weights = yaml.safe_load(fake_coco.read_text())["pretrain"]["weights"]
     commands = jobs(output)
     classifier = [c for (rule, out), c in commands.items() if rule == "covariance" and "/classifier/" in out]
@@ -196,16 +204,31 @@ def test_coco_dag_uses_the_dataset_and_weights_in_place(workdir, fake_coco):
     assert len(pretrained) == 2 and all(f"--init pretrained:{weights}" in c for c in pretrained)
 
 
-def test_smoke_config_is_a_whole_study():
-    """--configfile merges onto config/config.yaml: smoke.yaml must inherit nothing from the demo."""
-    from snakemake.utils import update_config
-
+def test_other_studies_inherit_nothing_from_the_demo(workdir, fake_coco, smoke_dry_run):
+    """Every job's params hold the study file's own sections (schema defaults filled), never the demo's."""
     from eigpipe import config as cfg
 
-    smoke = yaml.safe_load((REPO / SMOKE).read_text())
-    merged = yaml.safe_load((REPO / "config/config.yaml").read_text())
-    update_config(merged, yaml.safe_load((REPO / SMOKE).read_text()))
-    assert cfg.validate(merged) == cfg.validate(smoke)
+    for output, path in [(smoke_dry_run, REPO / SMOKE), (dry_run(workdir, "--configfile", str(fake_coco)), fake_coco)]:
+        study = cfg.load(path)
+        for (rule, outputs), command in jobs(output).items():
+            for name, section in (config_json(command) or {}).items():
+                if name not in ("train", "model", "seed", "widths"):  # narrowed to the job's run (tested below)
+                    assert section == study[name], (path.name, rule, outputs, name)
+            assert "synthetic" not in (config_json(command) or {}).get("data", {}) or path == REPO / SMOKE
+
+
+def test_editing_the_demo_config_schedules_nothing_in_other_studies(tmp_path, fake_coco):
+    root = make_workdir(tmp_path / "wd", copy_config=True)
+    smoke = str(root / SMOKE)
+    before = {study: jobs(dry_run(root, "--configfile", study)) for study in (smoke, str(fake_coco))}
+    demo = root / "config/config.yaml"
+    edited = yaml.safe_load(demo.read_text())
+    edited["data"]["synthetic"]["rotate"] = True
+    edited["train"]["schedule"]["lr"] = 0.5
+    edited["spectrum"]["threshold"] = 0.1
+    demo.write_text(yaml.safe_dump(edited))
+    for study, commands in before.items():
+        assert jobs(dry_run(root, "--configfile", study)) == commands, study
 
 
 @pytest.mark.parametrize(
@@ -227,7 +250,7 @@ def test_bad_config_fails_at_dag_start_naming_the_key(workdir, tmp_path, key, va
 
 def test_every_rule_runs_one_eigpipe_command(workdir, smoke_dry_run, fake_coco):
     rules = set(snakemake(workdir, "--list-rules").stdout.split()) - {"all"}
-    commands = jobs(smoke_dry_run) | jobs(dry_run(workdir, "--configfile", str(fake_coco), "--replace-workflow-config"))
+    commands = jobs(smoke_dry_run) | jobs(dry_run(workdir, "--configfile", str(fake_coco)))
     assert {rule for rule, _ in commands} == rules  # every rule is seen in the smoke or the coco DAG
     for command in commands.values():
         assert len(re.findall(r"(?:^|\s)eigpipe [a-z-]+", command)) == 1, command
@@ -264,13 +287,27 @@ def test_a_config_change_reaches_only_the_stages_that_read_it(workdir, tmp_path,
     assert {job[0] for job in before if before[job] != after[job]} == changed
 
 
-def test_adding_a_model_leaves_the_existing_runs_alone(workdir, tmp_path, smoke_dry_run):
+def test_adding_a_model_or_a_seed_leaves_the_existing_runs_alone(workdir, tmp_path):
+    before = jobs(dry_run(workdir, "--configfile", str(write_config(tmp_path / "a.yaml", SMOKE,
+                                                                      **{"train.models": ["faster_rcnn"]}))))
+    for change, trained in [({"train.models": ["faster_rcnn", "mask_rcnn"]}, 6),
+                            ({"train.models": ["faster_rcnn"], "train.seeds": [0, 1]}, 6)]:
+        after = jobs(dry_run(workdir, "--configfile", str(write_config(tmp_path / "c.yaml", SMOKE, **change))))
+        assert sum(rule == "train_detector" for rule, _ in after) == trained
+        changed = {job[0] for job in before if before[job] != after[job]}
+        assert changed == {"report"}, change  # only the report gains inputs
+    seeds = jobs(dry_run(workdir, "--configfile", str(tmp_path / "c.yaml")))
+    replicates = [out for (rule, out) in seeds if rule == "train_detector" and "-s1/" in out]
+    assert len(replicates) == 3 and all(config_json(seeds[("train_detector", out)])["seed"] == 1 for out in replicates)
+    assert not [out for (rule, out) in seeds if rule == "covariance" and "-s1/" in out]  # replicates: accuracy only
+
+
+def test_a_widths_knob_changes_only_the_derivation(workdir, tmp_path, smoke_dry_run):
     before = jobs(smoke_dry_run)
-    grown = write_config(tmp_path / "c.yaml", SMOKE, **{"train.models": ["faster_rcnn", "mask_rcnn"]})
-    after = jobs(dry_run(workdir, "--configfile", str(grown)))
-    assert sum(rule == "train_detector" for rule, _ in after) == 4
-    changed = {job[0] for job in before if before[job] != after[job]}
-    assert changed == {"report"}  # only the report gains inputs
+    after = jobs(dry_run(workdir, "--configfile", str(write_config(tmp_path / "c.yaml", SMOKE, **{"widths.multiple": 8}))))
+    assert {job for job in before if before[job] != after[job]} == {job for job in before if job[0] == "derive_widths"}
+    derived = [cmd for (rule, out), cmd in after.items() if rule == "train_detector" and "derived" in out]
+    assert len(derived) == 2 and all(config_json(cmd)["model"]["widths"].endswith("-derived.yaml") for cmd in derived)
 
 
 def test_steps_of_one_init_change_only_its_runs(workdir, tmp_path, smoke_dry_run):
@@ -282,8 +319,9 @@ def test_steps_of_one_init_change_only_its_runs(workdir, tmp_path, smoke_dry_run
     after = jobs(dry_run(workdir, "--configfile", str(longer_cfg)))
     changed = {job for job in before if before[job] != after[job]}
     assert {rule for rule, _ in changed} == {"train_detector"}
-    (job,) = changed
-    assert "scratch" in job[1] and config_json(after[job])["train"]["schedule"]["steps"] == steps + 2
+    # the scratch baselines and the derived retrains (the scratch schedule) of both detectors
+    assert sorted(out.split("/")[3] for _, out in changed) == sorted(DERIVED_RUNS + [r for r in BASE_RUNS if "scratch" in r])
+    assert all(config_json(after[job])["train"]["schedule"]["steps"] == steps + 2 for job in changed)
 
 
 def test_several_gpus_run_training_under_torchrun(workdir):
@@ -370,12 +408,13 @@ def test_editing_a_module_changes_only_the_hashes_of_stages_that_run_it(tmp_path
 
 def expected_outputs(root: Path) -> list[Path]:
     r = root / "results/smoke"
-    runs = ["faster_rcnn-pretrained", "faster_rcnn-scratch"]
     files = [r / "data", r / "pretrain/final.pt", r / "pretrain/metrics.jsonl"]
-    for run in runs:
+    for run in BASE_RUNS + DERIVED_RUNS:
         files += [r / f"train/{run}/final.pt", r / f"train/{run}/metrics.jsonl", r / f"eval/{run}.json"]
         files += [r / f"train/{run}/snapshots/{i}.pt" for i in (0, 3)]
-    for run, iterations in [(run, ["0", "3", "final"]) for run in runs] + [("classifier", ["final"])]:
+    files += [r / f"widths/{run}.yaml" for run in DERIVED_RUNS]
+    analysed = [(run, ["0", "3", "final"]) for run in BASE_RUNS] + [(run, ["final"]) for run in DERIVED_RUNS]
+    for run, iterations in [*analysed, ("classifier", ["final"])]:
         for it in iterations:
             files += [
                 r / f"covariance/{run}/{it}.zarr",
@@ -383,10 +422,7 @@ def expected_outputs(root: Path) -> list[Path]:
                 r / f"spectrum/{run}/{it}.zarr",
             ]
         files.append(r / f"dimensions/{run}.parquet")
-    files += [
-        r / "report" / name
-        for name in ("eigenvalues.png", "dimensions.png", "dynamics.png", "summary.csv", "evaluation.csv")
-    ]
+    files += [r / "report" / name for name in REPORT_FILES]
     return files
 
 
@@ -437,7 +473,34 @@ def test_second_run_has_nothing_to_do(smoke_run, frozen_src):
 def test_threshold_change_reruns_only_the_analysis(smoke_run, frozen_src, tmp_path):
     edited = write_config(tmp_path / "c.yaml", SMOKE, **{"spectrum.threshold": 0.01})
     output = dry_run(smoke_run, "--configfile", str(edited), extra_env={"PYTHONPATH": str(frozen_src)})
-    assert job_counts(output) == {"spectrum": 7, "dimensions": 3, "report": 1, "all": 1}
+    # the derived specs come from the scratch runs' dimensions: those are rederived and retrained
+    counts = job_counts(output)
+    assert counts["spectrum"] == 15 and counts["dimensions"] == 7 and counts["report"] == 1
+    assert counts.get("train_detector", 0) == counts.get("derive_widths", 0) == 2 and "pretrain" not in counts
+
+
+@pytest.mark.slow
+def test_widths_change_retrains_only_the_derived_models(smoke_run, frozen_src, tmp_path):
+    edited = write_config(tmp_path / "c.yaml", SMOKE, **{"widths.multiple": 8})
+    output = dry_run(smoke_run, "--configfile", str(edited), extra_env={"PYTHONPATH": str(frozen_src)})
+    assert job_counts(output) == {"derive_widths": 2, "train_detector": 2, "evaluate": 2, "covariance": 2,
+                                  "spectrum": 2, "dimensions": 2, "report": 1, "all": 1}
+    scheduled = {out for (rule, out) in jobs(output) if rule in ("train_detector", "covariance")}
+    assert all("derived" in out for out in scheduled)
+
+
+@pytest.mark.slow
+def test_the_comparison_table_has_every_model(smoke_run):
+    import pandas as pd
+
+    summary = pd.read_csv(smoke_run / "results/smoke/report/summary.csv").set_index("model")
+    assert sorted(summary.index) == sorted(BASE_RUNS + DERIVED_RUNS)
+    assert summary.loc["mask_rcnn-derived", "delta_segm_AP"] == pytest.approx(
+        summary.loc["mask_rcnn-derived", "segm_AP"] - summary.loc["mask_rcnn-scratch", "segm_AP"])
+    for run in DERIVED_RUNS:
+        spec = yaml.safe_load((smoke_run / f"results/smoke/widths/{run}.yaml").read_text())
+        assert summary.loc[run, "body_params"] == spec["derivation"]["detector"]["derived"]["body_params"]
+        assert spec["derivation"]["body"]["ratio"]["macs"] <= 1.0
 
 
 @pytest.mark.slow
@@ -454,7 +517,7 @@ def test_html_report_includes_the_registered_results(smoke_run, frozen_src):
     html = smoke_run / "report.html"
     proc = snakemake(smoke_run, "--configfile", SMOKE, "--report", str(html), extra_env={"PYTHONPATH": str(frozen_src)})
     assert proc.returncode == 0, proc.output[-3000:]
-    for name in ("eigenvalues.png", "dimensions.png", "dynamics.png", "summary.csv", "evaluation.csv"):
+    for name in REPORT_FILES:
         assert f"Adding {name}" in proc.output
     assert "eigenspectrum" in html.read_text()
 
@@ -472,7 +535,7 @@ def test_coco_source_checks_each_split_before_training(smoke_run, frozen_src, tm
     coco = write_config(tmp_path / "c.yaml", SMOKE, **paths)
     targets = ["results/cc/checks/train.txt", "results/cc/checks/val.txt"]
     root = make_workdir(tmp_path / "cc")
-    args = [*targets, "--cores", "2", "--configfile", str(coco), "--replace-workflow-config"]
+    args = [*targets, "--cores", "2", "--configfile", str(coco)]
     proc = snakemake(root, *args, extra_env={"PYTHONPATH": str(frozen_src)})
     assert proc.returncode == 0, proc.output[-3000:]
     assert "--strict" in proc.output

@@ -1,249 +1,59 @@
-"""COCO-format detection data (real COCO 2017 included): strict validation before training, and a Dataset.
-
-Validation fails on the first structural problem with a one-line DataError naming the file and the record.
-Imperfect boxes that real datasets carry (edges past the image, zero width or height) are clipped or
-dropped the way torchvision's detection references do, with one warning line, unless ``strict``.
-"""
+"""The COCO-format Dataset: images decoded faithfully to 8-bit RGB and torchvision detection targets, read from
+annotations validated by ``eigpipe.data.annotations`` (no image is opened to validate)."""
 
 from __future__ import annotations
 
-import contextlib
-import io
-import json
-import math
-import reprlib
-import sys
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
-from pycocotools.coco import COCO
 from torchvision.transforms.functional import to_tensor
 
+from eigpipe.data.annotations import validate
 from eigpipe.errors import DataError
 
-Box = tuple[float, float, float, float]
-REQUIRED = {
-    "images": ("id", "file_name", "width", "height"),
-    "annotations": ("id", "image_id", "category_id", "bbox"),
-    "categories": ("id", "name"),
-}
-SINGULAR = {"images": "image", "annotations": "annotation", "categories": "category"}
-HEADER_THREADS = 8  # opening image headers is I/O bound (network file systems on clusters)
-_short = reprlib.Repr()  # values shown in one-line errors stay short
-_short.maxlist, _short.maxstring, _short.maxother = 6, 60, 60
+EIGHT_BIT = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr"}  # convert("RGB") is faithful
+SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N"}  # full scale 65535 (PNG, TIFF): scaled to 8 bit here
 
 
-@dataclass
-class ValidationReport:
-    """What ``validate`` found; ``dataset`` is the parsed JSON and ``boxes`` the clipped xyxy per annotation id
-    (None where the box is degenerate and dropped)."""
+def read_image(file: Path, width: int, height: int) -> Image.Image:
+    """The image at ``file`` decoded fully as 8-bit RGB of the recorded size; a DataError starting with the file.
 
-    path: Path
-    n_images: int
-    n_annotations: int
-    n_categories: int
-    n_crowd: int
-    n_clipped: int
-    n_dropped: int
-    n_images_without_annotations: int
-    dataset: dict = field(repr=False)
-    boxes: dict[int, Box | None] = field(repr=False)
-
-    @cached_property
-    def coco(self) -> COCO:
-        """The pycocotools index of the dataset (built once, without pycocotools' prints)."""
-        coco = COCO()
-        coco.dataset = self.dataset
-        with contextlib.redirect_stdout(io.StringIO()):
-            coco.createIndex()
-        return coco
-
-    def summary(self) -> str:
-        return (
-            f"{self.path.name}: {self.n_images} images, {self.n_annotations} annotations, "
-            f"{self.n_categories} categories ({self.n_clipped} boxes clipped, {self.n_dropped} dropped, "
-            f"{self.n_crowd} crowd, {self.n_images_without_annotations} images without annotations)"
-        )
-
-
-# ---- validation ---------------------------------------------------------------------------------------
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def load_json(path: Path) -> dict:
-    """The parsed annotation file; a DataError for a missing, unreadable, empty or non-JSON file."""
-    if not path.exists():
-        raise DataError(f"{path}: annotation file not found")
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise DataError(f"{path}: annotation file cannot be read ({exc.strerror or exc})") from None
-    if not raw.strip():
-        raise DataError(f"{path}: annotation file is empty")
-    try:
-        data = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
-    except UnicodeDecodeError:
-        raise DataError(f"{path}: not valid JSON (not UTF-8 text)") from None
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: the top level must be an object with images, annotations and categories, "
-                        f"not a {type(data).__name__}")
-    for key in REQUIRED:
-        if not isinstance(data.get(key), list):
-            problem = "missing" if key not in data else "not a list"
-            raise DataError(f"{path}: top-level key '{key}' is {problem}")
-    return data
-
-
-def _check_records(path: Path, data: dict, key: str) -> dict[int, dict]:
-    """Records of ``data[key]`` by id, after checking each is an object with the required keys and a unique id."""
-    by_id: dict[int, dict] = {}
-    singular = SINGULAR[key]
-    for position, record in enumerate(data[key]):
-        if not isinstance(record, dict):
-            raise DataError(f"{path}: {key}[{position}] is not an object")
-        name = f"{singular} id {_short.repr(record['id'])}" if "id" in record else f"{key}[{position}]"
-        for required in REQUIRED[key]:
-            if required not in record:
-                raise DataError(f"{path}: {name} has no '{required}'")
-        if not _is_int(record["id"]):
-            raise DataError(f"{path}: {key}[{position}] has a non-integer id {_short.repr(record['id'])}")
-        if record["id"] in by_id:
-            raise DataError(f"{path}: duplicate {singular} id {record['id']} ({key}[{position}])")
-        by_id[record["id"]] = record
-    return by_id
-
-
-def _check_image_record(path: Path, image: dict) -> None:
-    for key in ("width", "height"):
-        value = image[key]
-        if not (_is_number(value) and value > 0 and float(value).is_integer()):
-            raise DataError(f"{path}: image id {image['id']} ({image['file_name']}): {key} {_short.repr(value)} "
-                            f"is not a positive integer")
-    if not isinstance(image["file_name"], str) or not image["file_name"]:
-        raise DataError(f"{path}: image id {image['id']}: file_name {_short.repr(image['file_name'])} "
-                        "is not a file name")
-
-
-def _check_annotation(path: Path, ann: dict, images: dict[int, dict], categories: dict[int, dict]) -> None:
-    name = f"annotation id {ann['id']}"
-    if not _is_int(ann["image_id"]) or ann["image_id"] not in images:
-        raise DataError(f"{path}: {name}: image_id {_short.repr(ann['image_id'])} is not an image of the file")
-    if not _is_int(ann["category_id"]) or ann["category_id"] not in categories:
-        raise DataError(f"{path}: {name}: category_id {_short.repr(ann['category_id'])} is not in categories")
-    bbox = ann["bbox"]
-    if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
-        raise DataError(f"{path}: {name}: bbox {_short.repr(bbox)} is not a list of 4 finite numbers [x, y, w, h]")
-    if bbox[2] < 0 or bbox[3] < 0:
-        raise DataError(f"{path}: {name}: bbox {_short.repr(bbox)} has a negative width or height")
-    if ann.get("iscrowd", 0) not in (0, 1):
-        raise DataError(f"{path}: {name}: iscrowd {_short.repr(ann['iscrowd'])} is not 0 or 1")
-    segmentation = ann.get("segmentation")
-    if segmentation is not None and not isinstance(segmentation, list | dict):
-        raise DataError(f"{path}: {name}: segmentation is neither polygons (a list) nor RLE (an object)")
-
-
-def clip_box(bbox: list[float], width: float, height: float) -> tuple[Box | None, bool]:
-    """COCO [x, y, w, h] -> (xyxy clipped to the image, or None when degenerate; whether clipping changed it)."""
-    x1, y1 = bbox[0], bbox[1]
-    x2, y2 = x1 + bbox[2], y1 + bbox[3]
-    clipped = (min(max(x1, 0.0), width), min(max(y1, 0.0), height),
-               min(max(x2, 0.0), width), min(max(y2, 0.0), height))
-    changed = clipped != (x1, y1, x2, y2)
-    if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
-        return None, changed
-    return tuple(float(v) for v in clipped), changed
-
-
-def _check_image_file(folder: Path, image: dict) -> str | None:
-    """None if the file opens as an image of the recorded size (header only), else the problem."""
-    file = folder / image["file_name"]
-    if not file.is_file():
-        return f"{file} not found"
+    16-bit grayscale is scaled to 8 bit (PIL's own conversion clips it to white); modes with no defined 8-bit
+    scale (32-bit integer "I", float "F") or no faithful RGB conversion are refused, naming the mode.
+    """
     try:
         with Image.open(file) as opened:
-            size = opened.size
-    except (OSError, Image.DecompressionBombError) as exc:
-        return f"{file} cannot be read as an image ({exc})"
-    if size != (image["width"], image["height"]):
-        return f"{file} is {size[0]}x{size[1]} but the record says {image['width']}x{image['height']}"
-    return None
+            opened.load()  # decode every byte now: a truncated file fails here, not half-way through a job
+            mode, size = opened.mode, opened.size
+            if mode in SIXTEEN_BIT:
+                pixels = (np.asarray(opened, dtype=np.uint32) + 128) // 257  # round(v * 255 / 65535)
+                image = Image.fromarray(pixels.astype(np.uint8), mode="L").convert("RGB")
+            elif mode in EIGHT_BIT:
+                image = opened.convert("RGB")
+    except FileNotFoundError:
+        raise DataError(f"{file} not found") from None
+    except Exception as exc:  # PIL's plugins raise OSError, SyntaxError, ValueError, EOFError, struct.error ...
+        raise DataError(f"{file} cannot be read as an image ({type(exc).__name__}: {exc})") from None
+    if mode not in SIXTEEN_BIT | EIGHT_BIT:
+        raise DataError(
+            f"{file} has image mode {mode!r}, which the loader cannot convert to 8-bit RGB faithfully "
+            "(convert it to 8-bit RGB or grayscale first)"
+        )
+    if size != (width, height):
+        raise DataError(f"{file} is {size[0]}x{size[1]} but the record says {width}x{height}")
+    return image
 
 
-def _check_image_files(path: Path, folder: Path, images: list[dict]) -> None:
-    if not folder.is_dir():
-        raise DataError(f"{path}: image folder {folder} not found")
-    with ThreadPoolExecutor(HEADER_THREADS) as pool:
-        for image, problem in zip(images, pool.map(lambda im: _check_image_file(folder, im), images), strict=True):
-            if problem is not None:
-                raise DataError(f"{path}: image id {image['id']} ({image['file_name']}): {problem}")
+class ImageError(DataError):
+    """An image that fails to load during a job; its one line survives a DataLoader worker's re-raise."""
 
-
-def _boxes(path: Path, data: dict, images: dict[int, dict], strict: bool) -> tuple[dict[int, Box | None], int, int]:
-    """Clipped xyxy boxes by annotation id, and how many non-crowd boxes were clipped and dropped."""
-    boxes: dict[int, Box | None] = {}
-    n_clipped = n_dropped = 0
-    for ann in data["annotations"]:
-        image = images[ann["image_id"]]
-        box, changed = clip_box(ann["bbox"], image["width"], image["height"])
-        boxes[ann["id"]] = box
-        if ann.get("iscrowd", 0):
-            continue
-        if strict and (changed or box is None):
-            what = "is degenerate (zero width or height inside the image)" if box is None else "extends past the image"
-            raise DataError(f"{path}: annotation id {ann['id']}: bbox {ann['bbox']} {what} "
-                            f"({image['width']}x{image['height']}, image id {image['id']})")
-        n_dropped += box is None
-        n_clipped += changed and box is not None
-    return boxes, n_clipped, n_dropped
-
-
-def validate(annotations: str | Path, images: str | Path, strict: bool = False) -> ValidationReport:
-    """Check a COCO-format annotation file and its image folder; raise DataError on the first problem.
-
-    Clipped and degenerate boxes are counted (one warning line on stderr), or are errors when ``strict``.
-    Missing ``iscrowd`` and ``area`` keys are filled in (0 and the box area), as COCOeval needs them.
-    """
-    path, folder = Path(annotations), Path(images)
-    data = load_json(path)
-    categories = _check_records(path, data, "categories")
-    by_id = _check_records(path, data, "images")
-    for image in data["images"]:
-        _check_image_record(path, image)
-    _check_records(path, data, "annotations")
-    for ann in data["annotations"]:
-        _check_annotation(path, ann, by_id, categories)
-        ann.setdefault("iscrowd", 0)
-        ann.setdefault("area", float(ann["bbox"][2] * ann["bbox"][3]))
-    boxes, n_clipped, n_dropped = _boxes(path, data, by_id, strict)
-    _check_image_files(path, folder, data["images"])
-    annotated = {ann["image_id"] for ann in data["annotations"]}
-    report = ValidationReport(
-        path=path, n_images=len(by_id), n_annotations=len(data["annotations"]), n_categories=len(categories),
-        n_crowd=sum(1 for ann in data["annotations"] if ann["iscrowd"]), n_clipped=n_clipped, n_dropped=n_dropped,
-        n_images_without_annotations=len(by_id.keys() - annotated), dataset=data, boxes=boxes,
-    )
-    if n_clipped or n_dropped:
-        print(f"warning: {path.name}: {n_clipped} boxes clipped to the image, {n_dropped} degenerate boxes dropped "
-              "(use --strict to make these errors)", file=sys.stderr)
-    return report
-
-
-# ---- the dataset --------------------------------------------------------------------------------------
+    def __init__(self, message: str) -> None:
+        if "\n" in message:  # torch re-raises a worker's error as type(error)("Caught ...\n<traceback>")
+            message = message.rstrip().rsplit("\n", 1)[-1].partition(f"{type(self).__name__}: ")[2] or message
+        super().__init__(message)
 
 
 class CocoDetection(torch.utils.data.Dataset):
@@ -251,11 +61,13 @@ class CocoDetection(torch.utils.data.Dataset):
 
     ``train=True`` keeps only images with at least one usable (non-crowd, non-degenerate) annotation and
     only those annotations in the targets; ``train=False`` keeps every image and every non-degenerate
-    annotation (crowd ones flagged by ``iscrowd``).
+    annotation (crowd ones flagged by ``iscrowd``). Construction opens no image: ``eigpipe check-data`` checks
+    the files, and an image that fails to load during a job raises a one-line ``ImageError``.
     """
 
-    def __init__(self, annotations: str | Path, images: str | Path, train: bool, strict: bool = False,
-                 masks: bool = False) -> None:
+    def __init__(
+        self, annotations: str | Path, images: str | Path, train: bool, strict: bool = False, masks: bool = False
+    ) -> None:
         self.report = validate(annotations, images, strict=strict)
         self.folder = Path(images)
         self.train, self.masks = train, masks
@@ -266,6 +78,8 @@ class CocoDetection(torch.utils.data.Dataset):
         self.num_classes = len(self.category_ids) + 1
         ids = sorted(self.coco.imgs)
         self.ids = [i for i in ids if self._annotations(i)] if train else ids
+        if masks:
+            self._check_masks()
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -274,11 +88,22 @@ class CocoDetection(torch.utils.data.Dataset):
         keep = [ann for ann in self.coco.imgToAnns[image_id] if self.report.boxes[ann["id"]] is not None]
         return [ann for ann in keep if not ann["iscrowd"]] if self.train else keep
 
+    def _check_masks(self) -> None:
+        for image_id in self.ids:
+            for ann in self._annotations(image_id):
+                if not ann.get("segmentation"):
+                    raise DataError(
+                        f"{self.report.path}: annotation id {ann['id']} (image id {image_id}): "
+                        "no segmentation, which mask targets need"
+                    )
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
         image_id = self.ids[index]
         record = self.coco.imgs[image_id]
-        with Image.open(self.folder / record["file_name"]) as opened:
-            image = to_tensor(opened.convert("RGB"))
+        try:
+            image = to_tensor(read_image(self.folder / record["file_name"], record["width"], record["height"]))
+        except DataError as exc:
+            raise ImageError(f"{self.report.path}: image id {image_id} ({record['file_name']}): {exc}") from None
         anns = self._annotations(image_id)
         target: dict[str, Any] = {
             "boxes": torch.tensor([self.report.boxes[ann["id"]] for ann in anns], dtype=torch.float32).reshape(-1, 4),

@@ -278,6 +278,7 @@ def generate(cfg: dict, out: Path) -> None:
     all of it is written."""
     seed = cfg["seed"]
     cfg = settings(cfg["data"]["synthetic"])
+    provenance.check_writable(out)
     counts: dict[str, Any] = {"detection": {}, "classification": {}}
     with provenance.publish(out) as root:
         root.mkdir()

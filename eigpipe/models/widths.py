@@ -100,5 +100,9 @@ def standard(depths: list[int] | tuple[int, ...] = STANDARD_DEPTHS, multiplier: 
 def from_model_config(model_cfg: dict) -> WidthSpec:
     """The spec a model section asks for: its widths file, else the standard widths times the multiplier."""
     if model_cfg["widths"]:
-        return WidthSpec.load(model_cfg["widths"])
+        spec = WidthSpec.load(model_cfg["widths"])
+        if spec.depths != list(model_cfg["depths"]):
+            raise ConfigError(f"{model_cfg['widths']}: blocks per stage {spec.depths} differ from model.depths "
+                              f"{list(model_cfg['depths'])}")
+        return spec
     return standard(model_cfg["depths"], model_cfg["width_multiplier"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import statistics
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +14,7 @@ import pandas as pd
 import yaml
 
 from eigpipe.errors import ConfigError, EigpipeError
+from eigpipe.models.cost import body_cost, convs
 from eigpipe.models.widths import Stage, WidthSpec
 
 BASE_MEASURES = ("intrinsic_dim", "relative_dim", "soft_dof", "effective_rank")
@@ -24,43 +25,6 @@ AGGREGATES: dict[str, Callable[[list[float]], float]] = {
 TIED_FROM = ("block_output", "conv3")
 REQUIRED_COLUMNS = ("run", "iteration", "canonical", "channels")
 
-
-# -- analytic cost ------------------------------------------------------------------------------------------
-
-def _out(size: int, kernel: int, stride: int, padding: int) -> int:
-    return (size + 2 * padding - kernel) // stride + 1
-
-
-def convs(spec: WidthSpec, height: int, width: int) -> Iterator[tuple[str, int, int, int, int]]:
-    """(canonical name, in channels, out channels, kernel, output positions) of every conv of the body."""
-    h, w = _out(height, 7, 2, 3), _out(width, 7, 2, 3)
-    yield "conv1", 3, spec.stem, 7, h * w
-    h, w = _out(h, 3, 2, 1), _out(w, 3, 2, 1)  # maxpool
-    cin = spec.stem
-    for i, stage in enumerate(spec.stages, start=1):
-        for j, (w1, w2) in enumerate(stage.blocks):
-            stride = 2 if (j == 0 and i > 1) else 1
-            ho, wo = _out(h, 3, stride, 1), _out(w, 3, stride, 1)
-            name = f"layer{i}.{j}"
-            yield f"{name}.conv1", cin, w1, 1, h * w
-            yield f"{name}.conv2", w1, w2, 3, ho * wo
-            yield f"{name}.conv3", w2, stage.out, 1, ho * wo
-            if stride != 1 or cin != stage.out:
-                yield f"{name}.downsample.0", cin, stage.out, 1, ho * wo
-            h, w, cin = ho, wo, stage.out
-
-
-def body_cost(spec: WidthSpec, height: int, width: int) -> tuple[int, int]:
-    """(params, MACs) of the ResNet body: conv weights + 2 affine terms per norm channel; conv MACs only."""
-    params = macs = 0
-    for _, cin, cout, k, positions in convs(spec, height, width):
-        weights = cin * cout * k * k
-        params += weights + 2 * cout
-        macs += weights * positions
-    return params, macs
-
-
-# -- derivation ---------------------------------------------------------------------------------------------
 
 @dataclass
 class Derivation:
@@ -290,11 +254,12 @@ def _detector(meta: dict, spec: WidthSpec, size: tuple[int, int]) -> dict[str, i
 
 def derive(cfg: dict, dimensions: Path, checkpoint: Path, out: Path) -> dict:
     """The `eigpipe widths` stage: write a widths spec YAML with its `derivation` record; return the record."""
-    from eigpipe import config, provenance
+    from eigpipe import provenance
     from eigpipe.models.checkpoint import read_checkpoint
 
-    section = config.validate(dict(cfg.get("widths") or {}), "widths", config.schema()["properties"]["widths"])
+    section = cfg["widths"]
     dimensions, checkpoint, out = Path(dimensions), Path(checkpoint), Path(out)
+    provenance.check_writable(out)
     if not dimensions.is_file():
         raise EigpipeError(f"{dimensions}: dimensions table not found")
     table = pd.read_parquet(dimensions)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from eigpipe.errors import EigpipeError
-from eigpipe.provenance import write_table
+from eigpipe.provenance import check_writable, write_table
 
 
 def read_table(path: str | Path) -> pd.DataFrame:
@@ -24,6 +24,7 @@ def read_table(path: str | Path) -> pd.DataFrame:
 
 def dimensions(cfg: dict, spectra: Sequence[Path], out: Path) -> pd.DataFrame:
     """All snapshots' spectrum tables of one run in one table, by (iteration, forward_index)."""
+    check_writable(out)
     if not spectra:
         raise EigpipeError("dimensions: no spectrum tables given")
     frames = []

@@ -17,7 +17,7 @@ import pandas as pd
 
 from eigpipe.errors import EigpipeError, NumericalError
 from eigpipe.models.taps import canonical
-from eigpipe.provenance import record, write_table
+from eigpipe.provenance import check_writable, record, remove, write_table
 from eigpipe.spectral import store
 
 # negative eigenvalues beyond this share of the largest one are not round-off: the matrix is broken
@@ -100,6 +100,7 @@ def _row(root: dict, name: str, attrs: dict, spectra: dict, traces: dict, cfg: d
         "module_type": attrs.get("module_type"),
         "channels": int(len(spectra["second_moment"][0])),
         "n_images": attrs.get("count", root.get("n_images")),
+        "precision": root.get("precision", "float64"),  # of the Gram products; stores before it were float64
     }
     for key, prefix in (("second_moment", ""), ("covariance", "centered_")):
         values, clipped = spectra[key]
@@ -118,6 +119,8 @@ def eigenvalue_path(out: str | Path) -> Path:
 def decompose(cfg: dict, store_path: Path, out: Path, eigenvalues_out: Path | None = None) -> pd.DataFrame:
     """Eigenvalue store + one table row per layer of a covariance store (section spectrum)."""
     section = cfg["spectrum"]
+    check_writable(out)
+    remove(Path(out))  # never a new store beside an old table
     rows, eig_arrays, eig_attrs = [], {}, {}
     root = store.store_attrs(store_path, store.COVARIANCE_KIND)
     for name, arrays, attrs in store.iter_layers(store_path, store.COVARIANCE_KIND, COVARIANCE_ARRAYS):
@@ -139,7 +142,19 @@ def decompose(cfg: dict, store_path: Path, out: Path, eigenvalues_out: Path | No
         "spectrum": section,
         "spectrum_provenance": record(config=section, seed=None, device="cpu"),
     }
-    store.write_store(eigenvalues_out or eigenvalue_path(out), store.EIGENVALUE_KIND, eig_arrays, attrs, eig_attrs)
+    # Two outputs: the table is published last and the store names it, so a store whose table is missing
+    # (a kill in between) reads as unfinished, never as a complete half (see read_eigenvalues).
+    store.write_store(eigenvalues_out or eigenvalue_path(out), store.EIGENVALUE_KIND, eig_arrays,
+                      {**attrs, "table": str(out)}, eig_attrs)
     table = pd.DataFrame(rows)
     write_table(out, table)
     return table
+
+
+def read_eigenvalues(path: Path) -> tuple[dict, dict[str, tuple[store.Arrays, dict]]]:
+    """A verified eigenvalue store whose spectrum table was published too (else a one-line error)."""
+    attrs, layers = store.read_store(path, store.EIGENVALUE_KIND, EIGENVALUE_ARRAYS)
+    if "table" in attrs and not Path(attrs["table"]).is_file():
+        raise EigpipeError(f"{path}: its spectrum table {attrs['table']} is missing: the spectrum stage did not "
+                           "finish; run it again")
+    return attrs, layers

@@ -4,6 +4,7 @@
 import re
 from pathlib import Path
 
+from eigpipe import runs
 from eigpipe.codehash import code_hash
 from eigpipe.config import detector_schedule, dumps
 from eigpipe.stages import STAGES
@@ -14,19 +15,23 @@ from eigpipe.stages import STAGES
 # copies the file under .snakemake/conda/, where its editable install of this repository breaks.)
 CONDA_ENV = "../../environment.yml"
 
-MODELS = config["train"]["models"]
-INITS = config["train"]["inits"]
-DETECTOR_RUNS = [f"{model}-{init}" for model in MODELS for init in INITS]
-# snapshots every detector run has (each run's steps may differ: train.steps_by_init)
-SHORTEST_RUN = min(detector_schedule(config["train"], init)["steps"] for init in INITS)
-SNAPSHOTS = sorted(i for i in set(config["train"]["schedule"]["snapshots"]) if i < SHORTEST_RUN)
+# Every detector run by name (model x init x seed, and the retrains of derived widths): eigpipe.runs.
+RUNS = runs.detector_runs(config)
+DERIVED = runs.derived_specs(config)
+ANALYSED = runs.analysed_runs(config)  # runs whose spectra are measured (the study seed's)
+SNAPSHOTS = runs.snapshots(config)
 THREADS = config["runtime"]["threads"]
+
+
+def _alternatives(names):
+    return "|".join(re.escape(name) for name in names) or "(?!)"
+
 
 wildcard_constraints:
     study=re.escape(config["study"]),
-    model="|".join(MODELS),
-    init="|".join(INITS),
-    run="|".join([*DETECTOR_RUNS, "classifier"]),
+    detector=_alternatives(RUNS),
+    run=_alternatives([*ANALYSED, "classifier"]),
+    spec=_alternatives(DERIVED),
     split="train|val",
     iteration=r"\d+|final",
 
@@ -43,13 +48,22 @@ def stage_config(stage):
     return lambda wildcards: text
 
 
-def detector_config(wildcards):
-    """train_detector's sections, train narrowed to the job's own run and schedule: adding a model or an
-    init to a study, or changing another init's steps, must not rerun the runs that exist."""
-    schedule = detector_schedule(config["train"], wildcards.init)
-    train = {"models": [wildcards.model], "inits": [wildcards.init], "schedule": schedule}
+def detector_config(wildcards, input):
+    """train_detector's sections, narrowed to the job's own run: its model, init, schedule and seed, and
+    for a derived run the widths file. Adding a model, an init or a seed to a study, or changing another
+    init's steps, must not rerun the runs that exist."""
+    run = RUNS[wildcards.detector]
+    schedule = detector_schedule(config["train"], run.init)
+    train = {"models": [run.model], "inits": [run.init], "schedule": schedule}
     sections = {name: config[name] for name in STAGES["train"].sections}
-    return dumps({**sections, "train": train})
+    model = {**config["model"], "widths": input.widths} if run.widths else config["model"]
+    return dumps({**sections, "model": model, "train": train, "seed": run.seed})
+
+
+def derivation_config(wildcards):
+    """The widths section of one derived spec: its own measure."""
+    measure = DERIVED[wildcards.spec][1]
+    return dumps({"widths": {**config["widths"], "measures": None, "measure": measure}})
 
 
 def launcher(gpus):
@@ -99,16 +113,38 @@ def classifier_checkpoint(wildcards):
     return f"results/{wildcards.study}/pretrain/final.pt"
 
 
-def init_input(wildcards):
-    return {"init": classifier_checkpoint(wildcards)} if wildcards.init == "pretrained" else {}
+def detector_inputs(wildcards):
+    """What a detector run reads besides the data: the classifier (pretrained init), its widths spec (derived)."""
+    run = RUNS[wildcards.detector]
+    found = {}
+    if run.init == "pretrained":
+        found["init"] = classifier_checkpoint(wildcards)
+    if run.widths:
+        found["widths"] = f"results/{wildcards.study}/widths/{run.widths}.yaml"
+    return found
 
 
 def init_arg(wildcards, input):
-    return f"pretrained:{input.init}" if wildcards.init == "pretrained" else "scratch"
+    return f"pretrained:{input.init}" if RUNS[wildcards.detector].init == "pretrained" else "scratch"
+
+
+def model_arg(wildcards):
+    return RUNS[wildcards.detector].model
 
 
 def iterations(run):
-    return ["final"] if run == "classifier" else [*map(str, SNAPSHOTS), "final"]
+    if run == "classifier" or RUNS[run].widths:  # derived runs: is each layer's width used (final model)
+        return ["final"]
+    return [*map(str, SNAPSHOTS), "final"]
+
+
+def derivation_inputs(wildcards):
+    """The source run's dimensions table and final checkpoint (model, widths, classes)."""
+    source = runs.source_run(config, DERIVED[wildcards.spec][0])
+    return {
+        "dimensions": f"results/{wildcards.study}/dimensions/{source}.parquet",
+        "checkpoint": f"results/{wildcards.study}/train/{source}/final.pt",
+    }
 
 
 def covariance_checkpoint(wildcards):
@@ -128,7 +164,8 @@ def run_spectra(wildcards):
     )
 
 
-REPORT_FILES = ["eigenvalues.png", "dimensions.png", "dynamics.png", "summary.csv", "evaluation.csv"]
+REPORT_FILES = ["eigenvalues.png", "dimensions.png", "dynamics.png", "spectra.csv", "evaluation.csv", "summary.csv",
+                "summary.md", "widths.png"]
 
 
 def report_outputs():

@@ -1,18 +1,18 @@
 rule evaluate:
     input:
-        checkpoint="results/{study}/train/{run}/final.pt",
+        checkpoint="results/{study}/train/{detector}/final.pt",
         data=dataset_input,
     output:
-        "results/{study}/eval/{run}.json",
+        "results/{study}/eval/{detector}.json",
     params:
         cfg=stage_config("evaluate"),
         code=code_hash("evaluate"),
         annotations=split_paths("val")[0],
         images=split_paths("val")[1],
     log:
-        "results/{study}/logs/evaluate/{run}.log",
+        "results/{study}/logs/evaluate/{detector}.log",
     benchmark:
-        "results/{study}/benchmarks/evaluate/{run}.tsv"
+        "results/{study}/benchmarks/evaluate/{detector}.tsv"
     threads: THREADS
     resources:
         mem_mb=8000,
@@ -22,4 +22,4 @@ rule evaluate:
         CONDA_ENV
     shell:
         "eigpipe evaluate --config-json {params.cfg:q} --checkpoint {input.checkpoint}"
-        " --data {params.annotations} --image-dir {params.images} --out {output} > {log} 2>&1"
+        " --data {params.annotations} --image-dir {params.images} --out {output} --threads {threads} > {log} 2>&1"

@@ -1,8 +1,9 @@
 rule report:
     input:
-        dimensions=expand("results/{{study}}/dimensions/{run}.parquet", run=[*DETECTOR_RUNS, "classifier"]),
-        eigenvalues=expand("results/{{study}}/spectrum/{run}/final.zarr", run=[*DETECTOR_RUNS, "classifier"]),
-        evaluations=expand("results/{{study}}/eval/{run}.json", run=DETECTOR_RUNS),
+        dimensions=expand("results/{{study}}/dimensions/{run}.parquet", run=[*ANALYSED, "classifier"]),
+        eigenvalues=expand("results/{{study}}/spectrum/{run}/final.zarr", run=[*ANALYSED, "classifier"]),
+        evaluations=expand("results/{{study}}/eval/{run}.json", run=RUNS),
+        widths=expand("results/{{study}}/widths/{spec}.yaml", spec=DERIVED),
     output:
         eigenvalues=report(
             "results/{study}/report/eigenvalues.png", caption="../report/eigenvalues.rst", category="eigenspectrum"
@@ -13,14 +14,18 @@ rule report:
         dynamics=report(
             "results/{study}/report/dynamics.png", caption="../report/dynamics.rst", category="eigenspectrum"
         ),
-        summary=report("results/{study}/report/summary.csv", caption="../report/summary.rst", category="eigenspectrum"),
+        spectra=report("results/{study}/report/spectra.csv", caption="../report/spectra.rst", category="eigenspectrum"),
         evaluation=report(
             "results/{study}/report/evaluation.csv", caption="../report/evaluation.rst", category="evaluation"
         ),
+        summary=report("results/{study}/report/summary.csv", caption="../report/summary.rst", category="widths"),
+        summary_md=report("results/{study}/report/summary.md", caption="../report/summary.rst", category="widths"),
+        widths=report("results/{study}/report/widths.png", caption="../report/widths.rst", category="widths"),
     params:
         cfg=stage_config("report"),
         code=code_hash("report"),
         out=parent_of("summary"),
+        widths=lambda wildcards, input: f"--widths {' '.join(input.widths)}" if input.widths else "",
     log:
         "results/{study}/logs/report.log",
     benchmark:
@@ -33,4 +38,5 @@ rule report:
         CONDA_ENV
     shell:
         "eigpipe report --config-json {params.cfg:q} --dimensions {input.dimensions}"
-        " --eigenvalues {input.eigenvalues} --evaluations {input.evaluations} --out-dir {params.out} > {log} 2>&1"
+        " --eigenvalues {input.eigenvalues} --evaluations {input.evaluations} {params.widths}"
+        " --out-dir {params.out} > {log} 2>&1"

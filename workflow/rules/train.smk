@@ -13,8 +13,9 @@ rule pretrain:
         out=parent_of("final"),
     log:
         "results/{study}/logs/pretrain.log",
-    benchmark:
-        "results/{study}/benchmarks/pretrain.tsv"
+    # Eligible for the between-workflow output cache (`--cache`, SNAKEMAKE_OUTPUT_CACHE); Snakemake refuses a
+    # benchmark directive on a cached rule (a cache hit has no time to record).
+    cache: "omit-software"
     threads: THREADS
     resources:
         mem_mb=4000,
@@ -24,33 +25,35 @@ rule pretrain:
         CONDA_ENV
     shell:
         "{params.launch} eigpipe pretrain --config-json {params.cfg:q}"
-        " --data {input.data}/classification --out {params.out} > {log} 2>&1"
+        " --data {input.data}/classification --out {params.out} --threads {threads} > {log} 2>&1"
 
 
 # The stage keeps resume state in train/<run>/resume/ (not an output, so Snakemake never deletes it):
-# rerunning an incomplete job continues from there.
+# rerunning an incomplete job continues from there. Runs are named in eigpipe.runs: <model>-<init>,
+# <model>-derived (widths derived from the eigenspectrum, trained from scratch), -s<seed> for replicates.
 rule train_detector:
     input:
-        unpack(init_input),
+        unpack(detector_inputs),
         data=dataset_input,
     output:
-        final="results/{study}/train/{model}-{init}/final.pt",
-        snapshots=expand(
-            "results/{study}/train/{model}-{init}/snapshots/{iteration}.pt", iteration=SNAPSHOTS, allow_missing=True
-        ),
-        metrics="results/{study}/train/{model}-{init}/metrics.jsonl",
+        final="results/{study}/train/{detector}/final.pt",
+        # each snapshot a named output: a cached rule's outputs must all be named (or one multiext)
+        **{f"snapshot_{i}": f"results/{{study}}/train/{{detector}}/snapshots/{i}.pt" for i in SNAPSHOTS},
+        metrics="results/{study}/train/{detector}/metrics.jsonl",
     params:
         cfg=detector_config,
         code=code_hash("train"),
         launch=launch,
+        model=model_arg,
         init=init_arg,
         annotations=split_paths("train")[0],
         images=split_paths("train")[1],
         out=parent_of("final"),
     log:
-        "results/{study}/logs/train_detector/{model}-{init}.log",
-    benchmark:
-        "results/{study}/benchmarks/train_detector/{model}-{init}.tsv"
+        "results/{study}/logs/train_detector/{detector}.log",
+    # Eligible for the between-workflow output cache (`--cache`, SNAKEMAKE_OUTPUT_CACHE); Snakemake refuses a
+    # benchmark directive on a cached rule (a cache hit has no time to record).
+    cache: "omit-software"
     threads: THREADS
     resources:
         mem_mb=8000,
@@ -59,6 +62,30 @@ rule train_detector:
     conda:
         CONDA_ENV
     shell:
-        "{params.launch} eigpipe train --model {wildcards.model} --init {params.init}"
+        "{params.launch} eigpipe train --model {params.model} --init {params.init}"
         " --config-json {params.cfg:q} --data {params.annotations} --image-dir {params.images}"
-        " --out {params.out} > {log} 2>&1"
+        " --out {params.out} --threads {threads} > {log} 2>&1"
+
+
+# Widths from the eigenspectrum of the source run (widths.source_init, final snapshot by default).
+rule derive_widths:
+    input:
+        unpack(derivation_inputs),
+    output:
+        "results/{study}/widths/{spec}.yaml",
+    params:
+        cfg=derivation_config,
+        code=code_hash("widths"),
+    log:
+        "results/{study}/logs/derive_widths/{spec}.log",
+    benchmark:
+        "results/{study}/benchmarks/derive_widths/{spec}.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    conda:
+        CONDA_ENV
+    shell:
+        "eigpipe widths --config-json {params.cfg:q} --dimensions {input.dimensions}"
+        " --checkpoint {input.checkpoint} --out {output} > {log} 2>&1"

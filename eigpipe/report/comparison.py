@@ -1,0 +1,115 @@
+"""The comparison of baseline and derived-width detectors: one row per model (mean and spread over seeds) with
+params, MACs, AP and deltas against the scratch baseline, as CSV and Markdown."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from eigpipe.config import read_yaml
+from eigpipe.errors import EigpipeError
+from eigpipe.runs import group_of
+
+METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+COSTS = ("body_params", "detector_params", "body_macs", "detector_macs")
+
+
+def _evaluation(path: Path) -> dict[str, Any]:
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise EigpipeError(f"{path}: not a readable evaluation JSON ({exc})") from None
+    if not isinstance(record, dict) or "bbox" not in record or "complexity" not in record:
+        raise EigpipeError(f"{path}: an evaluation JSON needs 'bbox' and 'complexity'")
+    return record
+
+
+def _row(record: dict[str, Any]) -> dict[str, Any]:
+    widths = record.get("widths")
+    row = {
+        "model": group_of(str(record["run"])),
+        "detector": record["model_name"],
+        "init": record.get("init"),
+        "widths_source": Path(widths).stem if widths else "configured",
+        "seed": record.get("seed"),
+        "input_size": "x".join(map(str, record["complexity"]["input_size"])),
+        **{cost: record["complexity"][cost] for cost in COSTS},
+        **{metric: record["bbox"][metric] for metric in METRICS},
+    }
+    if "segm" in record:
+        row.update({f"segm_{metric}": record["segm"][metric] for metric in METRICS})
+    return row
+
+
+def comparison_table(evaluations: Sequence[Path]) -> pd.DataFrame:
+    """One row per model: costs, mean AP over its seeds (min/max when several), deltas against the
+    scratch baseline of the same detector (``<detector>-scratch``)."""
+    runs = pd.DataFrame([_row(_evaluation(path)) for path in evaluations])
+    if runs.empty:
+        raise EigpipeError("report: no evaluations to compare")
+    metrics = [c for c in runs.columns if c in METRICS or c.startswith("segm_")]
+    keys = ["model", "detector", "init", "widths_source", "input_size", *COSTS]
+    grouped = runs.groupby(keys, sort=False, dropna=False)
+    table = grouped[metrics].mean().reset_index()
+    table.insert(4, "seeds", grouped["seed"].apply(lambda s: " ".join(map(str, sorted(s)))).to_numpy())
+    if grouped.size().max() > 1:
+        for metric in ("AP", "segm_AP"):
+            if metric in metrics:
+                table[f"{metric}_min"] = grouped[metric].min().to_numpy()
+                table[f"{metric}_max"] = grouped[metric].max().to_numpy()
+    return _with_deltas(table, metrics)
+
+
+def _with_deltas(table: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
+    baselines = table.set_index("model")
+    for column in ("delta_AP", "delta_segm_AP", "body_params_ratio", "body_macs_ratio", "detector_params_ratio"):
+        table[column] = np.nan
+    for i, row in table.iterrows():
+        base = f"{row['detector']}-scratch"
+        if base not in baselines.index:
+            continue
+        reference = baselines.loc[base]
+        table.loc[i, "delta_AP"] = row["AP"] - reference["AP"]
+        if "segm_AP" in metrics and pd.notna(row.get("segm_AP")):
+            table.loc[i, "delta_segm_AP"] = row["segm_AP"] - reference["segm_AP"]
+        for cost in ("body_params", "body_macs", "detector_params"):
+            table.loc[i, f"{cost}_ratio"] = row[cost] / reference[cost]
+    return table.dropna(axis=1, how="all")
+
+
+def markdown(table: pd.DataFrame) -> str:
+    """The table as GitHub Markdown: millions of params, GMACs, AP to three decimals, signed deltas."""
+    def cell(column: str, value: Any) -> str:
+        if isinstance(value, float) and np.isnan(value):
+            return ""
+        if column.endswith("params"):
+            return f"{value / 1e6:.3f}M"
+        if column.endswith("macs"):
+            return f"{value / 1e9:.3f}G"
+        if isinstance(value, float) and value < 0 and not column.startswith("delta_"):
+            return "n/a"  # COCOeval's -1: no ground truth of that size
+        if column.startswith("delta_"):
+            return f"{value:+.3f}"
+        if column.endswith("_ratio"):
+            return f"{value:.3f}x"
+        return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
+    lines += ["| " + " | ".join(cell(c, v) for c, v in row.items()) + " |" for _, row in table.iterrows()]
+    return "\n".join(lines) + "\n"
+
+
+def read_derivations(paths: Sequence[Path]) -> dict[str, dict]:
+    """{spec name: derivation record} of derived widths YAMLs."""
+    found = {}
+    for path in paths:
+        data = read_yaml(path, "widths spec")
+        if not isinstance(data, dict) or not isinstance(data.get("derivation"), dict):
+            raise EigpipeError(f"{path}: a derived widths spec needs its 'derivation' record")
+        found[Path(path).stem] = data["derivation"]
+    return found

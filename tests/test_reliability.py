@@ -1,0 +1,135 @@
+"""Failure classes end in one line and leave nothing behind: unwritable outputs, a full disk, temp litter of
+killed jobs, multi-output stages killed half-way, and widths specs of another architecture."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from eigpipe import cli, provenance
+from eigpipe.errors import ConfigError, EigpipeError
+from eigpipe.models import from_model_config, standard
+from eigpipe.spectral import spectrum, store
+
+SPECTRUM_CFG = json.dumps({"spectrum": {}})
+SMOKE = Path(__file__).resolve().parents[1] / "config" / "smoke.yaml"
+
+
+@pytest.fixture
+def covariance_store(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(4, 9))
+    layers = {"body.conv1": {"second_moment": a @ a.T / 9, "mean": a.mean(axis=1)}}
+    root = {"run": "faster_rcnn-scratch", "iteration": 0, "init": "scratch", "task": "detection", "n_images": 3}
+    return store.write_store(tmp_path / "cov.zarr", store.COVARIANCE_KIND, layers, root, {})
+
+
+def one_line_error(capsys: pytest.CaptureFixture, *fragments: str) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in err, err
+    return err
+
+
+def _blocked(tmp_path: Path) -> Path:
+    """An output folder that cannot be created: a file stands where it would be (root ignores chmod)."""
+    (tmp_path / "file").write_text("x")
+    return tmp_path / "file" / "out"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        lambda store_, out: ["spectrum", "--config-json", SPECTRUM_CFG, str(store_), "--out", str(out / "t.parquet")],
+        lambda store_, out: ["dimensions", "--spectra", str(store_), "--out", str(out / "d.parquet")],
+        lambda store_, out: ["synth-data", "--config-json", json.dumps({"data": {"source": "synthetic"}}),
+                             "--out", str(out / "data")],
+        lambda store_, out: ["report", "--config-json", json.dumps({"report": {}}), "--dimensions", str(store_),
+                             "--out-dir", str(out / "report")],
+        lambda store_, out: ["covariance", "--config-json", "{}", "--checkpoint", str(store_), "--data", str(store_),
+                             "--image-dir", str(store_), "--out", str(out / "c.zarr")],
+        lambda store_, out: ["evaluate", "--config-json", "{}", "--checkpoint", str(store_), "--data", str(store_),
+                             "--image-dir", str(store_), "--out", str(out / "e.json")],
+        lambda store_, out: ["train", "--config", str(SMOKE), "--data", str(store_), "--image-dir", str(store_),
+                             "--out", str(out / "run")],
+        lambda store_, out: ["widths", "--config-json", "{}", "--dimensions", str(store_), "--checkpoint", str(store_),
+                             "--out", str(out / "w.yaml")],
+    ],
+)
+def test_unwritable_output_is_one_line_naming_the_path(tmp_path, covariance_store, capsys, args):
+    blocked = _blocked(tmp_path)
+    code = cli.main(args(covariance_store, blocked))
+    assert code == 1
+    one_line_error(capsys, str(tmp_path / "file"))
+    assert not blocked.exists()
+
+
+def test_a_full_disk_is_one_line_with_the_os_reason(tmp_path, covariance_store, capsys, monkeypatch):
+    def full(source: object, target: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target))
+
+    monkeypatch.setattr(provenance.os, "replace", full)
+    out = tmp_path / "t.parquet"
+    assert cli.main(["spectrum", "--config-json", SPECTRUM_CFG, str(covariance_store), "--out", str(out)]) == 1
+    one_line_error(capsys, "No space left on device")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # temp siblings removed
+
+
+def _dead_pid() -> int:
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(proc.stdout)
+
+
+@pytest.mark.parametrize("kind", ["file", "dir"])
+def test_stale_temp_siblings_of_killed_processes_are_removed_live_ones_kept(tmp_path, kind):
+    final = tmp_path / "final.pt"
+    host = platform.node()
+    stale = tmp_path / f".final.pt.tmp-{host}-{_dead_pid()}-0badf00d"
+    live = tmp_path / f".final.pt.tmp-{host}-{os.getpid()}-c0ffee00"
+    other_host = tmp_path / f".final.pt.tmp-elsewhere-{_dead_pid()}-00000000"
+    for path in (stale, live, other_host):
+        if kind == "dir":
+            path.mkdir()
+            (path / "chunk").write_text("x")
+        else:
+            path.write_text("x")
+    provenance.write_json(final, {"a": 1})
+    assert final.exists() and not stale.exists()
+    assert live.exists() and other_host.exists()  # a live process's, and one of another host (shared disks)
+
+
+def test_spectrum_killed_between_its_outputs_never_leaves_a_complete_half(tmp_path, covariance_store, monkeypatch):
+    out = tmp_path / "spectra" / "0.parquet"
+
+    def killed(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(spectrum, "write_table", killed)
+    with pytest.raises(KeyboardInterrupt):
+        spectrum.decompose({"spectrum": {"threshold": 1e-3, "relative_threshold": 1e-3, "soft_lambda": 1e-3}},
+                           covariance_store, out)
+    assert not out.exists()
+    with pytest.raises(EigpipeError, match="spectrum table .* is missing: the spectrum stage did not finish"):
+        spectrum.read_eigenvalues(spectrum.eigenvalue_path(out))
+    monkeypatch.undo()
+    assert cli.main(["spectrum", "--config-json", SPECTRUM_CFG, str(covariance_store), "--out", str(out)]) == 0
+    spectrum.read_eigenvalues(spectrum.eigenvalue_path(out))
+
+
+@pytest.mark.parametrize("depths", [[2, 4, 6, 3], [3, 4, 6, 2], [1, 1, 1, 1]])
+def test_widths_spec_of_other_depths_than_the_model_is_refused(tmp_path, complete, depths):
+    path = tmp_path / "w.yaml"
+    path.write_text(yaml.safe_dump(standard(depths, 0.125).to_dict()))
+    with pytest.raises(ConfigError, match=re.escape(f"w.yaml: blocks per stage {depths} differ from model.depths")):
+        from_model_config(complete("model", {"widths": str(path)}))
