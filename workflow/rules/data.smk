@@ -6,8 +6,9 @@ rule synth_data:
         code=code_hash("synth-data"),
     log:
         "results/{study}/logs/synth_data.log",
-    benchmark:
-        "results/{study}/benchmarks/synth_data.tsv"
+    # Eligible for the between-workflow output cache (`--cache`, SNAKEMAKE_OUTPUT_CACHE); Snakemake refuses a
+    # benchmark directive on a cached rule (a cache hit has no time to record).
+    cache: "omit-software"
     threads: 1
     resources:
         mem_mb=2000,
@@ -18,7 +19,8 @@ rule synth_data:
         "eigpipe synth-data --config-json {params.cfg:q} --out {output} > {log} 2>&1"
 
 
-# COCO only: validate a split before hours of training (stdout is the summary).
+# COCO only: check a split before hours of training, every image decoded on the job's threads (stdout is
+# the summary).
 rule check_data:
     input:
         unpack(coco_split),
@@ -31,7 +33,7 @@ rule check_data:
         "results/{study}/logs/check_data/{split}.log",
     benchmark:
         "results/{study}/benchmarks/check_data/{split}.tsv"
-    threads: 1
+    threads: THREADS
     resources:
         mem_mb=16000,
         runtime=60,
@@ -39,4 +41,5 @@ rule check_data:
         CONDA_ENV
     shell:
         "eigpipe check-data --annotations {input.annotations} --images {input.images} {params.strict}"
+        " --jobs {threads}"
         " > {output} 2> {log}"

@@ -24,7 +24,8 @@ rule covariance:
         CONDA_ENV
     shell:
         "eigpipe covariance --config-json {params.cfg:q} --checkpoint {input.checkpoint}"
-        " --data {params.annotations} --image-dir {params.images} --out {output} > {log} 2>&1"
+        " --data {params.annotations} --image-dir {params.images} --out {output} --threads {threads}"
+        " > {log} 2>&1"
 
 
 rule spectrum:

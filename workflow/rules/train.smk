@@ -10,7 +10,6 @@ rule pretrain:
         cfg=stage_config("pretrain"),
         code=code_hash("pretrain"),
         launch=launch,
-        out=parent_of("final"),
     log:
         "results/{study}/logs/pretrain.log",
     # Eligible for the between-workflow output cache (`--cache`, SNAKEMAKE_OUTPUT_CACHE); Snakemake refuses a
@@ -25,7 +24,8 @@ rule pretrain:
         CONDA_ENV
     shell:
         "{params.launch} eigpipe pretrain --config-json {params.cfg:q}"
-        " --data {input.data}/classification --out {params.out} --threads {threads} > {log} 2>&1"
+        " --data {input.data}/classification --out results/{wildcards.study}/pretrain --threads {threads}"
+        " > {log} 2>&1"
 
 
 # The stage keeps resume state in train/<run>/resume/ (not an output, so Snakemake never deletes it):
@@ -45,10 +45,9 @@ rule train_detector:
         code=code_hash("train"),
         launch=launch,
         model=model_arg,
-        init=init_arg,
-        annotations=split_paths("train")[0],
-        images=split_paths("train")[1],
-        out=parent_of("final"),
+        init=init_kind,
+        annotations=study_free_split("train")[0],
+        images=study_free_split("train")[1],
     log:
         "results/{study}/logs/train_detector/{detector}.log",
     # Eligible for the between-workflow output cache (`--cache`, SNAKEMAKE_OUTPUT_CACHE); Snakemake refuses a
@@ -62,9 +61,9 @@ rule train_detector:
     conda:
         CONDA_ENV
     shell:
-        "{params.launch} eigpipe train --model {params.model} --init {params.init}"
-        " --config-json {params.cfg:q} --data {params.annotations} --image-dir {params.images}"
-        " --out {params.out} --threads {threads} > {log} 2>&1"
+        "{params.launch} eigpipe train --model {params.model} --init {params.init}{input.init}"
+        f" --config-json {{params.cfg:q}} {TRAIN_DATA_ARGS}"
+        " --out results/{wildcards.study}/train/{wildcards.detector} --threads {threads} > {log} 2>&1"
 
 
 # Widths from the eigenspectrum of the source run (widths.source_init, final snapshot by default).
