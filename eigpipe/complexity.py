@@ -60,8 +60,10 @@ def report(cfg: dict, input_size: tuple[int, int], num_classes: int) -> str:
     """The ``eigpipe complexity`` stage: print params and MACs of the detector of the model section."""
     height, width = input_size
     if height < 16 or width < 16 or num_classes < 2:
-        raise EigpipeError(f"--input-size {height} {width} / --num-classes {num_classes}: sizes must be >= 16 "
-                           "and classes >= 2 (background included)")
+        raise EigpipeError(
+            f"--input-size {height} {width} / --num-classes {num_classes}: sizes must be >= 16 "
+            "and classes >= 2 (background included)"
+        )
     numbers = detector_complexity(cfg["model"], num_classes, height, width)
     lines = [f"{'part':<10}{'params':>14}{'MACs':>16}   (input {height}x{width}, {num_classes} classes)"]
     for part, params, macs in (

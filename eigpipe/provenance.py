@@ -105,8 +105,9 @@ def check_writable(final: str | Path) -> None:
         with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{Path(final).name}.probe-"):
             pass
     except OSError as exc:
-        raise EigpipeError(f"{folder}: the output {Path(final).name} cannot be written there "
-                           f"({exc.strerror or exc})") from None
+        raise EigpipeError(
+            f"{folder}: the output {Path(final).name} cannot be written there ({exc.strerror or exc})"
+        ) from None
 
 
 @contextlib.contextmanager

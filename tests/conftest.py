@@ -15,10 +15,20 @@ from eigpipe import codehash, config
 from tests.workflow_helpers import SMOKE, failure, make_workdir, snakemake
 
 TINY_MODEL = {
-    "width_multiplier": 0.0625, "norm": "gn", "gn_groups": 4, "fpn_channels": 16, "min_size": 64, "max_size": 64,
-    "anchor_sizes": [4, 8, 16, 32, 64], "box_head": {"type": "mlp", "representation_size": 32},
-    "mask_head_layers": [16, 16], "rpn_pre_nms_top_n_train": 100, "rpn_post_nms_top_n_train": 50,
-    "rpn_pre_nms_top_n_test": 50, "rpn_post_nms_top_n_test": 30, "box_batch_size_per_image": 16,
+    "width_multiplier": 0.0625,
+    "norm": "gn",
+    "gn_groups": 4,
+    "fpn_channels": 16,
+    "min_size": 64,
+    "max_size": 64,
+    "anchor_sizes": [4, 8, 16, 32, 64],
+    "box_head": {"type": "mlp", "representation_size": 32},
+    "mask_head_layers": [16, 16],
+    "rpn_pre_nms_top_n_train": 100,
+    "rpn_post_nms_top_n_train": 50,
+    "rpn_pre_nms_top_n_test": 50,
+    "rpn_post_nms_top_n_test": 30,
+    "box_batch_size_per_image": 16,
 }
 
 

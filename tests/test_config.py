@@ -69,9 +69,11 @@ def test_sections_from_json_are_validated_on_their_own():
 
 @pytest.mark.parametrize(
     ("overrides", "fragment"),
-    [({"covariance.images": -3}, "covariance.images: -3 is less than the minimum of 1"),
-     ({"covariance.images": 0}, "covariance.images: 0 is less than the minimum of 1"),
-     ({"covariance.layers": []}, "covariance.layers: [] should be non-empty")],
+    [
+        ({"covariance.images": -3}, "covariance.images: -3 is less than the minimum of 1"),
+        ({"covariance.images": 0}, "covariance.images: 0 is less than the minimum of 1"),
+        ({"covariance.layers": []}, "covariance.layers: [] should be non-empty"),
+    ],
 )
 def test_command_line_overrides_are_validated_like_the_config(overrides, fragment):
     with pytest.raises(ConfigError) as info:
@@ -90,9 +92,11 @@ def test_config_json_of_the_wrong_shape_is_one_line(text, capsys, tmp_path):
 
 @pytest.mark.parametrize(
     ("section", "fragment"),
-    [({"pretrain": {"source": "torchvision"}}, "weights"),
-     ({"pretrain": {"source": "synthetic"}}, "schedule"),
-     ({"data": {"source": "coco"}}, "coco")],
+    [
+        ({"pretrain": {"source": "torchvision"}}, "weights"),
+        ({"pretrain": {"source": "synthetic"}}, "schedule"),
+        ({"data": {"source": "coco"}}, "coco"),
+    ],
 )
 def test_cross_field_rules_live_in_the_schema(section, fragment):
     name = next(iter(section))

@@ -50,8 +50,6 @@ COMPARED = [
 CACHE_LINE = re.compile(r"^Output file (\S+) will be (obtained from|written to) global between-workflow cache\.$")
 
 
-
-
 # ---- the killed run ----
 
 

@@ -18,9 +18,18 @@ from eigpipe.models.cost import body_cost, convs
 from eigpipe.models.widths import Stage
 from eigpipe.spectral.derivation import MEASURES, derive, derive_widths, widths_at
 
-TINY = {"width_multiplier": 0.0625, "norm": "gn", "gn_groups": 4, "fpn_channels": 16, "min_size": 64,
-        "max_size": 64, "anchor_sizes": [4, 8, 16, 32, 64], "box_head": {"type": "mlp", "representation_size": 32},
-        "rpn_pre_nms_top_n_test": 50, "rpn_post_nms_top_n_test": 30}
+TINY = {
+    "width_multiplier": 0.0625,
+    "norm": "gn",
+    "gn_groups": 4,
+    "fpn_channels": 16,
+    "min_size": 64,
+    "max_size": 64,
+    "anchor_sizes": [4, 8, 16, 32, 64],
+    "box_head": {"type": "mlp", "representation_size": 32},
+    "rpn_pre_nms_top_n_test": 50,
+    "rpn_post_nms_top_n_test": 30,
+}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -49,8 +58,12 @@ def layer_names(spec):
             name = f"layer{i}.{j}"
             if (j == 0 and i > 1) or cin != stage.out:
                 rows.append((f"{name}.downsample.0", stage.out, "Conv2d"))
-            rows += [(f"{name}.conv1", w1, "Conv2d"), (f"{name}.conv2", w2, "Conv2d"),
-                     (f"{name}.conv3", stage.out, "Conv2d"), (name, stage.out, "Bottleneck")]
+            rows += [
+                (f"{name}.conv1", w1, "Conv2d"),
+                (f"{name}.conv2", w2, "Conv2d"),
+                (f"{name}.conv3", stage.out, "Conv2d"),
+                (name, stage.out, "Bottleneck"),
+            ]
             cin = stage.out
     return rows
 
@@ -61,22 +74,34 @@ def make_table(spec, d=None, run="faster_rcnn-scratch", iteration=0, seed=0):
     rows = []
     for name, channels, kind in layer_names(spec):
         value = d(name, channels) if d else float(rng.integers(max(1, int(0.4 * channels)), int(0.9 * channels) + 1))
-        row = {"run": run, "iteration": iteration, "layer": "backbone.body." + name, "canonical": name,
-               "module_type": kind, "channels": channels}
+        row = {
+            "run": run,
+            "iteration": iteration,
+            "layer": "backbone.body." + name,
+            "canonical": name,
+            "module_type": kind,
+            "channels": channels,
+        }
         row.update({m: float(value) for m in MEASURES})
         rows.append(row)
     return pd.DataFrame(rows)
 
 
 def small_spec():
-    return WidthSpec(stem=12, stages=(Stage(12, ((4, 8),)), Stage(20, ((8, 4), (12, 4))), Stage(16, ((4, 4),)),
-                                      Stage(8, ((8, 8), (4, 12)))))
+    return WidthSpec(
+        stem=12,
+        stages=(Stage(12, ((4, 8),)), Stage(20, ((8, 4), (12, 4))), Stage(16, ((4, 4),)), Stage(8, ((8, 8), (4, 12)))),
+    )
 
 
 # -- analytic cost ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("spec", [standard((3, 4, 6, 3), 1.0), standard((1, 2, 1, 1), 0.25), small_spec()],
-                         ids=["r50", "quarter", "irregular"])
+
+@pytest.mark.parametrize(
+    "spec",
+    [standard((3, 4, 6, 3), 1.0), standard((1, 2, 1, 1), 0.25), small_spec()],
+    ids=["r50", "quarter", "irregular"],
+)
 def test_body_cost_equals_measured(spec):
     body = build_body(model_cfg(norm="bn"), spec).eval()  # norm affine params are 2 per channel for bn and gn
     sizes = [(224, 224), (33, 57)] if spec.stem == 64 else [(64, 64), (33, 57), (17, 16), (97, 31)]
@@ -89,12 +114,12 @@ def test_body_cost_equals_measured(spec):
 
 # -- property-based -----------------------------------------------------------------------------------------
 
+
 @st.composite
 def problems(draw):
     width = st.integers(4, 64)
     stages = tuple(
-        Stage(draw(width), tuple((draw(width), draw(width)) for _ in range(draw(st.integers(1, 3)))))
-        for _ in range(4)
+        Stage(draw(width), tuple((draw(width), draw(width)) for _ in range(draw(st.integers(1, 3))))) for _ in range(4)
     )
     spec = WidthSpec(stem=draw(width), stages=stages)
     seed = draw(st.integers(0, 2**31))
@@ -150,13 +175,18 @@ def test_budget_multiple_floor_ties_and_monotone_alpha(problem):
         assert {by_name[f"layer{i}.{j}.conv3"]["derived"] for j in range(len(stage.blocks))} == {stage.out}
 
 
-
 # -- mapping ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("aggregate", "tied_from", "expected"), [
-    ("max", "block_output", 60.0), ("mean", "block_output", 30.0), ("median", "block_output", 20.0),
-    ("max", "conv3", 5.0),
-])
+
+@pytest.mark.parametrize(
+    ("aggregate", "tied_from", "expected"),
+    [
+        ("max", "block_output", 60.0),
+        ("mean", "block_output", 30.0),
+        ("median", "block_output", 20.0),
+        ("max", "conv3", 5.0),
+    ],
+)
 def test_mapping_aggregate_and_tie_source(aggregate, tied_from, expected):
     spec = standard((1, 1, 3, 1), 0.25)
     outputs = {"layer3.0": 10.0, "layer3.1": 20.0, "layer3.2": 60.0}
@@ -166,8 +196,15 @@ def test_mapping_aggregate_and_tie_source(aggregate, tied_from, expected):
             return outputs[name]
         return 5.0 if name.startswith("layer3") and name.endswith("conv3") else channels / 2
 
-    result = derive_widths(make_table(spec, d), spec, multiple=1, min_width=1, input_size=(64, 64),
-                           aggregate=aggregate, tied_from=tied_from)
+    result = derive_widths(
+        make_table(spec, d),
+        spec,
+        multiple=1,
+        min_width=1,
+        input_size=(64, 64),
+        aggregate=aggregate,
+        tied_from=tied_from,
+    )
     by_name = {layer["name"]: layer for layer in result.layers}
     for name in ("layer3.0.conv3", "layer3.1.conv3", "layer3.2.conv3", "layer3.0.downsample.0"):
         assert by_name[name]["d"] == expected
@@ -192,23 +229,37 @@ def test_zero_measure_gets_floor_and_one_warning(capsys):
 
 # -- errors -------------------------------------------------------------------------------------------------
 
+
 def one_line(exc_info):
     message = str(exc_info.value)
     assert "\n" not in message
     return message
 
 
-@pytest.mark.parametrize(("change", "kind", "words"), [
-    (lambda t: t[t["canonical"] != "layer2.1.conv2"], EigpipeError, ["layer2.1.conv2", "missing"]),
-    (lambda t: t.assign(channels=np.where(t["canonical"] == "layer3.0.conv1", 99, t["channels"])), EigpipeError,
-     ["layer3.0.conv1", "99", "architecture"]),
-    (lambda t: t[~t["canonical"].str.startswith("layer4.2")], EigpipeError, ["layer4", "2 blocks", "3 in the spec"]),
-    (lambda t: t.assign(intrinsic_dim=np.where(t["canonical"] == "layer1.0", np.nan, t["intrinsic_dim"])),
-     EigpipeError, ["layer1.0", "nan"]),
-    (lambda t: pd.concat([t, t.assign(run="other")]), EigpipeError, ["other", "snapshots"]),
-    (lambda t: pd.concat([t, t.assign(iteration=7)]), EigpipeError, ["@7", "snapshots"]),
-    (lambda t: t.drop(columns=["intrinsic_dim"]), EigpipeError, ["intrinsic_dim", "column"]),
-])
+@pytest.mark.parametrize(
+    ("change", "kind", "words"),
+    [
+        (lambda t: t[t["canonical"] != "layer2.1.conv2"], EigpipeError, ["layer2.1.conv2", "missing"]),
+        (
+            lambda t: t.assign(channels=np.where(t["canonical"] == "layer3.0.conv1", 99, t["channels"])),
+            EigpipeError,
+            ["layer3.0.conv1", "99", "architecture"],
+        ),
+        (
+            lambda t: t[~t["canonical"].str.startswith("layer4.2")],
+            EigpipeError,
+            ["layer4", "2 blocks", "3 in the spec"],
+        ),
+        (
+            lambda t: t.assign(intrinsic_dim=np.where(t["canonical"] == "layer1.0", np.nan, t["intrinsic_dim"])),
+            EigpipeError,
+            ["layer1.0", "nan"],
+        ),
+        (lambda t: pd.concat([t, t.assign(run="other")]), EigpipeError, ["other", "snapshots"]),
+        (lambda t: pd.concat([t, t.assign(iteration=7)]), EigpipeError, ["@7", "snapshots"]),
+        (lambda t: t.drop(columns=["intrinsic_dim"]), EigpipeError, ["intrinsic_dim", "column"]),
+    ],
+)
 def test_table_errors(change, kind, words):
     spec = standard((1, 2, 1, 3), 0.25)
     with pytest.raises(kind) as info:
@@ -223,8 +274,9 @@ def test_unknown_measure_and_unreachable_budget():
     with pytest.raises(ConfigError) as info:
         derive_widths(make_table(spec), spec, measure="dims", input_size=(64, 64))
     assert "dims" in one_line(info) and all(m in str(info.value) for m in MEASURES)
-    floor_macs = body_cost(WidthSpec.from_dict({"stem": 16, "stages": [
-        {"out": 16, "blocks": [[16, 16]]} for _ in range(4)]}), 64, 64)[1]
+    floor_macs = body_cost(
+        WidthSpec.from_dict({"stem": 16, "stages": [{"out": 16, "blocks": [[16, 16]]} for _ in range(4)]}), 64, 64
+    )[1]
     with pytest.raises(EigpipeError) as info:
         derive_widths(make_table(spec), spec, min_width=16, macs_budget=0.2, input_size=(64, 64))
     message = one_line(info)
@@ -232,6 +284,7 @@ def test_unknown_measure_and_unreachable_budget():
 
 
 # -- paper scale --------------------------------------------------------------------------------------------
+
 
 def test_paper_scale_resnet50_faster_rcnn():
     spec = standard((3, 4, 6, 3), 1.0)
@@ -249,13 +302,22 @@ def test_paper_scale_resnet50_faster_rcnn():
 
 # -- the stage ----------------------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def source(tmp_path):
     cfg = model_cfg(**TINY)
     original = standard(cfg["depths"], cfg["width_multiplier"])
     model = build_detector("faster_rcnn", cfg, 3, original)
-    meta = {"task": "detection", "model_name": "faster_rcnn", "model_config": cfg, "widths": original.to_dict(),
-            "num_classes": 3, "run": "faster_rcnn-scratch", "init": "scratch", "iteration": 8}
+    meta = {
+        "task": "detection",
+        "model_name": "faster_rcnn",
+        "model_config": cfg,
+        "widths": original.to_dict(),
+        "num_classes": 3,
+        "run": "faster_rcnn-scratch",
+        "init": "scratch",
+        "iteration": 8,
+    }
     checkpoint = tmp_path / "train" / "final.pt"
     save_checkpoint(checkpoint, model, meta)
     table = pd.concat([make_table(original, iteration=0, seed=1), make_table(original, iteration=8, seed=2)])
@@ -289,13 +351,16 @@ def test_derive_stage_end_to_end(source, tmp_path, capsys):
     assert earlier["source"]["iteration"] == 0
 
 
-@pytest.mark.parametrize(("widths", "change", "words"), [
-    ({"measure": "bogus"}, None, ["bogus", "intrinsic_dim"]),
-    ({"macs_budget": 0.01}, None, ["cannot be met"]),
-    ({"source_iteration": 5}, None, ["iteration 5", "0, 8"]),
-    ({}, lambda t: t[t["canonical"] != "layer1.0"], ["layer1.0", "missing"]),
-    ({}, lambda t: t.assign(channels=t["channels"] * 2), ["conv1", "architecture"]),
-])
+@pytest.mark.parametrize(
+    ("widths", "change", "words"),
+    [
+        ({"measure": "bogus"}, None, ["bogus", "intrinsic_dim"]),
+        ({"macs_budget": 0.01}, None, ["cannot be met"]),
+        ({"source_iteration": 5}, None, ["iteration 5", "0, 8"]),
+        ({}, lambda t: t[t["canonical"] != "layer1.0"], ["layer1.0", "missing"]),
+        ({}, lambda t: t.assign(channels=t["channels"] * 2), ["conv1", "architecture"]),
+    ],
+)
 def test_derive_stage_errors_write_nothing(source, tmp_path, widths, change, words):
     _, _, checkpoint, dimensions, table = source
     if change is not None:

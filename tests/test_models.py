@@ -91,8 +91,11 @@ def test_detector_trains_and_predicts(name, tiny_model):
     torch.manual_seed(0)
     model = build_detector(name, tiny_model, num_classes=4)
     image = torch.rand(3, 64, 64)
-    target = {"boxes": torch.tensor([[4.0, 6.0, 30.0, 40.0]]), "labels": torch.tensor([2]),
-              "masks": torch.zeros(1, 64, 64, dtype=torch.uint8)}
+    target = {
+        "boxes": torch.tensor([[4.0, 6.0, 30.0, 40.0]]),
+        "labels": torch.tensor([2]),
+        "masks": torch.zeros(1, 64, 64, dtype=torch.uint8),
+    }
     target["masks"][0, 6:40, 4:30] = 1
     losses = model([image], [target])
     expected = {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
@@ -106,8 +109,15 @@ def test_detector_trains_and_predicts(name, tiny_model):
 def test_checkpoint_round_trip(tmp_path, tiny_model):
     model = build_detector("faster_rcnn", tiny_model, num_classes=3)
     widths = standard(multiplier=0.0625).to_dict()
-    meta = {"task": "detection", "model_name": "faster_rcnn", "model_config": tiny_model, "widths": widths,
-            "num_classes": 3, "iteration": 7, "run": "r"}
+    meta = {
+        "task": "detection",
+        "model_name": "faster_rcnn",
+        "model_config": tiny_model,
+        "widths": widths,
+        "num_classes": 3,
+        "iteration": 7,
+        "run": "r",
+    }
     save_checkpoint(tmp_path / "c.pt", model, meta)
     loaded, got = load_checkpoint(tmp_path / "c.pt")
     assert got["iteration"] == 7 and len(got["sha256"]) == 64
@@ -123,9 +133,16 @@ def test_unreadable_checkpoint_is_a_one_line_error(tmp_path):
 
 
 def study_file(tmp_path, model: dict | None) -> str:
-    study = {"study": "c", "data": {"source": "synthetic"}, "pretrain": {"source": "torchvision", "weights": "w.pth"},
-             "train": {"models": ["faster_rcnn"], "inits": ["scratch"],
-                       "schedule": {"steps": 1, "batch_size": 1, "lr": 0.1}}}
+    study = {
+        "study": "c",
+        "data": {"source": "synthetic"},
+        "pretrain": {"source": "torchvision", "weights": "w.pth"},
+        "train": {
+            "models": ["faster_rcnn"],
+            "inits": ["scratch"],
+            "schedule": {"steps": 1, "batch_size": 1, "lr": 0.1},
+        },
+    }
     if model is not None:
         study["model"] = model
     path = tmp_path / "study.yaml"
@@ -145,10 +162,12 @@ def test_complexity_of_standard_resnet50(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     ("model", "args", "fragment"),
-    [({"width_multiplier": -1}, [], "width_multiplier"),
-     (None, [], "'model' is a required property"),
-     ({"norm": "gn"}, ["--input-size", "0", "224"], "--input-size"),
-     ({"norm": "gn"}, ["--num-classes", "1"], "--num-classes")],
+    [
+        ({"width_multiplier": -1}, [], "width_multiplier"),
+        (None, [], "'model' is a required property"),
+        ({"norm": "gn"}, ["--input-size", "0", "224"], "--input-size"),
+        ({"norm": "gn"}, ["--num-classes", "1"], "--num-classes"),
+    ],
 )
 def test_complexity_rejects_bad_input_in_one_line(tmp_path, capsys, model, args, fragment):
     assert cli.main(["complexity", "--config", study_file(tmp_path, model), *args]) == 1
@@ -157,8 +176,13 @@ def test_complexity_rejects_bad_input_in_one_line(tmp_path, capsys, model, args,
 
 
 def test_convfc_box_head_groupnorm_uses_the_gcd_rule():
-    cfg = model_section(width_multiplier=0.125, norm="gn", gn_groups=32, fpn_channels=24,
-                        box_head={"type": "convfc", "conv_layers": [24, 40], "representation_size": 16})
+    cfg = model_section(
+        width_multiplier=0.125,
+        norm="gn",
+        gn_groups=32,
+        fpn_channels=24,
+        box_head={"type": "convfc", "conv_layers": [24, 40], "representation_size": 16},
+    )
     head = build_detector("faster_rcnn", cfg, num_classes=3).roi_heads.box_head
     norms = [m for m in head.modules() if isinstance(m, nn.GroupNorm)]
     assert [(m.num_groups, m.num_channels) for m in norms] == [(8, 24), (8, 40)]
@@ -166,7 +190,9 @@ def test_convfc_box_head_groupnorm_uses_the_gcd_rule():
 
 @pytest.mark.parametrize("zero", [True, False])
 def test_zero_init_residual_starts_blocks_as_identity(zero):
-    body = build_body(model_section(**{"width_multiplier": 0.125, "norm": "gn", "gn_groups": 8, "zero_init_residual": zero}))
+    body = build_body(
+        model_section(**{"width_multiplier": 0.125, "norm": "gn", "gn_groups": 8, "zero_init_residual": zero})
+    )
     last_norms = torch.stack([block.bn3.weight.abs().sum() for stage in (body.layer1, body.layer4) for block in stage])
     assert bool((last_norms == 0).all()) == zero and body.layer1[0].bn2.weight.sum() == 8
     block = body.layer2[1].eval()

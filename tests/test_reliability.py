@@ -53,18 +53,70 @@ def _blocked(tmp_path: Path) -> Path:
     [
         lambda store_, out: ["spectrum", "--config-json", SPECTRUM_CFG, str(store_), "--out", str(out / "t.parquet")],
         lambda store_, out: ["dimensions", "--spectra", str(store_), "--out", str(out / "d.parquet")],
-        lambda store_, out: ["synth-data", "--config-json", json.dumps({"data": {"source": "synthetic"}}),
-                             "--out", str(out / "data")],
-        lambda store_, out: ["report", "--config-json", json.dumps({"report": {}}), "--dimensions", str(store_),
-                             "--out-dir", str(out / "report")],
-        lambda store_, out: ["covariance", "--config-json", "{}", "--checkpoint", str(store_), "--data", str(store_),
-                             "--image-dir", str(store_), "--out", str(out / "c.zarr")],
-        lambda store_, out: ["evaluate", "--config-json", "{}", "--checkpoint", str(store_), "--data", str(store_),
-                             "--image-dir", str(store_), "--out", str(out / "e.json")],
-        lambda store_, out: ["train", "--config", str(SMOKE), "--data", str(store_), "--image-dir", str(store_),
-                             "--out", str(out / "run")],
-        lambda store_, out: ["widths", "--config-json", "{}", "--dimensions", str(store_), "--checkpoint", str(store_),
-                             "--out", str(out / "w.yaml")],
+        lambda store_, out: [
+            "synth-data",
+            "--config-json",
+            json.dumps({"data": {"source": "synthetic"}}),
+            "--out",
+            str(out / "data"),
+        ],
+        lambda store_, out: [
+            "report",
+            "--config-json",
+            json.dumps({"report": {}}),
+            "--dimensions",
+            str(store_),
+            "--out-dir",
+            str(out / "report"),
+        ],
+        lambda store_, out: [
+            "covariance",
+            "--config-json",
+            "{}",
+            "--checkpoint",
+            str(store_),
+            "--data",
+            str(store_),
+            "--image-dir",
+            str(store_),
+            "--out",
+            str(out / "c.zarr"),
+        ],
+        lambda store_, out: [
+            "evaluate",
+            "--config-json",
+            "{}",
+            "--checkpoint",
+            str(store_),
+            "--data",
+            str(store_),
+            "--image-dir",
+            str(store_),
+            "--out",
+            str(out / "e.json"),
+        ],
+        lambda store_, out: [
+            "train",
+            "--config",
+            str(SMOKE),
+            "--data",
+            str(store_),
+            "--image-dir",
+            str(store_),
+            "--out",
+            str(out / "run"),
+        ],
+        lambda store_, out: [
+            "widths",
+            "--config-json",
+            "{}",
+            "--dimensions",
+            str(store_),
+            "--checkpoint",
+            str(store_),
+            "--out",
+            str(out / "w.yaml"),
+        ],
     ],
 )
 def test_unwritable_output_is_one_line_naming_the_path(tmp_path, covariance_store, capsys, args):
@@ -117,8 +169,9 @@ def test_spectrum_killed_between_its_outputs_never_leaves_a_complete_half(tmp_pa
 
     monkeypatch.setattr(spectrum, "write_table", killed)
     with pytest.raises(KeyboardInterrupt):
-        spectrum.decompose({"spectrum": {"threshold": 1e-3, "relative_threshold": 1e-3, "soft_lambda": 1e-3}},
-                           covariance_store, out)
+        spectrum.decompose(
+            {"spectrum": {"threshold": 1e-3, "relative_threshold": 1e-3, "soft_lambda": 1e-3}}, covariance_store, out
+        )
     assert not out.exists()
     with pytest.raises(EigpipeError, match="spectrum table .* is missing: the spectrum stage did not finish"):
         spectrum.read_eigenvalues(spectrum.eigenvalue_path(out))

@@ -61,14 +61,33 @@ def eigenvalue_stores(tmp_path: Path, runs: dict = RUNS) -> list[Path]:
     return paths
 
 
-def evaluation(tmp_path: Path, run: str, ap: float, seed: int = 0, body_params: int = 1_400_000,
-               widths: str | None = None, segm: float | None = None) -> Path:
+def evaluation(
+    tmp_path: Path,
+    run: str,
+    ap: float,
+    seed: int = 0,
+    body_params: int = 1_400_000,
+    widths: str | None = None,
+    segm: float | None = None,
+) -> Path:
     init = "pretrained" if "pretrained" in run else "scratch"
     stats = {name: ap + i / 100 for i, name in enumerate(("AP", "AP50", "AP75", "APs", "APm", "APl"))}
-    record = {"run": run, "model_name": run.split("-")[0], "init": init, "seed": seed, "widths": widths,
-              "bbox": stats, "per_class": [1],
-              "complexity": {"input_size": [128, 128], "body_params": body_params, "detector_params": 2 * body_params,
-                             "body_macs": 25_000_000, "detector_macs": 79_000_000}}
+    record = {
+        "run": run,
+        "model_name": run.split("-")[0],
+        "init": init,
+        "seed": seed,
+        "widths": widths,
+        "bbox": stats,
+        "per_class": [1],
+        "complexity": {
+            "input_size": [128, 128],
+            "body_params": body_params,
+            "detector_params": 2 * body_params,
+            "body_macs": 25_000_000,
+            "detector_macs": 79_000_000,
+        },
+    }
     if segm is not None:
         record["segm"] = {name: segm for name in stats}
     path = tmp_path / "eval" / f"{run}.json"
@@ -82,11 +101,21 @@ def evaluations(tmp_path: Path) -> list[Path]:
 
 
 def derivation_file(tmp_path: Path, name: str = "faster_rcnn-derived") -> Path:
-    layers = [{"name": n, "d": d, "original": o, "derived": w} for n, d, o, w in
-              [("conv1", 5, 8, 8), ("layer1.0.conv1", 3, 8, 4), ("layer1.out", 20, 32, 24), ("layer1.0.downsample.0",
-                                                                                             20, 32, None)]]
-    record = {"measure": "intrinsic_dim", "alpha": 1.2, "body": {"ratio": {"params": 0.7, "macs": 0.99}},
-              "layers": layers}
+    layers = [
+        {"name": n, "d": d, "original": o, "derived": w}
+        for n, d, o, w in [
+            ("conv1", 5, 8, 8),
+            ("layer1.0.conv1", 3, 8, 4),
+            ("layer1.out", 20, 32, 24),
+            ("layer1.0.downsample.0", 20, 32, None),
+        ]
+    ]
+    record = {
+        "measure": "intrinsic_dim",
+        "alpha": 1.2,
+        "body": {"ratio": {"params": 0.7, "macs": 0.99}},
+        "layers": layers,
+    }
     path = tmp_path / "widths" / f"{name}.yaml"
     path.parent.mkdir(exist_ok=True)
     path.write_text(yaml.safe_dump({"stem": 8, "stages": [], "derivation": record}))
@@ -100,8 +129,12 @@ def is_png(path: Path) -> bool:
 def test_full_report(tmp_path: Path) -> None:
     out = tmp_path / "report"
     written = report.make_report(
-        {"report": {"layers": []}}, dimension_tables(tmp_path), out, eigenvalue_stores(tmp_path),
-        evaluations(tmp_path), [derivation_file(tmp_path)],
+        {"report": {"layers": []}},
+        dimension_tables(tmp_path),
+        out,
+        eigenvalue_stores(tmp_path),
+        evaluations(tmp_path),
+        [derivation_file(tmp_path)],
     )
     for name in ("eigenvalues.png", "dimensions.png", "dynamics.png", "widths.png"):
         assert is_png(out / name) and (out / name).stat().st_size > 10_000, name
@@ -114,8 +147,16 @@ def test_full_report(tmp_path: Path) -> None:
     evaluation = pd.read_csv(out / "evaluation.csv")
     assert list(evaluation["run"]) == ["faster_rcnn-pretrained", "faster_rcnn-scratch"]
     assert list(evaluation["bbox_AP"]) == [0.43, 0.41] and "per_class" not in evaluation.columns
-    assert set(written) == {"eigenvalues", "dimensions", "dynamics", "spectra", "evaluation", "summary", "summary_md",
-                            "widths"}
+    assert set(written) == {
+        "eigenvalues",
+        "dimensions",
+        "dynamics",
+        "spectra",
+        "evaluation",
+        "summary",
+        "summary_md",
+        "widths",
+    }
     assert list(pd.read_csv(out / "summary.csv")["model"]) == ["faster_rcnn-scratch", "faster_rcnn-pretrained"]
     assert (out / "summary.md").read_text().startswith("| model | detector |")
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
@@ -166,16 +207,23 @@ def test_report_cli(tmp_path: Path) -> None:
 def test_comparison_table_means_spreads_and_deltas(tmp_path: Path) -> None:
     derived = str(tmp_path / "widths" / "faster_rcnn-derived.yaml")
     paths = [
-        evaluation(tmp_path, "faster_rcnn-pretrained", 0.68), evaluation(tmp_path, "faster_rcnn-pretrained-s1", 0.66, 1),
-        evaluation(tmp_path, "faster_rcnn-scratch", 0.66), evaluation(tmp_path, "faster_rcnn-scratch-s1", 0.62, 1),
+        evaluation(tmp_path, "faster_rcnn-pretrained", 0.68),
+        evaluation(tmp_path, "faster_rcnn-pretrained-s1", 0.66, 1),
+        evaluation(tmp_path, "faster_rcnn-scratch", 0.66),
+        evaluation(tmp_path, "faster_rcnn-scratch-s1", 0.62, 1),
         evaluation(tmp_path, "faster_rcnn-derived", 0.65, 0, 1_000_000, derived),
         evaluation(tmp_path, "faster_rcnn-derived-s1", 0.63, 1, 1_000_000, derived),
         evaluation(tmp_path, "mask_rcnn-scratch", 0.5, segm=0.4),
         evaluation(tmp_path, "mask_rcnn-derived", 0.45, 0, 700_000, str(tmp_path / "mask_rcnn-derived.yaml"), 0.42),
     ]
     table = comparison.comparison_table(paths).set_index("model")
-    assert list(table.index) == ["faster_rcnn-pretrained", "faster_rcnn-scratch", "faster_rcnn-derived",
-                                 "mask_rcnn-scratch", "mask_rcnn-derived"]
+    assert list(table.index) == [
+        "faster_rcnn-pretrained",
+        "faster_rcnn-scratch",
+        "faster_rcnn-derived",
+        "mask_rcnn-scratch",
+        "mask_rcnn-derived",
+    ]
     derived_row = table.loc["faster_rcnn-derived"]
     assert derived_row["AP"] == pytest.approx(0.64) and derived_row["seeds"] == "0 1"
     assert derived_row["AP_min"] == pytest.approx(0.63) and derived_row["AP_max"] == pytest.approx(0.65)

@@ -156,9 +156,14 @@ def _zero_chunk(path: Path, layer: str, array: str) -> None:
 
 
 @pytest.mark.parametrize("damage", [_delete_chunks, _truncate_chunk, _corrupt_chunk, _drop_array, _zero_chunk])
-@pytest.mark.parametrize(("layer", "array"), [("backbone.body.conv1", "mean"),
-                                              ("backbone.body.layer1.0.conv2", "second_moment"),
-                                              ("backbone.fpn.layer_blocks.0", "second_moment")])
+@pytest.mark.parametrize(
+    ("layer", "array"),
+    [
+        ("backbone.body.conv1", "mean"),
+        ("backbone.body.layer1.0.conv2", "second_moment"),
+        ("backbone.fpn.layer_blocks.0", "second_moment"),
+    ],
+)
 def test_damaged_array_is_one_line_naming_store_layer_and_array(tmp_path: Path, damage, layer, array) -> None:
     path = write(tmp_path / "s.zarr")
     damage(path, layer, array)

@@ -99,7 +99,7 @@ def test_objects_touch_the_border_and_overlap(dataset):
     def overlap(a: list[float], b: list[float]) -> bool:
         return a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + b[3] and b[1] < a[1] + a[3]
 
-    overlapping = sum(overlap(a, b) for image in boxes.values() for i, a in enumerate(image) for b in image[i + 1:])
+    overlapping = sum(overlap(a, b) for image in boxes.values() for i, a in enumerate(image) for b in image[i + 1 :])
     assert on_border >= 2 and overlapping >= 2
     sides = [max(w, h) / 128 for image in boxes.values() for _, _, w, h in image]
     assert min(sides) < 0.25 and max(sides) > 0.3
@@ -136,8 +136,9 @@ def test_generated_data_passes_validation_and_loads(dataset, capsys):
     image, target = data[3]
     ann = data.coco.imgToAnns[data.ids[3]]
     assert image.shape == (3, 128, 128) and len(data) == 12 and data.categories == SMALL["categories"]
-    np.testing.assert_array_equal(target["masks"].numpy(), np.stack([mask_utils.decode(a["segmentation"])
-                                                                      for a in ann]))
+    np.testing.assert_array_equal(
+        target["masks"].numpy(), np.stack([mask_utils.decode(a["segmentation"]) for a in ann])
+    )
     assert capsys.readouterr().err == ""
 
 
@@ -196,8 +197,13 @@ def test_min_visible_share_bounds_occlusion(monkeypatch: pytest.MonkeyPatch) -> 
         synthetic.settings({**SMALL, "min_visible_share": 1.5})
 
 
-WHOLE_SINGLE = {**SMALL, "categories": ["square", "circle", "cross"], "min_objects": 1, "max_objects": 1,
-                "min_visible_share": 1.0}
+WHOLE_SINGLE = {
+    **SMALL,
+    "categories": ["square", "circle", "cross"],
+    "min_objects": 1,
+    "max_objects": 1,
+    "min_visible_share": 1.0,
+}
 
 
 def _whole_objects(section: dict, seed: int = 0) -> list[tuple[int, np.ndarray]]:

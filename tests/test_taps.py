@@ -8,25 +8,37 @@ from eigpipe.models.taps import canonical, feature_tap, runner_path, runs_per_re
 
 @pytest.fixture(scope="module")
 def convfc_detector(complete):
-    cfg = complete("model", {"width_multiplier": 0.0625, "norm": "gn", "gn_groups": 4, "fpn_channels": 16,
-                             "box_head": {"type": "convfc", "conv_layers": [16, 16], "representation_size": 32},
-                             "mask_head_layers": [16], "min_size": 64, "max_size": 64})
+    cfg = complete(
+        "model",
+        {
+            "width_multiplier": 0.0625,
+            "norm": "gn",
+            "gn_groups": 4,
+            "fpn_channels": 16,
+            "box_head": {"type": "convfc", "conv_layers": [16, 16], "representation_size": 32},
+            "mask_head_layers": [16],
+            "min_size": 64,
+            "max_size": 64,
+        },
+    )
     return build_detector("mask_rcnn", cfg, num_classes=3)
 
 
 @pytest.mark.parametrize(
     ("layer", "tap"),
-    [("backbone.body.conv1", "backbone.body.relu"),
-     ("backbone.body.layer1.0.conv1", "backbone.body.layer1.0.relu1"),
-     ("backbone.body.layer3.2.conv2", "backbone.body.layer3.2.relu2"),
-     ("backbone.body.layer4.0.conv3", "backbone.body.layer4.0.bn3"),  # before the residual sum
-     ("backbone.body.layer2.0.downsample.0", "backbone.body.layer2.0.downsample.1"),
-     ("backbone.body.layer2.0", "backbone.body.layer2.0"),  # a block: its own output
-     ("backbone.fpn.layer_blocks.0", "backbone.fpn.layer_blocks.0"),
-     ("backbone.fpn.layer_blocks.0.0", "backbone.fpn.layer_blocks.0.0"),  # no norm or activation follows
-     ("roi_heads.box_head.0.0", "roi_heads.box_head.0.2"),  # Conv2dNormActivation: conv, GN, ReLU
-     ("roi_heads.mask_head.0.0", "roi_heads.mask_head.0.1"),  # conv, ReLU (no norm without fpn_norm)
-     ("roi_heads.box_head.3", "roi_heads.box_head.3")],  # the fc layer
+    [
+        ("backbone.body.conv1", "backbone.body.relu"),
+        ("backbone.body.layer1.0.conv1", "backbone.body.layer1.0.relu1"),
+        ("backbone.body.layer3.2.conv2", "backbone.body.layer3.2.relu2"),
+        ("backbone.body.layer4.0.conv3", "backbone.body.layer4.0.bn3"),  # before the residual sum
+        ("backbone.body.layer2.0.downsample.0", "backbone.body.layer2.0.downsample.1"),
+        ("backbone.body.layer2.0", "backbone.body.layer2.0"),  # a block: its own output
+        ("backbone.fpn.layer_blocks.0", "backbone.fpn.layer_blocks.0"),
+        ("backbone.fpn.layer_blocks.0.0", "backbone.fpn.layer_blocks.0.0"),  # no norm or activation follows
+        ("roi_heads.box_head.0.0", "roi_heads.box_head.0.2"),  # Conv2dNormActivation: conv, GN, ReLU
+        ("roi_heads.mask_head.0.0", "roi_heads.mask_head.0.1"),  # conv, ReLU (no norm without fpn_norm)
+        ("roi_heads.box_head.3", "roi_heads.box_head.3"),
+    ],  # the fc layer
 )
 def test_feature_tap_of_detector_layers(convfc_detector, layer, tap):
     assert feature_tap(convfc_detector, layer) == tap

@@ -24,12 +24,24 @@ def study(tmp_path, tiny_model):
     """study(steps, snapshots) -> a whole study file around the tiny model."""
 
     def make(steps=8, snapshots=(0, 4)):
-        schedule = {"steps": steps, "batch_size": 4, "lr": 0.02, "warmup_steps": 2, "snapshots": list(snapshots),
-                    "checkpoint_every": 3, "log_every": 2}
-        config = {"study": "t", "seed": 3, "runtime": {"threads": 2}, "data": {"source": "synthetic"},
-                  "model": tiny_model,
-                  "pretrain": {"source": "synthetic", "schedule": {**schedule, "batch_size": 8, "lr": 0.05}},
-                  "train": {"models": ["faster_rcnn"], "inits": ["scratch"], "schedule": schedule}}
+        schedule = {
+            "steps": steps,
+            "batch_size": 4,
+            "lr": 0.02,
+            "warmup_steps": 2,
+            "snapshots": list(snapshots),
+            "checkpoint_every": 3,
+            "log_every": 2,
+        }
+        config = {
+            "study": "t",
+            "seed": 3,
+            "runtime": {"threads": 2},
+            "data": {"source": "synthetic"},
+            "model": tiny_model,
+            "pretrain": {"source": "synthetic", "schedule": {**schedule, "batch_size": 8, "lr": 0.05}},
+            "train": {"models": ["faster_rcnn"], "inits": ["scratch"], "schedule": schedule},
+        }
         path = tmp_path / "config.yaml"
         path.write_text(yaml.safe_dump(config))
         return path
@@ -81,7 +93,8 @@ def crash_at(monkeypatch, name, iteration):
 def test_lr_schedule_warmup_step_and_cosine(complete):
     def schedule(**partial):
         return complete("pretrain", {"source": "synthetic", "schedule": {"batch_size": 1, "lr": 1, **partial}})[
-            "schedule"]
+            "schedule"
+        ]
 
     step = lr_factor(schedule(steps=100, warmup_steps=10, warmup_factor=0.1, lr_steps=[0.5, 80], gamma=0.1))
     assert step(0) == pytest.approx(0.1) and step(5) == pytest.approx(0.55) and step(10) == 1.0
@@ -167,8 +180,21 @@ def test_cuda_asked_without_a_gpu_is_a_clear_error(monkeypatch, complete):
 def test_torchrun_ddp_on_cpu(tmp_path, image_folder, study):
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "eigpipe.cli", "pretrain",
-               "--config", str(study(steps=4, snapshots=())), "--data", str(image_folder), "--out", str(tmp_path / "ddp")]
+    command = [
+        torchrun,
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "eigpipe.cli",
+        "pretrain",
+        "--config",
+        str(study(steps=4, snapshots=())),
+        "--data",
+        str(image_folder),
+        "--out",
+        str(tmp_path / "ddp"),
+    ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert load_checkpoint(tmp_path / "ddp" / "final.pt")[1]["iteration"] == 4

@@ -47,9 +47,16 @@ SMOKE_JOBS = {
     "report": 1,
     "all": 1,
 }
-REPORT_FILES = ["eigenvalues.png", "dimensions.png", "dynamics.png", "spectra.csv", "evaluation.csv", "summary.csv",
-                "summary.md", "widths.png"]
-
+REPORT_FILES = [
+    "eigenvalues.png",
+    "dimensions.png",
+    "dynamics.png",
+    "spectra.csv",
+    "evaluation.csv",
+    "summary.csv",
+    "summary.md",
+    "widths.png",
+]
 
 
 # ---- helpers ----
@@ -248,10 +255,15 @@ def test_a_config_change_reaches_only_the_stages_that_read_it(workdir, tmp_path,
 
 
 def test_adding_a_model_or_a_seed_leaves_the_existing_runs_alone(workdir, tmp_path):
-    before = jobs(dry_run(workdir, "--configfile", str(write_config(tmp_path / "a.yaml", SMOKE,
-                                                                      **{"train.models": ["faster_rcnn"]}))))
-    for change, trained in [({"train.models": ["faster_rcnn", "mask_rcnn"]}, 6),
-                            ({"train.models": ["faster_rcnn"], "train.seeds": [0, 1]}, 6)]:
+    before = jobs(
+        dry_run(
+            workdir, "--configfile", str(write_config(tmp_path / "a.yaml", SMOKE, **{"train.models": ["faster_rcnn"]}))
+        )
+    )
+    for change, trained in [
+        ({"train.models": ["faster_rcnn", "mask_rcnn"]}, 6),
+        ({"train.models": ["faster_rcnn"], "train.seeds": [0, 1]}, 6),
+    ]:
         after = jobs(dry_run(workdir, "--configfile", str(write_config(tmp_path / "c.yaml", SMOKE, **change))))
         assert sum(rule == "train_detector" for rule, _ in after) == trained
         changed = {job[0] for job in before if before[job] != after[job]}
@@ -264,7 +276,9 @@ def test_adding_a_model_or_a_seed_leaves_the_existing_runs_alone(workdir, tmp_pa
 
 def test_a_widths_knob_changes_only_the_derivation(workdir, tmp_path, smoke_dry_run):
     before = jobs(smoke_dry_run)
-    after = jobs(dry_run(workdir, "--configfile", str(write_config(tmp_path / "c.yaml", SMOKE, **{"widths.multiple": 8}))))
+    after = jobs(
+        dry_run(workdir, "--configfile", str(write_config(tmp_path / "c.yaml", SMOKE, **{"widths.multiple": 8})))
+    )
     assert {job for job in before if before[job] != after[job]} == {job for job in before if job[0] == "derive_widths"}
     derived = [cmd for (rule, out), cmd in after.items() if rule == "train_detector" and "derived" in out]
     assert len(derived) == 2 and all(config_json(cmd)["model"]["widths"].endswith("-derived.yaml") for cmd in derived)
@@ -280,7 +294,9 @@ def test_steps_of_one_init_change_only_its_runs(workdir, tmp_path, smoke_dry_run
     changed = {job for job in before if before[job] != after[job]}
     assert {rule for rule, _ in changed} == {"train_detector"}
     # the scratch baselines and the derived retrains (the scratch schedule) of both detectors
-    assert sorted(out.split("/")[3] for _, out in changed) == sorted(DERIVED_RUNS + [r for r in BASE_RUNS if "scratch" in r])
+    assert sorted(out.split("/")[3] for _, out in changed) == sorted(
+        DERIVED_RUNS + [r for r in BASE_RUNS if "scratch" in r]
+    )
     assert all(config_json(after[job])["train"]["schedule"]["steps"] == steps + 2 for job in changed)
 
 
@@ -366,6 +382,7 @@ def test_editing_a_module_changes_only_the_hashes_of_stages_that_run_it(tmp_path
 
 # ---- slow: the smoke study end to end ----
 
+
 def expected_outputs(root: Path) -> list[Path]:
     r = root / "results/smoke"
     files = [r / "data", r / "pretrain/final.pt", r / "pretrain/metrics.jsonl"]
@@ -418,8 +435,16 @@ def test_threshold_change_reruns_only_the_analysis(smoke_run, frozen_src, tmp_pa
 def test_widths_change_retrains_only_the_derived_models(smoke_run, frozen_src, tmp_path):
     edited = write_config(tmp_path / "c.yaml", SMOKE, **{"widths.multiple": 8})
     output = dry_run(smoke_run, "--configfile", str(edited), extra_env={"PYTHONPATH": str(frozen_src)})
-    assert job_counts(output) == {"derive_widths": 2, "train_detector": 2, "evaluate": 2, "covariance": 2,
-                                  "spectrum": 2, "dimensions": 2, "report": 1, "all": 1}
+    assert job_counts(output) == {
+        "derive_widths": 2,
+        "train_detector": 2,
+        "evaluate": 2,
+        "covariance": 2,
+        "spectrum": 2,
+        "dimensions": 2,
+        "report": 1,
+        "all": 1,
+    }
     scheduled = {out for (rule, out) in jobs(output) if rule in ("train_detector", "covariance")}
     assert all("derived" in out for out in scheduled)
 
@@ -431,7 +456,8 @@ def test_the_comparison_table_has_every_model(smoke_run):
     summary = pd.read_csv(smoke_run / "results/smoke/report/summary.csv").set_index("model")
     assert sorted(summary.index) == sorted(BASE_RUNS + DERIVED_RUNS)
     assert summary.loc["mask_rcnn-derived", "delta_segm_AP"] == pytest.approx(
-        summary.loc["mask_rcnn-derived", "segm_AP"] - summary.loc["mask_rcnn-scratch", "segm_AP"])
+        summary.loc["mask_rcnn-derived", "segm_AP"] - summary.loc["mask_rcnn-scratch", "segm_AP"]
+    )
     for run in DERIVED_RUNS:
         spec = yaml.safe_load((smoke_run / f"results/smoke/widths/{run}.yaml").read_text())
         assert summary.loc[run, "body_params"] == spec["derivation"]["detector"]["derived"]["body_params"]

@@ -72,7 +72,7 @@ def background(rng: np.random.Generator, size: int) -> np.ndarray:
     c, s = math.cos(theta), math.sin(theta)
     low, high = (size - 1) * (min(c, 0) + min(s, 0)), (size - 1) * (max(c, 0) + max(s, 0))
     y, x = _grid(size)
-    ramp = (x * np.float32(c / (high - low)) + y * np.float32(s / (high - low)) - np.float32(low / (high - low)))
+    ramp = x * np.float32(c / (high - low)) + y * np.float32(s / (high - low)) - np.float32(low / (high - low))
     start, end = rng.uniform(0, 255, (2, 3)).astype(np.float32)
     weight = np.float32(rng.uniform(0.3, 0.7))
     smooth *= weight
@@ -102,8 +102,10 @@ def shape_mask(kind: str, cx: float, cy: float, size: float, angle: float, canva
         draw.polygon(_rotated(corners, angle, cx, cy), fill=1)
     elif kind == "cross":  # a plus sign: two bars of length ``size``
         bar = size / 6
-        for corners in ([[-half, -bar], [half, -bar], [half, bar], [-half, bar]],
-                        [[-bar, -half], [bar, -half], [bar, half], [-bar, half]]):
+        for corners in (
+            [[-half, -bar], [half, -bar], [half, bar], [-half, bar]],
+            [[-bar, -half], [bar, -half], [bar, half], [-bar, half]],
+        ):
             draw.polygon(_rotated(np.array(corners), angle, cx, cy), fill=1)
     else:
         raise ConfigError(f"data.synthetic: unknown shape {kind!r} (expected one of {', '.join(SHAPES)})")
@@ -154,7 +156,7 @@ def _candidate(rng: np.random.Generator, kind: str, size: int, cfg: dict) -> tup
     extent = rng.uniform(low, high) * size
     cx, cy = rng.uniform(CENTRE_MARGIN * size, (1 - CENTRE_MARGIN) * size, 2) + pad
     full = shape_mask(kind, cx, cy, extent, _angle(rng, cfg["rotate"]), size + 2 * pad)
-    return full[pad:pad + size, pad:pad + size], int(full.sum())
+    return full[pad : pad + size, pad : pad + size], int(full.sum())
 
 
 def _place(
@@ -208,9 +210,13 @@ def annotation(mask: np.ndarray, ann_id: int, image_id: int, category_id: int) -
     x0, y0 = int(xs.min()), int(ys.min())
     bbox = [float(x0), float(y0), float(xs.max() - x0 + 1), float(ys.max() - y0 + 1)]
     return {
-        "id": ann_id, "image_id": image_id, "category_id": category_id, "iscrowd": 0,
+        "id": ann_id,
+        "image_id": image_id,
+        "category_id": category_id,
+        "iscrowd": 0,
         "segmentation": {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode()},
-        "area": float(mask.sum()), "bbox": bbox,
+        "area": float(mask.sum()),
+        "bbox": bbox,
     }
 
 
@@ -230,7 +236,10 @@ def detection_split(cfg: dict, seed: int, split: str, count: int, root: Path) ->
     categories = [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(cfg["categories"])]
     return {
         "info": {"description": f"eigpipe synthetic shapes, detection/{split}", "seed": seed},
-        "licenses": [], "images": images, "annotations": annotations, "categories": categories,
+        "licenses": [],
+        "images": images,
+        "annotations": annotations,
+        "categories": categories,
     }
 
 
@@ -286,16 +295,24 @@ def generate(cfg: dict, out: Path) -> None:
             coco = detection_split(cfg, seed, split, cfg[f"{split}_images"], root)
             _write_json(root / "detection" / f"instances_{split}.json", coco)
             counts["detection"][split] = {"images": len(coco["images"]), "objects": len(coco["annotations"])}
-            print(f"synth-data: detection/{split} {len(coco['images'])} images, {len(coco['annotations'])} objects",
-                  file=sys.stderr)
+            print(
+                f"synth-data: detection/{split} {len(coco['images'])} images, {len(coco['annotations'])} objects",
+                file=sys.stderr,
+            )
         for split in ("train", "val"):
             per_class = cfg["classification"][f"{split}_per_class"]
             classification_split(cfg, seed, split, per_class, root)
             counts["classification"][split] = dict.fromkeys(CLASSES, per_class)
-            print(f"synth-data: classification/{split} {per_class * len(CLASSES)} images, {len(CLASSES)} classes",
-                  file=sys.stderr)
+            print(
+                f"synth-data: classification/{split} {per_class * len(CLASSES)} images, {len(CLASSES)} classes",
+                file=sys.stderr,
+            )
         manifest = {
-            "counts": counts, "categories": cfg["categories"], "classes": list(CLASSES), "seed": seed, "cfg": cfg,
+            "counts": counts,
+            "categories": cfg["categories"],
+            "classes": list(CLASSES),
+            "seed": seed,
+            "cfg": cfg,
             "provenance": provenance.record(config=cfg, seed=seed),
         }
         _write_json(root / "manifest.json", manifest)

@@ -111,7 +111,7 @@ def body_state(path: str | Path) -> dict[str, torch.Tensor]:
     state = raw["state_dict"] if raw.get("format") == FORMAT else raw
     for prefix in BODY_PREFIXES:
         if any(k.startswith(prefix) for k in state):
-            return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     return {k: v for k, v in state.items() if not k.startswith("fc.")}
 
 

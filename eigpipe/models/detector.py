@@ -80,7 +80,10 @@ def build_detector(model_name: str, model_cfg: dict, num_classes: int, widths: W
         layers = model_cfg["mask_head_layers"]
         mask_head = MaskRCNNHeads(channels, layers, 1, norm_layer=gn_norm_for(model_cfg))
         return MaskRCNN(
-            backbone, num_classes=None, mask_head=mask_head,
-            mask_predictor=MaskRCNNPredictor(layers[-1], layers[-1], num_classes), **common,
+            backbone,
+            num_classes=None,
+            mask_head=mask_head,
+            mask_predictor=MaskRCNNPredictor(layers[-1], layers[-1], num_classes),
+            **common,
         )
     raise ValueError(f"unknown detector {model_name!r}; expected one of {DETECTORS}")

@@ -39,9 +39,7 @@ class Bottleneck(nn.Module):
     # the module whose output is each conv's feature (conv3 before the residual sum: after its norm)
     FEATURE_TAPS = {"conv1": "relu1", "conv2": "relu2", "conv3": "bn3"}
 
-    def __init__(
-        self, in_ch: int, widths: tuple[int, int], out_ch: int, stride: int, norm: NormFactory
-    ) -> None:
+    def __init__(self, in_ch: int, widths: tuple[int, int], out_ch: int, stride: int, norm: NormFactory) -> None:
         super().__init__()
         w1, w2 = widths
         self.conv1 = nn.Conv2d(in_ch, w1, 1, bias=False)

@@ -71,8 +71,10 @@ class WidthSpec:
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
-        text = json.dumps(self.to_dict(), indent=1) if path.suffix == ".json" else yaml.safe_dump(
-            self.to_dict(), default_flow_style=None, sort_keys=False
+        text = (
+            json.dumps(self.to_dict(), indent=1)
+            if path.suffix == ".json"
+            else yaml.safe_dump(self.to_dict(), default_flow_style=None, sort_keys=False)
         )
         with publish(path) as tmp:
             tmp.write_text(text)
@@ -102,7 +104,9 @@ def from_model_config(model_cfg: dict) -> WidthSpec:
     if model_cfg["widths"]:
         spec = WidthSpec.load(model_cfg["widths"])
         if spec.depths != list(model_cfg["depths"]):
-            raise ConfigError(f"{model_cfg['widths']}: blocks per stage {spec.depths} differ from model.depths "
-                              f"{list(model_cfg['depths'])}")
+            raise ConfigError(
+                f"{model_cfg['widths']}: blocks per stage {spec.depths} differ from model.depths "
+                f"{list(model_cfg['depths'])}"
+            )
         return spec
     return standard(model_cfg["depths"], model_cfg["width_multiplier"])

@@ -53,14 +53,17 @@ def make_report(
 def _comparison(evaluations: Sequence[Path], widths_files: Sequence[Path], out_dir: Path) -> dict[str, Path]:
     """summary.csv / summary.md (baseline and derived models side by side) and widths.png."""
     table = comparison.comparison_table(evaluations)
-    written = {name: out_dir / file for name, file in
-               (("summary", "summary.csv"), ("summary_md", "summary.md"), ("widths", "widths.png"))}
+    written = {
+        name: out_dir / file
+        for name, file in (("summary", "summary.csv"), ("summary_md", "summary.md"), ("widths", "widths.png"))
+    }
     write_table(written["summary"], table)
     with publish(written["summary_md"]) as tmp:
         tmp.write_text(comparison.markdown(table))
     derivations = comparison.read_derivations(widths_files)
-    figure = Figure(figsize=(max(8.0, 0.2 * _most_layers(derivations)), 3.6 * max(1, len(derivations))),
-                    layout="constrained")
+    figure = Figure(
+        figsize=(max(8.0, 0.2 * _most_layers(derivations)), 3.6 * max(1, len(derivations))), layout="constrained"
+    )
     save_png(plot_widths(derivations, figure), written["widths"])
     return written
 

@@ -84,6 +84,7 @@ def _with_deltas(table: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
 
 def markdown(table: pd.DataFrame) -> str:
     """The table as GitHub Markdown: millions of params, GMACs, AP to three decimals, signed deltas."""
+
     def cell(column: str, value: Any) -> str:
         if isinstance(value, float) and np.isnan(value):
             return ""

@@ -124,8 +124,10 @@ def plot_widths(derivations: dict[str, dict], figure: Figure) -> Figure:
         ax.set_xticklabels([layer["name"] for layer in layers], rotation=90, fontsize=6)
         ax.set_ylabel("channels")
         body = record["body"]["ratio"]
-        ax.set_title(f"{name}: alpha {record['alpha']:.3g}, body params x{body['params']:.2f}, "
-                     f"MACs x{body['macs']:.2f}", fontsize=9)
+        ax.set_title(
+            f"{name}: alpha {record['alpha']:.3g}, body params x{body['params']:.2f}, MACs x{body['macs']:.2f}",
+            fontsize=9,
+        )
         ax.legend(fontsize=7)
     if not derivations:
         axes[0].text(0.5, 0.5, "no derived widths in this study", ha="center", va="center", color="gray")

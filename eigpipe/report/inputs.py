@@ -102,7 +102,6 @@ def chosen_layers(order: Sequence[str], wanted: Sequence[str]) -> list[str]:
     return picks
 
 
-
 def load_spectra(paths: Sequence[str | Path]) -> dict[str, dict[str, np.ndarray]]:
     """{run: {canonical layer: second-moment eigenvalues}} from eigenvalue stores (final models)."""
     spectra: dict[str, dict[str, np.ndarray]] = {}

@@ -20,7 +20,9 @@ from eigpipe.models.widths import Stage, WidthSpec
 BASE_MEASURES = ("intrinsic_dim", "relative_dim", "soft_dof", "effective_rank")
 MEASURES = BASE_MEASURES + tuple("centered_" + m for m in BASE_MEASURES)
 AGGREGATES: dict[str, Callable[[list[float]], float]] = {
-    "max": max, "mean": statistics.fmean, "median": statistics.median
+    "max": max,
+    "mean": statistics.fmean,
+    "median": statistics.median,
 }
 TIED_FROM = ("block_output", "conv3")
 REQUIRED_COLUMNS = ("run", "iteration", "canonical", "channels")
@@ -192,8 +194,9 @@ def derive_widths(
     if tied_from not in TIED_FROM:
         raise ConfigError(f"widths.tied_from: unknown {tied_from!r}; accepted: {', '.join(TIED_FROM)}")
     if multiple < 1 or min_width < 1 or not macs_budget > 0:
-        raise ConfigError(f"widths: need multiple >= 1, min_width >= 1, macs_budget > 0 ({multiple}, {min_width}, "
-                          f"{macs_budget})")
+        raise ConfigError(
+            f"widths: need multiple >= 1, min_width >= 1, macs_budget > 0 ({multiple}, {min_width}, {macs_budget})"
+        )
     height, width = (int(v) for v in input_size)
     rows = _check_table(table, spec, measure)
     slots = _slots(rows, spec, measure, aggregate, tied_from)
@@ -224,8 +227,10 @@ def derive_widths(
     params, derived_macs = body_cost(derived, height, width)
     zero = [name for slot in slots if slot.d == 0 for name, v in zip(slot.sources, slot.values, strict=True) if v == 0]
     if zero:
-        print(f"warning: widths: {measure} is 0 at {', '.join(zero)}: their convs get the floor width {floor}",
-              file=sys.stderr)
+        print(
+            f"warning: widths: {measure} is 0 at {', '.join(zero)}: their convs get the floor width {floor}",
+            file=sys.stderr,
+        )
     return Derivation(
         widths=derived,
         alpha=lo,
@@ -242,14 +247,19 @@ def derive_widths(
 
 # -- the stage ----------------------------------------------------------------------------------------------
 
+
 def _detector(meta: dict, spec: WidthSpec, size: tuple[int, int]) -> dict[str, int]:
     from eigpipe.complexity import model_complexity
     from eigpipe.models import build_detector
 
     model = build_detector(meta["model_name"], meta["model_config"], meta["num_classes"], widths=spec)
     found = model_complexity(model, *size)
-    return {"params": found["detector_params"], "macs": found["detector_macs"],
-            "body_params": found["body_params"], "body_macs": found["body_macs"]}
+    return {
+        "params": found["detector_params"],
+        "macs": found["detector_macs"],
+        "body_params": found["body_params"],
+        "body_macs": found["body_macs"],
+    }
 
 
 def derive(cfg: dict, dimensions: Path, checkpoint: Path, out: Path) -> dict:
@@ -282,24 +292,44 @@ def derive(cfg: dict, dimensions: Path, checkpoint: Path, out: Path) -> dict:
     size = tuple(section["input_size"] or (meta["model_config"]["min_size"],) * 2)
     try:
         result = derive_widths(
-            table, original, measure=section["measure"], multiple=section["multiple"],
-            min_width=section["min_width"], macs_budget=section["macs_budget"], input_size=size,
-            aggregate=section["aggregate"], tied_from=section["tied_from"],
+            table,
+            original,
+            measure=section["measure"],
+            multiple=section["multiple"],
+            min_width=section["min_width"],
+            macs_budget=section["macs_budget"],
+            input_size=size,
+            aggregate=section["aggregate"],
+            tied_from=section["tied_from"],
         )
     except EigpipeError as exc:  # name the file the table came from
         raise type(exc)(f"{dimensions}: {exc}") from None
     detector = {"original": _detector(meta, original, size), "derived": _detector(meta, result.widths, size)}
     detector["ratio"] = {k: detector["derived"][k] / detector["original"][k] for k in ("params", "macs")}
     record = {
-        "source": {"run": runs[0] if runs else meta.get("run"), "iteration": iteration,
-                   "model_name": meta["model_name"], "dimensions": str(dimensions),
-                   "dimensions_sha256": provenance.sha256_file(dimensions), "checkpoint": str(checkpoint),
-                   "checkpoint_sha256": provenance.sha256_file(checkpoint)},
-        "measure": section["measure"], "alpha": result.alpha, "macs_budget": section["macs_budget"],
-        "budget_macs": int(section["macs_budget"] * result.body["original"]["macs"]), "floor": result.floor,
-        "multiple": section["multiple"], "min_width": section["min_width"], "aggregate": section["aggregate"],
-        "tied_from": section["tied_from"], "input_size": list(size),
-        "body": result.body, "detector": detector, "original_widths": original.to_dict(), "layers": result.layers,
+        "source": {
+            "run": runs[0] if runs else meta.get("run"),
+            "iteration": iteration,
+            "model_name": meta["model_name"],
+            "dimensions": str(dimensions),
+            "dimensions_sha256": provenance.sha256_file(dimensions),
+            "checkpoint": str(checkpoint),
+            "checkpoint_sha256": provenance.sha256_file(checkpoint),
+        },
+        "measure": section["measure"],
+        "alpha": result.alpha,
+        "macs_budget": section["macs_budget"],
+        "budget_macs": int(section["macs_budget"] * result.body["original"]["macs"]),
+        "floor": result.floor,
+        "multiple": section["multiple"],
+        "min_width": section["min_width"],
+        "aggregate": section["aggregate"],
+        "tied_from": section["tied_from"],
+        "input_size": list(size),
+        "body": result.body,
+        "detector": detector,
+        "original_widths": original.to_dict(),
+        "layers": result.layers,
         "provenance": provenance.record(config=section, inputs=[dimensions, checkpoint]),
     }
     text = yaml.safe_dump({**result.widths.to_dict(), "derivation": record}, default_flow_style=None, sort_keys=False)
@@ -308,6 +338,9 @@ def derive(cfg: dict, dimensions: Path, checkpoint: Path, out: Path) -> dict:
         if WidthSpec.load(tmp) != result.widths:
             raise EigpipeError(f"{out}: the written widths spec does not read back as derived")
     body = result.body["ratio"]
-    print(f"widths: {record['source']['run']} @ {iteration} by {section['measure']}: alpha {result.alpha:.4g}, "
-          f"body params x{body['params']:.3f}, body MACs x{body['macs']:.3f} -> {out}", file=sys.stderr)
+    print(
+        f"widths: {record['source']['run']} @ {iteration} by {section['measure']}: alpha {result.alpha:.4g}, "
+        f"body params x{body['params']:.3f}, body MACs x{body['macs']:.3f} -> {out}",
+        file=sys.stderr,
+    )
     return record

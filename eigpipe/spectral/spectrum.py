@@ -144,8 +144,13 @@ def decompose(cfg: dict, store_path: Path, out: Path, eigenvalues_out: Path | No
     }
     # Two outputs: the table is published last and the store names it, so a store whose table is missing
     # (a kill in between) reads as unfinished, never as a complete half (see read_eigenvalues).
-    store.write_store(eigenvalues_out or eigenvalue_path(out), store.EIGENVALUE_KIND, eig_arrays,
-                      {**attrs, "table": str(out)}, eig_attrs)
+    store.write_store(
+        eigenvalues_out or eigenvalue_path(out),
+        store.EIGENVALUE_KIND,
+        eig_arrays,
+        {**attrs, "table": str(out)},
+        eig_attrs,
+    )
     table = pd.DataFrame(rows)
     write_table(out, table)
     return table
@@ -155,6 +160,7 @@ def read_eigenvalues(path: Path) -> tuple[dict, dict[str, tuple[store.Arrays, di
     """A verified eigenvalue store whose spectrum table was published too (else a one-line error)."""
     attrs, layers = store.read_store(path, store.EIGENVALUE_KIND, EIGENVALUE_ARRAYS)
     if "table" in attrs and not Path(attrs["table"]).is_file():
-        raise EigpipeError(f"{path}: its spectrum table {attrs['table']} is missing: the spectrum stage did not "
-                           "finish; run it again")
+        raise EigpipeError(
+            f"{path}: its spectrum table {attrs['table']} is missing: the spectrum stage did not finish; run it again"
+        )
     return attrs, layers

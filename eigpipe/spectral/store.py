@@ -136,8 +136,9 @@ def iter_layers(path: str | Path, kind: str, arrays: Sequence[str]) -> Iterator[
         attrs = dict(group.attrs)
         integrity = attrs.pop(INTEGRITY, None)
         if integrity is None and not warned:
-            print(f"warning: {path}: written before integrity checksums; its arrays are read unverified",
-                  file=sys.stderr)
+            print(
+                f"warning: {path}: written before integrity checksums; its arrays are read unverified", file=sys.stderr
+            )
             warned = True
         unrecorded = [a for a in arrays if integrity is not None and a not in integrity]
         if unrecorded:
