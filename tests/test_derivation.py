@@ -18,19 +18,6 @@ from eigpipe.models.cost import body_cost, convs
 from eigpipe.models.widths import Stage
 from eigpipe.spectral.derivation import MEASURES, derive, derive_widths, widths_at
 
-TINY = {
-    "width_multiplier": 0.0625,
-    "norm": "gn",
-    "gn_groups": 4,
-    "fpn_channels": 16,
-    "min_size": 64,
-    "max_size": 64,
-    "anchor_sizes": [4, 8, 16, 32, 64],
-    "box_head": {"type": "mlp", "representation_size": 32},
-    "rpn_pre_nms_top_n_test": 50,
-    "rpn_post_nms_top_n_test": 30,
-}
-
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
@@ -304,8 +291,8 @@ def test_paper_scale_resnet50_faster_rcnn():
 
 
 @pytest.fixture
-def source(tmp_path):
-    cfg = model_cfg(**TINY)
+def source(tmp_path, tiny_model):
+    cfg = tiny_model
     original = standard(cfg["depths"], cfg["width_multiplier"])
     model = build_detector("faster_rcnn", cfg, 3, original)
     meta = {
