@@ -1,8 +1,8 @@
 """Cost of covariance extraction: images/s and peak memory of plain inference (the backbone/FPN forward
-that extraction runs), hooked extraction with the streaming accumulator, and a naive
-store-every-feature-then-numpy approach.
+that extraction runs), hooked extraction with the streaming accumulator in both precisions
+(covariance.precision float64 and float32), and a naive store-every-feature-then-numpy approach.
 
-    .venv/bin/python benchmarks/covariance.py            # CPU (and CUDA when there is one), < 5 min on 2 cores
+    .venv/bin/python benchmarks/covariance.py            # CPU (and CUDA when there is one), about 6 min on 2 cores
     .venv/bin/python benchmarks/covariance.py --quick    # a smoke run of the script itself
 
 Throughput: one process per case runs the methods interleaved, round by round, and keeps each
@@ -16,6 +16,7 @@ Writes benchmarks/results/covariance.json.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -34,15 +35,17 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "covariance.json"
 
 
-
 def _model_sections() -> dict[str, dict]:
     """The demo's model section, read from config/config.yaml, and a torchvision-like ResNet-50 FPN (standard
     widths, BN in eval mode) completed by the schema."""
     from eigpipe import config
 
     demo = config.load(ROOT / "config" / "config.yaml")["model"]
-    r50 = config.validate({"width_multiplier": 1.0, "norm": "bn", "fpn_channels": 256}, "benchmark",
-                          config.schema()["properties"]["model"])
+    r50 = config.validate(
+        {"width_multiplier": 1.0, "norm": "bn", "fpn_channels": 256},
+        "benchmark",
+        config.schema()["properties"]["model"],
+    )
     return {"demo": demo, "resnet50_fpn": r50}
 
 
@@ -50,7 +53,7 @@ CASES = {
     "demo": {"size": 128, "images": 64, "batch": 8, "reps": 3},
     "resnet50_fpn": {"size": 512, "images": 4, "batch": 2, "reps": 2},
 }
-GEMM_DTYPES = ("float64", "float32")  # float64: what the accumulator runs; float32: for comparison
+GEMM_DTYPES = ("float64", "float32")  # the Gram-product dtypes of covariance.precision
 QUICK = {"demo": {"images": 16}, "resnet50_fpn": {"images": 2, "size": 256}}
 
 
@@ -114,10 +117,12 @@ def plain(model: torch.nn.Module, meta: dict, layers: list, data: list, device: 
             runner(batched.tensors)
 
 
-def extraction(model: torch.nn.Module, meta: dict, layers: list, data: list, device: torch.device) -> None:
+def extraction(
+    model: torch.nn.Module, meta: dict, layers: list, data: list, device: torch.device, precision: str = "float64"
+) -> None:
     from eigpipe.spectral.hooks import accumulate
 
-    _, accs = accumulate(model, meta, layers, data, device)
+    _, accs = accumulate(model, meta, layers, data, device, precision=precision)
     for acc in accs.values():  # what the store writes
         acc.second_moment.cpu(), acc.mean.cpu()
 
@@ -147,7 +152,12 @@ def naive(model: torch.nn.Module, meta: dict, layers: list, data: list, device: 
         kept[name] = []
 
 
-METHODS = {"plain": plain, "extraction": extraction, "naive": naive}
+METHODS = {
+    "plain": plain,
+    "extraction": extraction,  # float64, the default
+    "extraction_float32": functools.partial(extraction, precision="float32"),
+    "naive": naive,
+}
 
 
 def _setup(spec: dict) -> tuple[dict, torch.nn.Module, dict, list, torch.device]:
@@ -182,6 +192,7 @@ def child_throughput(spec: dict) -> dict:
     best = {name: min(times) for name, times in rounds.items()}
     return {
         **spec,
+        "model": case["model"],
         "layers": len(layers),
         **work_per_image(case, model, meta, layers, device),
         "images_per_s": {name: round(spec["images"] / t, 3) for name, t in best.items()},
@@ -192,8 +203,9 @@ def child_throughput(spec: dict) -> dict:
 def work_per_image(case: dict, model: torch.nn.Module, meta: dict, layers: list, device: torch.device) -> dict:
     """Multiply-adds of the forward (float32) and the least the Gram updates need (C(C+1)/2 per position:
     the symmetric half) for one image, and this device's GEMM rates in float64 and float32."""
-    from eigpipe.spectral.hooks import accumulate
     from torch.utils.flop_counter import FlopCounterMode
+
+    from eigpipe.spectral.hooks import accumulate
 
     one = batches(case, 1)[:1]
     ordered, _ = accumulate(model, meta, layers, one, device)
@@ -208,9 +220,12 @@ def work_per_image(case: dict, model: torch.nn.Module, meta: dict, layers: list,
 
 
 def gemm_rate(device: torch.device, dtype: torch.dtype, channels: int = 1024, positions: int = 16384) -> float:
-    """Multiply-adds per second of X Xᵀ (best of 3): in float64 the kernel the covariance updates run."""
+    """Multiply-adds per second of X Xᵀ (best of 3), the kernel of the Gram updates (float32: TF32 off)."""
+    from eigpipe.spectral.accumulator import ieee_float32
+
     x = torch.randn(channels, positions, dtype=dtype, device=device)
-    best = min(_timed(lambda: torch.mm(x, x.T), (), device) for _ in range(3))
+    with ieee_float32():
+        best = min(_timed(lambda: torch.mm(x, x.T), (), device) for _ in range(3))
     return channels * channels * positions / best
 
 
@@ -263,30 +278,47 @@ def run_case(name: str, device: str, threads: int, quick: bool) -> dict:
     speed = measure({**spec, "kind": "throughput", "images": n, "reps": CASES[name]["reps"]})
     memory = [
         measure({**spec, "kind": "memory", "method": method, "images": count})
-        for method, count in [("plain", n), ("extraction", n), ("extraction", 2 * n), ("naive", n), ("naive", 2 * n)]
+        for method, count in [
+            ("plain", n),
+            ("extraction", n),
+            ("extraction", 2 * n),
+            ("extraction_float32", n),
+            ("naive", n),
+            ("naive", 2 * n),
+        ]
     ]
     rates = speed["images_per_s"]
     peak = {(m["method"], m["images"]): m["peak_rss_increase_mib"] for m in memory}
+    bounds = extraction_bounds(rates["plain"], speed)
+    ratios = {dtype: rates[method] / rates["plain"] for dtype, method in EXTRACTION.items()}
     return {
         "case": name,
         "device": device,
         "image_size": override.get("size", CASES[name]["size"]),
         "batch_size": CASES[name]["batch"],
         "layers_hooked": speed["layers"],
-        "model": CASES[name]["model"],
+        "model": speed["model"],
         "images_per_s": rates,
-        "extraction_vs_plain_throughput": round(rates["extraction"] / rates["plain"], 3),
+        "extraction_vs_plain_throughput": round(ratios["float64"], 3),
+        "float32_extraction_vs_plain_throughput": round(ratios["float32"], 3),
         "naive_vs_plain_throughput": round(rates["naive"] / rates["plain"], 3),
         "forward_macs_per_image": speed["forward_macs_per_image"],
         "gram_macs_per_image": speed["gram_macs_per_image"],
         "gram_vs_forward_macs": round(speed["gram_macs_per_image"] / speed["forward_macs_per_image"], 3),
-        **extraction_bounds(rates["plain"], speed),
+        **bounds,
+        **{
+            f"{dtype}_extraction_vs_bound": round(ratios[dtype] / bounds[f"{dtype}_extraction_bound"], 3)
+            for dtype in GEMM_DTYPES
+        },
         "peak_rss_increase_mib": {
             f"{method}@{count}": peak[(method, count)] for method, count in sorted(peak, key=lambda k: (k[0], k[1]))
         },
         "throughput_run": speed,
         "memory_runs": memory,
     }
+
+
+EXTRACTION = {"float64": "extraction", "float32": "extraction_float32"}  # precision -> method
 
 
 def extraction_bounds(plain_images_per_s: float, speed: dict) -> dict:
@@ -342,7 +374,8 @@ def main() -> None:
         "throughput_method": "methods interleaved round by round in one process, best round per method",
         "plain": "the same transform + backbone/FPN forward that extraction runs, without hooks",
         "naive": "hooks keep every feature map (float32, CPU), then image-averaged second moment and np.cov",
-        "target": "extraction >= 0.6 x plain-inference throughput on CPU",
+        "target": "CPU: float32 extraction >= 0.6 x plain at standard width (resnet50_fpn, 512 px); float64 "
+        "extraction >= 0.85 x its bound there; demo float64 extraction >= 0.6 x plain",
         "wall_seconds": round(time.perf_counter() - start, 1),
         "results": results,
     }
@@ -350,9 +383,10 @@ def main() -> None:
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     for r in results:
         print(
-            f"{r['device']} {r['case']}: extraction/plain = {r['extraction_vs_plain_throughput']} "
-            f"(float64 bound {r['float64_extraction_bound']}, float32 {r['float32_extraction_bound']}), "
-            f"naive/plain = {r['naive_vs_plain_throughput']}"
+            f"{r['device']} {r['case']}: extraction/plain float64 {r['extraction_vs_plain_throughput']} "
+            f"(bound {r['float64_extraction_bound']}, {r['float64_extraction_vs_bound']} of it), "
+            f"float32 {r['float32_extraction_vs_plain_throughput']} (bound {r['float32_extraction_bound']}, "
+            f"{r['float32_extraction_vs_bound']} of it), naive/plain {r['naive_vs_plain_throughput']}"
         )
     print(f"wrote {args.out}")
 

@@ -28,8 +28,9 @@ def to_coco_results(output: dict[str, torch.Tensor], image_id: int, category_ids
     boxes = box_convert(output["boxes"].cpu(), in_fmt="xyxy", out_fmt="xywh")
     records = []
     masks = output.get("masks")
-    for k, (box, label, score) in enumerate(zip(boxes.tolist(), output["labels"].tolist(),
-                                                output["scores"].tolist(), strict=True)):
+    for k, (box, label, score) in enumerate(
+        zip(boxes.tolist(), output["labels"].tolist(), output["scores"].tolist(), strict=True)
+    ):
         record = {"image_id": image_id, "category_id": category_ids[label - 1], "bbox": box, "score": score}
         if masks is not None:
             binary = (masks[k, 0] > 0.5).cpu().numpy().astype(np.uint8)
@@ -39,15 +40,25 @@ def to_coco_results(output: dict[str, torch.Tensor], image_id: int, category_ids
     return records
 
 
-def predict(model: torch.nn.Module, dataset: Any, category_ids: list[int], device: torch.device,
-            batch_size: int) -> list[dict]:
+def predict(
+    model: torch.nn.Module, dataset: Any, category_ids: list[int], device: torch.device, batch_size: int, workers: int
+) -> list[dict]:
+    """COCO result records of every image, in dataset order; ``workers`` decode images (0: in this process)."""
     from eigpipe.data.coco import collate
 
     results: list[dict] = []
-    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        collate_fn=collate,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator(),
+    )  # global RNG untouched
     with torch.inference_mode():
         for images, targets in tqdm(loader, desc="evaluate", unit="batch", file=sys.stderr):
-            outputs = model([image.to(device) for image in images])
+            outputs = model([image.to(device, non_blocking=True) for image in images])
             for output, target in zip(outputs, targets, strict=True):
                 results.extend(to_coco_results(output, int(target["image_id"]), category_ids))
     return results
@@ -81,25 +92,40 @@ def evaluate_checkpoint(cfg: dict, checkpoint: Path, annotations: Path, images: 
         raise EigpipeError(f"{checkpoint}: a {meta['task']} checkpoint cannot be evaluated as a detector")
     dataset = CocoDetection(annotations, images, train=False)
     if list(dataset.category_ids) != list(meta["category_ids"]):
-        raise EigpipeError(f"{annotations}: categories {dataset.category_ids} differ from the checkpoint's "
-                           f"{meta['category_ids']}")
+        raise EigpipeError(
+            f"{annotations}: categories {dataset.category_ids} differ from the checkpoint's {meta['category_ids']}"
+        )
     count = min(len(dataset), section["max_images"] or len(dataset))
     image_ids = list(dataset.ids[:count])
-    results = predict(model, Subset(dataset, range(count)), meta["category_ids"], env.device,
-                      section["batch_size"])
+    results = predict(
+        model,
+        Subset(dataset, range(count)),
+        meta["category_ids"],
+        env.device,
+        section["batch_size"],
+        section["workers"],
+    )
     size = meta["model_config"]["min_size"]
     report: dict[str, Any] = {
-        "run": meta.get("run"), "model_name": meta["model_name"], "init": meta.get("init"),
-        "iteration": meta["iteration"], "checkpoint": str(checkpoint), "checkpoint_sha256": meta["sha256"],
-        "n_images": count, "n_detections": len(results),
+        "run": meta.get("run"),
+        "model_name": meta["model_name"],
+        "init": meta.get("init"),
+        "seed": meta.get("seed"),
+        "widths": meta["model_config"]["widths"],
+        "iteration": meta["iteration"],
+        "checkpoint": str(checkpoint),
+        "checkpoint_sha256": meta["sha256"],
+        "n_images": count,
+        "n_detections": len(results),
         "bbox": coco_stats(dataset.coco, results, "bbox", image_ids),
         "complexity": {"input_size": [size, size], **model_complexity(model, size, size)},
-        "provenance": provenance.record(config=cfg, inputs=[annotations], seed=None,
-                                        device=str(env.device)),
+        "provenance": provenance.record(config=cfg, inputs=[annotations], seed=None, device=str(env.device)),
     }
     if meta["model_name"] == "mask_rcnn":
         report["segm"] = coco_stats(dataset.coco, results, "segm", image_ids)
     provenance.write_json(out, report)
-    print(f"{meta.get('run')}: bbox AP {report['bbox']['AP']:.4f} AP50 {report['bbox']['AP50']:.4f} "
-          f"on {count} images", file=sys.stderr)
+    print(
+        f"{meta.get('run')}: bbox AP {report['bbox']['AP']:.4f} AP50 {report['bbox']['AP50']:.4f} on {count} images",
+        file=sys.stderr,
+    )
     return report

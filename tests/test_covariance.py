@@ -16,7 +16,7 @@ import zarr
 
 from eigpipe import config
 from eigpipe.errors import EigpipeError, NumericalError
-from eigpipe.spectral import accumulator, extract, hooks
+from eigpipe.spectral import accumulator, extract, hooks, store
 from eigpipe.spectral.accumulator import CovarianceAccumulator, NonFiniteFeature
 from eigpipe.spectral.layers import select_layers
 
@@ -352,6 +352,20 @@ def test_extract_writes_a_plain_zarr_store(stage: dict) -> None:
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]
 
 
+def test_float32_store_records_its_precision(stage: dict) -> None:
+    """covariance.precision float32: the root attribute says so, and the statistics agree with float64."""
+    exact = extract.extract(**{**stage, "out": stage["out"].with_name("exact.zarr")})
+    stage["cfg"]["covariance"]["precision"] = "float32"
+    fast = extract.extract(**stage)
+    arrays = ("second_moment", "mean")
+    attrs_64, layers_64 = store.read_store(exact, store.COVARIANCE_KIND, arrays)
+    attrs_32, layers_32 = store.read_store(fast, store.COVARIANCE_KIND, arrays)
+    assert attrs_64["precision"] == "float64" and attrs_32["precision"] == "float32"
+    for name, (data, _) in layers_64.items():
+        second = data["second_moment"]
+        assert np.linalg.norm(layers_32[name][0]["second_moment"] - second) <= 1e-6 * np.linalg.norm(second), name
+
+
 def test_killed_extraction_leaves_no_store(stage: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = {"n": 0}
     original = hooks.Extractor.run
@@ -454,6 +468,33 @@ def test_cli_covariance_spectrum_dimensions_report(on_disk: dict, tmp_path: Path
     summary = pd.read_csv(tmp_path / "report" / "spectra.csv")
     assert sorted(summary["run"]) == ["classifier", "faster_rcnn-scratch"]
     assert list(summary["layers"]) == [len(expected_default("body.", False)), len(expected_default("b.", True))]
+
+
+def test_cli_precision_override_reaches_the_store(on_disk: dict, tmp_path: Path) -> None:
+    from eigpipe import cli
+
+    cfg = json.dumps({"covariance": {"images": 3, "batch_size": 2}, "runtime": {"threads": 1}})
+    cov = tmp_path / "30.zarr"
+    args = covariance_args(on_disk, "classifier", cfg, cov)
+    assert cli.main([*args, "--precision", "float16"]) == 1 and not cov.exists()
+    assert cli.main([*args, "--precision", "float32"]) == 0
+    assert zarr.open_group(str(cov), mode="r").attrs["precision"] == "float32"
+
+
+def test_spectrum_of_a_float32_store_with_rank_deficient_layers(on_disk: dict, tmp_path: Path) -> None:
+    from eigpipe import cli
+
+    cfg = json.dumps(
+        {
+            "covariance": {"images": 3, "batch_size": 2, "precision": "float32"},
+            "runtime": {"threads": 1},
+            "spectrum": {},
+        }
+    )
+    cov, spec = tmp_path / "30.zarr", tmp_path / "30.csv"
+    assert cli.main(covariance_args(on_disk, "classifier", cfg, cov)) == 0
+    assert cli.main(["spectrum", "--config-json", cfg, str(cov), "--out", str(spec)]) == 0
+    assert set(pd.read_csv(spec)["precision"]) == {"float32"}
 
 
 @pytest.mark.slow

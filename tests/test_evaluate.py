@@ -13,8 +13,12 @@ from eigpipe.data.coco import CocoDetection
 from eigpipe.evaluate import STAT_NAMES, coco_stats, to_coco_results
 from eigpipe.models import build_detector, save_checkpoint, standard
 
-SMALL = {"image_size": 64, "train_images": 6, "val_images": 4,
-         "classification": {"image_size": 32, "train_per_class": 1, "val_per_class": 1}}
+SMALL = {
+    "image_size": 64,
+    "train_images": 6,
+    "val_images": 4,
+    "classification": {"image_size": 32, "train_per_class": 1, "val_per_class": 1},
+}
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +65,16 @@ def test_shifted_predictions_score_less(data):
 
 def checkpoint(tmp_path, name, dataset, model_cfg, task="detection"):
     model = build_detector(name, model_cfg, dataset.num_classes)
-    meta = {"task": task, "model_name": name, "model_config": model_cfg, "widths": standard(multiplier=0.0625).to_dict(),
-            "num_classes": dataset.num_classes, "category_ids": dataset.category_ids, "iteration": 3, "run": name}
+    meta = {
+        "task": task,
+        "model_name": name,
+        "model_config": model_cfg,
+        "widths": standard(multiplier=0.0625).to_dict(),
+        "num_classes": dataset.num_classes,
+        "category_ids": dataset.category_ids,
+        "iteration": 3,
+        "run": name,
+    }
     save_checkpoint(tmp_path / f"{name}.pt", model, meta)
     return tmp_path / f"{name}.pt"
 
@@ -73,9 +85,21 @@ def test_evaluate_checkpoint_writes_the_metrics(tmp_path, data, name, tiny_model
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({"evaluate": {"batch_size": 2}, "runtime": {"threads": 2}, "seed": 0}))
     out = tmp_path / "eval.json"
-    code = cli.main(["evaluate", "--config-json", json.dumps(yaml.safe_load(config.read_text())), "--checkpoint",
-                     str(checkpoint(tmp_path, name, dataset, tiny_model)), "--data", str(data / "instances_val.json"),
-                     "--image-dir", str(data / "val"), "--out", str(out)])
+    code = cli.main(
+        [
+            "evaluate",
+            "--config-json",
+            json.dumps(yaml.safe_load(config.read_text())),
+            "--checkpoint",
+            str(checkpoint(tmp_path, name, dataset, tiny_model)),
+            "--data",
+            str(data / "instances_val.json"),
+            "--image-dir",
+            str(data / "val"),
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     report = json.loads(out.read_text())
     assert set(report["bbox"]) == set(STAT_NAMES) and report["n_images"] == 4 and report["iteration"] == 3

@@ -2,18 +2,35 @@
 
 The paper's matrix for a layer with C channels is Sigma = (1/n) sum_i (1/(H_i W_i)) sum_xy F_ixy F_ixy^T:
 averaged over each image's positions first, then over the n images. It is never built from stored
-features: each batch is folded into an O(C^2) state on the model's device.
+features: each batch is folded into an O(C^2) state on the model's device. The Gram products run in
+float64 (exact, the default) or float32 (after centring per image; the state stays float64).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 
 FeatureBatch = torch.Tensor | Sequence[torch.Tensor]
+PRECISIONS = ("float64", "float32")  # covariance.precision: the dtype of the Gram products
+
+
+@contextlib.contextmanager
+def ieee_float32() -> Iterator[None]:
+    """float32 matmuls in full precision (no TF32 on CUDA, no bf16/TF32 in oneDNN) inside the block only."""
+    backends = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
+    saved = [backend.fp32_precision for backend in backends]  # the new API only: mixing in allow_tf32 raises
+    try:
+        for backend in backends:
+            backend.fp32_precision = "ieee"
+        yield
+    finally:
+        for backend, value in zip(backends, saved, strict=True):
+            backend.fp32_precision = value
 
 
 class NonFiniteFeature(ValueError):
@@ -25,21 +42,20 @@ class NonFiniteFeature(ValueError):
 
 
 class Workspace:
-    """A reusable float64 scratch buffer: one per extraction, shared by all layers' accumulators.
-
-    Updates run one after another, so one buffer the size of the largest batch suffices; reusing it
-    avoids a fresh allocation (and its page faults) per layer and batch.
-    """
+    """Reusable scratch buffers (per device, dtype and slot) shared by all layers: no allocation per update."""
 
     def __init__(self) -> None:
-        self._buffers: dict[torch.device, torch.Tensor] = {}
+        self._buffers: dict[tuple[torch.device, torch.dtype, int], torch.Tensor] = {}
 
-    def get(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    def get(
+        self, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype = torch.float64, slot: int = 0
+    ) -> torch.Tensor:
         numel = math.prod(shape)
-        buf = self._buffers.get(device)
+        key = (device, dtype, slot)
+        buf = self._buffers.get(key)
         if buf is None or buf.numel() < numel:
             with torch.inference_mode(False):  # usable in and out of inference mode
-                buf = self._buffers[device] = torch.empty(numel, dtype=torch.float64, device=device)
+                buf = self._buffers[key] = torch.empty(numel, dtype=dtype, device=device)
         return buf[:numel].view(shape)
 
 
@@ -51,24 +67,46 @@ class CovarianceAccumulator:
     [C, C] state is ``scatter`` = W + M2, where W = sum_i (1/P_i) sum_xy (F - m_i)(F - m_i)^T and
     M2 = sum_i (m_i - mu)(m_i - mu)^T; covariance = scatter / n and second_moment = covariance + mu mu^T.
     Only the lower triangle of ``scatter`` is authoritative: for wide layers the Gram matrix is built
-    block by block below the diagonal (about half the multiply-adds).
+    block by block below the diagonal (about half the multiply-adds). ``precision`` float32 forms the
+    products of the centred features in float32 (TF32 off) and adds them to the float64 state.
     """
 
     BLOCK = 256  # block of the triangular Gram update; narrower layers (< 2 blocks) take one full GEMM
+    # float32 products: layers narrower than NARROW take float64 ones (cheap; MKL's narrow sgemm sums each
+    # entry sequentially, 3e-6 off at 8 channels). float32 sums span at most FLOAT32_FLUSH positions (MKL's
+    # blocked sgemm measured flat to 65536); where the BLAS sums along K sequentially (cuBLAS), each product
+    # spans at most FLOAT32_CHUNK[device type] positions, and the chunks are summed in float64
+    NARROW = 16
+    FLOAT32_FLUSH = 16384
+    FLOAT32_CHUNK: dict[str, int] = {"cuda": 256}
+    GROUP_ELEMENTS = 1 << 24  # float32 elements of the chunks' products held at once (64 MiB)
 
     @classmethod
-    def block_size(cls, channels: int) -> int:
-        # measured on CPU: splitting pays only for wide layers, and 256 beats 128 and 512 there
+    def block_size(cls, channels: int, precision: str = "float64") -> int:
+        # measured on CPU: splitting pays only for wide layers, and 256 beats 128 and 512 there; float32
+        # products of 256 to 1023 channels gain 10-16% from blocks of 128
+        if precision == "float32" and cls.BLOCK <= channels < 4 * cls.BLOCK:
+            return cls.BLOCK // 2
         return cls.BLOCK if channels >= 2 * cls.BLOCK else channels
 
     def __init__(
-        self, channels: int, device: torch.device | str | None = None, workspace: Workspace | None = None
+        self,
+        channels: int,
+        device: torch.device | str | None = None,
+        workspace: Workspace | None = None,
+        precision: str = "float64",
     ) -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.channels = int(channels)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.workspace = workspace
+        self.precision = precision
+        self._block = self.block_size(self.channels, precision)  # the Gram's lower block triangle is authoritative
         self._n = 0
         self.positions = 0
+        self._pending: torch.Tensor | None = None  # float32 products not yet in the scatter (float32 path)
+        self._pending_positions = 0
         # normal tensors even when created under inference_mode (hooks), so a later merge can update them
         with torch.inference_mode(False):
             self._mu = torch.zeros(self.channels, dtype=torch.float64, device=self.device)
@@ -91,13 +129,30 @@ class CovarianceAccumulator:
         if len(groups) == 1:
             self._update_batch(groups[0][1], groups[0][0])
             return
-        partial = CovarianceAccumulator(self.channels, self.device, self.workspace)
+        partial = CovarianceAccumulator(self.channels, self.device, self.workspace, self.precision)
         for indices, batch in groups:  # all sizes into a partial sum first: a bad image changes nothing
             partial._update_batch(batch, indices)
         self.merge(partial)
 
+    def _buffer(self, shape: tuple[int, ...], dtype: torch.dtype, slot: int = 0) -> torch.Tensor:
+        if self.workspace is not None:
+            return self.workspace.get(shape, self.device, dtype, slot)
+        return torch.empty(shape, dtype=dtype, device=self.device)
+
     def _update_batch(self, batch: torch.Tensor, indices: list[int]) -> None:
-        """Fold N equal-sized images into the state with one (block-triangular) float64 GEMM.
+        """Fold N equal-sized images [N, C, H, W] into the state (NonFiniteFeature before any change)."""
+        n, c, h, w = batch.shape
+        if c != self.channels:
+            raise ValueError(f"expected {self.channels} channels, got {c}")
+        if h * w == 0:
+            raise ValueError("features with no spatial positions")
+        if self.precision == "float32" and c >= self.NARROW:
+            self._update_float32(batch.detach().reshape(n, c, h * w), indices)
+        else:
+            self._update_float64(batch, indices)
+
+    def _update_float64(self, batch: torch.Tensor, indices: list[int]) -> None:
+        """One (block-triangular) float64 GEMM per batch.
 
         The operand is [C, N*P + N + 1]: the features centred per image, then the per-image mean
         deviations from the batch mean and Chan's cross term, both scaled by sqrt(P) so that the one
@@ -105,19 +160,12 @@ class CovarianceAccumulator:
         """
         n, c, h, w = batch.shape
         p = h * w
-        if c != self.channels:
-            raise ValueError(f"expected {self.channels} channels, got {c}")
-        if p == 0:
-            raise ValueError("features with no spatial positions")
         shape = (c, n * p + n + 1)
-        operand = self.workspace.get(shape, self.device) if self.workspace is not None else None
-        operand = torch.empty(shape, dtype=torch.float64, device=self.device) if operand is None else operand
+        operand = self._buffer(shape, torch.float64)
         x = operand[:, : n * p].view(c, n, p)
         x.copy_(batch.detach().reshape(n, c, p).permute(1, 0, 2))
         means = x.mean(dim=2)  # [C, N]
-        if not math.isfinite(float(means.sum())):  # NaN or Inf anywhere makes the sum non-finite
-            bad = ~torch.isfinite(means).all(dim=0)
-            raise NonFiniteFeature(indices[int(bad.nonzero()[0, 0])])
+        _check_finite(means, indices)
         x.sub_(means.unsqueeze(2))
         batch_mu = means.mean(dim=1)
         total = self._n + n
@@ -130,14 +178,77 @@ class CovarianceAccumulator:
         self._n = total
         self.positions += n * p
 
-    def _gram(self, operand: torch.Tensor, alpha: float) -> None:
-        """scatter += alpha * operand operand^T, lower block triangle only for wide layers."""
+    def _update_float32(self, batch: torch.Tensor, indices: list[int]) -> None:
+        """The float64 path's operand and GEMM in float32, into a float32 ``pending`` sum moved to the scatter
+        every FLOAT32_FLUSH positions (or chunked, see FLOAT32_CHUNK); means and merges stay float64.
+
+        Each image is centred by its float32 mean c (fused with the copy); its mean m = c + d adds the residual
+        mean d of the centred values, exact to float64 round-off. W is taken about c, which adds d d^T: with
+        |d| ~ 6e-8 |m|, a relative (6e-8 |m| / std)^2 of it, far below the float32 products' own error.
+        """
+        n, c, p = batch.shape
+        batch = batch.float()
+        centre = batch.mean(dim=2)  # [N, C]
+        _check_finite(centre.T, indices)
+        columns = n * p + n + 1
+        chunk = self.FLOAT32_CHUNK.get(self.device.type) or columns
+        width = math.ceil(columns / chunk) * chunk  # zero columns pad the last chunk
+        operand = self._buffer((c, width), torch.float32)
+        x = operand[:, : n * p].view(c, n, p)
+        torch.sub(batch.permute(1, 0, 2), centre.T.unsqueeze(2), out=x)
+        means = x.mean(dim=2).double().add_(centre.T)  # float64 [C, N]
+        batch_mu = means.mean(dim=1)
+        total = self._n + n
+        delta = batch_mu - self._mu
+        root_p = math.sqrt(p)
+        operand[:, n * p : n * p + n].copy_(means.sub_(batch_mu.unsqueeze(1)).mul_(root_p))
+        operand[:, n * p + n].copy_(delta * (root_p * math.sqrt(self._n * n / total)))
+        if width > columns:
+            operand[:, columns:].zero_()
+        with ieee_float32():
+            if width > chunk:
+                self._gram_chunked(operand.view(c, width // chunk, chunk).transpose(0, 1), alpha=1.0 / p)
+            else:
+                self._gram_pending(operand, alpha=1.0 / p, positions=n * p)
+        self._mu.add_(delta, alpha=n / total)
+        self._n = total
+        self.positions += n * p
+
+    def _gram_pending(self, operand: torch.Tensor, alpha: float, positions: int) -> None:
+        """pending += alpha * operand operand^T in float32, moved to the scatter every FLOAT32_FLUSH positions."""
+        if self._pending is None:
+            with torch.inference_mode(False):
+                self._pending = torch.zeros_like(self._scatter, dtype=torch.float32)
+        self._gram(operand, alpha, target=self._pending)
+        self._pending_positions += positions
+        if self._pending_positions >= self.FLOAT32_FLUSH:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Move the pending float32 products into the float64 scatter."""
+        if self._pending_positions:
+            self._scatter.add_(self._pending)
+            self._pending.zero_()
+            self._pending_positions = 0
+
+    def _gram(self, operand: torch.Tensor, alpha: float, target: torch.Tensor | None = None) -> None:
+        """target (the scatter) += alpha * operand operand^T, lower block triangle only for wide layers."""
+        target = self._scatter if target is None else target
         c = operand.shape[0]
-        block = self.block_size(c)
+        block = self._block
         for i in range(0, c, block):
             for j in range(0, i + 1, block):
                 rows, cols = operand[i : i + block], operand[j : j + block]
-                self._scatter[i : i + block, j : j + block].addmm_(rows, cols.T, alpha=alpha)
+                target[i : i + block, j : j + block].addmm_(rows, cols.T, alpha=alpha)
+
+    def _gram_chunked(self, chunks: torch.Tensor, alpha: float) -> None:
+        """scatter += alpha * sum_k chunks[k] chunks[k]^T: float32 products of [C, chunk] slices, summed in float64."""
+        count, c, _ = chunks.shape
+        group = max(1, min(count, self.GROUP_ELEMENTS // (c * c)))
+        for start in range(0, count, group):
+            part = chunks[start : start + group]
+            products = torch.bmm(part, part.transpose(1, 2), out=self._buffer((len(part), c, c), torch.float32, 2))
+            self._scatter.add_(products.sum(dim=0, dtype=torch.float64), alpha=alpha)
 
     def _merge_stats(self, n_b: int, mu_b: torch.Tensor, scatter_b: torch.Tensor) -> None:
         """Chan et al.'s pairwise update of (count, mean, scatter) with another set's statistics."""
@@ -155,6 +266,7 @@ class CovarianceAccumulator:
         """Fold another partial accumulator (other images of the same layer) into this one."""
         if other.channels != self.channels:
             raise ValueError(f"cannot merge {other.channels} channels into {self.channels}")
+        other._flush()
         self._merge_stats(other._n, other._mu.to(self.device), other._scatter.to(self.device))
         self.positions += other.positions
         return self
@@ -163,6 +275,7 @@ class CovarianceAccumulator:
     def state_dict(self) -> dict[str, Any]:
         return {
             "channels": self.channels,
+            "precision": self.precision,
             "count": self._n,
             "positions": self.positions,
             "mean": self._mu.cpu(),
@@ -171,7 +284,7 @@ class CovarianceAccumulator:
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any], device: torch.device | str | None = None) -> CovarianceAccumulator:
-        acc = cls(state["channels"], device)
+        acc = cls(state["channels"], device, precision=state["precision"])
         acc._n = int(state["count"])
         acc.positions = int(state["positions"])
         acc._mu.copy_(state["mean"])
@@ -181,12 +294,16 @@ class CovarianceAccumulator:
     # ---- results --------------------------------------------------------------------------------
     def _symmetric(self) -> torch.Tensor:
         """The full symmetric scatter (a new tensor), mirrored from its authoritative lower part."""
-        b = self.block_size(self.channels)
+        self._flush()
+        b = self._block
         if b == self.channels:  # the whole Gram matrix was computed
             return (self._scatter + self._scatter.T).div_(2)
         full = self._scatter.clone()
-        for i in range(b, self.channels, b):
+        for i in range(0, self.channels, b):
             full[:i, i : i + b].copy_(full[i : i + b, :i].T)
+            if self.precision == "float32":  # sgemm's diagonal blocks need not be exactly symmetric
+                diagonal = full[i : i + b, i : i + b]
+                diagonal.copy_((diagonal + diagonal.T).div_(2))
         return full
 
     @property
@@ -212,6 +329,13 @@ class CovarianceAccumulator:
         if self._n == 0:
             raise ValueError("no images accumulated")
         return self._symmetric().div_(self._n).addr_(self._mu, self._mu)
+
+
+def _check_finite(means: torch.Tensor, indices: list[int]) -> None:
+    """NonFiniteFeature for the first image whose [C, N] column of per-image means is not finite."""
+    if not math.isfinite(float(means.sum())):  # NaN or Inf anywhere makes the sum non-finite
+        bad = ~torch.isfinite(means).all(dim=0)
+        raise NonFiniteFeature(indices[int(bad.nonzero()[0, 0])])
 
 
 def _group_by_shape(features: Sequence[torch.Tensor]) -> list[tuple[list[int], torch.Tensor]]:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Subset
 
 from eigpipe import provenance
 from eigpipe.errors import EigpipeError
@@ -20,10 +21,26 @@ from eigpipe.spectral.layers import Layer, select_layers
 MATRIX = "second_moment = (1/n) sum_i mean_xy F F^T (uncentred); mean = (1/n) sum_i mean_xy F"
 
 
-def _batches(dataset: Any, indices: Sequence[int], batch_size: int) -> Iterator[tuple[list, list]]:
-    for start in range(0, len(indices), batch_size):
-        items = [dataset[i] for i in indices[start : start + batch_size]]
-        yield [img for img, _ in items], [_image_id(target) for _, target in items]
+def _collate(items: list[tuple[torch.Tensor, dict]]) -> tuple[list[torch.Tensor], list[int]]:
+    """A batch stays a list of images (any sizes), with their image ids."""
+    return [img for img, _ in items], [_image_id(target) for _, target in items]
+
+
+def _batches(dataset: Any, indices: Sequence[int], batch_size: int, workers: int, pin_memory: bool) -> DataLoader:
+    """Batches of (images, image ids) in the order of ``indices``, decoded by ``workers`` processes (0: here).
+
+    The order and the batches are fixed (a sequential sampler), so the statistics do not depend on the
+    worker count; the loader's own generator keeps the global RNG untouched.
+    """
+    return DataLoader(
+        Subset(dataset, list(indices)),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=_collate,
+        pin_memory=pin_memory,
+        generator=torch.Generator(),
+    )
 
 
 def _image_id(target: dict) -> int:
@@ -63,8 +80,9 @@ def transform_attrs(transform: nn.Module) -> dict[str, Any]:
     }
 
 
-def root_attrs(meta: dict, paths: dict[str, Path], n_images: int, cfg: dict, transform: nn.Module, device: str,
-               world_size: int) -> dict[str, Any]:
+def root_attrs(
+    meta: dict, paths: dict[str, Path], n_images: int, cfg: dict, transform: nn.Module, device: str, world_size: int
+) -> dict[str, Any]:
     """Root attributes of a covariance store: what was measured, on what, and how."""
     annotations_sha = provenance.sha256_file(paths["annotations"])
     record = provenance.record(config=cfg["covariance"], seed=cfg["seed"], device=device)
@@ -86,6 +104,7 @@ def root_attrs(meta: dict, paths: dict[str, Path], n_images: int, cfg: dict, tra
         },
         "n_images": int(n_images),
         "selectors": list(cfg["covariance"]["layers"]),
+        "precision": cfg["covariance"]["precision"],
         "input": transform_attrs(transform),
         "matrix": MATRIX,
         "provenance": record,
@@ -108,7 +127,8 @@ def layer_attrs(layer: Layer, acc: CovarianceAccumulator) -> dict[str, Any]:
 def extract(cfg: dict, checkpoint: Path, annotations: Path, images: Path, out: Path) -> Path | None:
     """One covariance store for one checkpoint (sections covariance, runtime, seed).
 
-    Under torchrun every rank takes a strided share of the images; rank 0 merges and writes.
+    Under torchrun every rank takes a strided share of the images; rank 0 merges and writes. The Gram
+    products run in ``covariance.precision``, recorded in the store's root attribute ``precision``.
     """
     from tqdm import tqdm
 
@@ -130,16 +150,17 @@ def extract(cfg: dict, checkpoint: Path, annotations: Path, images: Path, out: P
     share = list(range(rt.rank, n, rt.world_size))
     desc = f"covariance {meta.get('run')}@{meta.get('iteration')}"
     with tqdm(total=len(share), desc=desc, unit="img", file=sys.stderr, disable=not rt.is_main) as bar:
-        batches = _batches(dataset, share, section["batch_size"])
-        ordered, accs = accumulate(model, meta, selected, batches, rt.device, bar)
+        batches = _batches(dataset, share, section["batch_size"], section["workers"], rt.device.type == "cuda")
+        ordered, accs = accumulate(model, meta, selected, batches, rt.device, bar, section["precision"])
     if rt.distributed:
         gather_to_main(accs, [layer.name for layer in ordered], rt)
         if not rt.is_main:
             return None
     paths = {"checkpoint": Path(checkpoint), "annotations": Path(annotations), "images": Path(images)}
     attrs = root_attrs(meta, paths, n, cfg, input_transform(model, meta), str(rt.device), rt.world_size)
-    arrays = {layer.name: {"second_moment": accs[layer.name].second_moment, "mean": accs[layer.name].mean}
-              for layer in ordered}
+    arrays = {
+        layer.name: {"second_moment": accs[layer.name].second_moment, "mean": accs[layer.name].mean}
+        for layer in ordered
+    }
     per_layer = {layer.name: layer_attrs(layer, accs[layer.name]) for layer in ordered}
     return store.write_store(out, store.COVARIANCE_KIND, arrays, attrs, per_layer)
-

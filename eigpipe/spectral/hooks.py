@@ -32,13 +32,22 @@ class Extractor:
 
     Use as a context manager (hooks are removed on exit); call ``run(images, image_ids)`` per batch.
     Only the smallest part of the model that runs every selected layer is run (the body, the backbone,
-    or, for head layers, the whole model, whose own transform then sees the images).
+    or, for head layers, the whole model, whose own transform then sees the images). ``precision`` is
+    the accumulators' Gram-product dtype (float64 or float32).
     """
 
-    def __init__(self, model: nn.Module, meta: dict, layers: Sequence[Layer], device: torch.device | str) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        meta: dict,
+        layers: Sequence[Layer],
+        device: torch.device | str,
+        precision: str = "float64",
+    ) -> None:
         self.model = model
         self.layers = list(layers)
         self.device = torch.device(device)
+        self.precision = precision
         self.transform = input_transform(model, meta).to(self.device).eval()
         part = runner_path(model, [name for layer in self.layers for name in (layer.tap, layer.name)])
         self.runner = model.get_submodule(part) if part else None
@@ -70,7 +79,7 @@ class Extractor:
         self._fired = {}
         self._ids = list(image_ids)
         first = not self._order
-        images = [img.to(self.device) for img in images]
+        images = [img.to(self.device, non_blocking=True) for img in images]  # pinned by the loader on CUDA
         if self.runner is None and is_detector(self.model):
             self.model(images)  # its transform's hook records the batch geometry
         else:
@@ -121,7 +130,9 @@ class Extractor:
         crops = _crop_valid(feats, sizes, padded) if per_image else feats
         acc = self.accumulators.get(layer.name)
         if acc is None:
-            acc = self.accumulators[layer.name] = CovarianceAccumulator(feats.shape[1], self.device, self.workspace)
+            acc = self.accumulators[layer.name] = CovarianceAccumulator(
+                feats.shape[1], self.device, self.workspace, self.precision
+            )
             first = crops[0]
             layer.feature_shape = [int(s) for s in first.shape]
         try:
@@ -147,10 +158,11 @@ def accumulate(
     batches: Iterable[tuple[Sequence[torch.Tensor], Sequence[Any]]],
     device: torch.device | str,
     progress: Any = None,
+    precision: str = "float64",
 ) -> tuple[list[Layer], dict[str, CovarianceAccumulator]]:
     """Run every batch of (images, image ids) through the model; layers come back in forward order."""
     model.eval()
-    with torch.inference_mode(), Extractor(model, meta, layers, device) as extractor:
+    with torch.inference_mode(), Extractor(model, meta, layers, device, precision) as extractor:
         for images, ids in batches:
             extractor.run(images, ids)
             if progress is not None:

@@ -22,6 +22,8 @@ from eigpipe.spectral import store
 
 # negative eigenvalues beyond this share of the largest one are not round-off: the matrix is broken
 NEGATIVE_TOLERANCE = 1e-9
+# ... for stores whose Gram products ran in float32 (covariance.precision): their relative error budget
+NEGATIVE_TOLERANCE_FLOAT32 = 1e-6
 MEASURES = (
     "intrinsic_dim",
     "intrinsic_dim_ratio",
@@ -36,7 +38,9 @@ COVARIANCE_ARRAYS = ("second_moment", "mean")
 EIGENVALUE_ARRAYS = ("second_moment", "covariance")
 
 
-def eigenvalues(matrix: np.ndarray, scale: float | None = None, what: str = "matrix") -> tuple[np.ndarray, int]:
+def eigenvalues(
+    matrix: np.ndarray, scale: float | None = None, what: str = "matrix", tolerance: float = NEGATIVE_TOLERANCE
+) -> tuple[np.ndarray, int]:
     """Descending eigenvalues of the symmetrised float64 matrix with round-off negatives clipped to 0.
 
     Returns (eigenvalues, how many were clipped). ``scale`` (default: the largest |eigenvalue|) sets how
@@ -48,7 +52,7 @@ def eigenvalues(matrix: np.ndarray, scale: float | None = None, what: str = "mat
     values = np.linalg.eigvalsh((a + a.T) / 2)[::-1]
     scale = float(np.abs(values).max(initial=0.0)) if scale is None else scale
     negative = values < 0
-    if negative.any() and values.min() < -NEGATIVE_TOLERANCE * max(scale, np.finfo(float).tiny):
+    if negative.any() and values.min() < -tolerance * max(scale, np.finfo(float).tiny):
         raise NumericalError(f"{what}: eigenvalue {values.min():.3g} is far below zero (scale {scale:.3g})")
     return np.where(negative, 0.0, values), int(negative.sum())
 
@@ -77,13 +81,15 @@ def measures(values: np.ndarray, cfg: dict, trace: float | None = None) -> dict:
     }
 
 
-def layer_spectra(second_moment: np.ndarray, mean: np.ndarray, what: str) -> dict[str, tuple[np.ndarray, int]]:
+def layer_spectra(
+    second_moment: np.ndarray, mean: np.ndarray, what: str, tolerance: float = NEGATIVE_TOLERANCE
+) -> dict[str, tuple[np.ndarray, int]]:
     """Clipped eigenvalues (and clip counts) of the second moment and of the centred covariance."""
     s = np.asarray(second_moment, dtype=np.float64)
     m = np.asarray(mean, dtype=np.float64)
-    s_values = eigenvalues(s, what=f"{what}: second moment")
+    s_values = eigenvalues(s, what=f"{what}: second moment", tolerance=tolerance)
     scale = float(s_values[0][0]) if len(s_values[0]) else 0.0  # the centred matrix inherits S's round-off
-    c_values = eigenvalues(s - np.outer(m, m), scale=scale, what=f"{what}: centred covariance")
+    c_values = eigenvalues(s - np.outer(m, m), scale=scale, what=f"{what}: centred covariance", tolerance=tolerance)
     return {"second_moment": s_values, "covariance": c_values}
 
 
@@ -123,9 +129,10 @@ def decompose(cfg: dict, store_path: Path, out: Path, eigenvalues_out: Path | No
     remove(Path(out))  # never a new store beside an old table
     rows, eig_arrays, eig_attrs = [], {}, {}
     root = store.store_attrs(store_path, store.COVARIANCE_KIND)
+    tolerance = NEGATIVE_TOLERANCE_FLOAT32 if root.get("precision") == "float32" else NEGATIVE_TOLERANCE
     for name, arrays, attrs in store.iter_layers(store_path, store.COVARIANCE_KIND, COVARIANCE_ARRAYS):
         second, mean = arrays["second_moment"], arrays["mean"]
-        spectra = layer_spectra(second, mean, what=f"{store_path}: layer {name}")
+        spectra = layer_spectra(second, mean, what=f"{store_path}: layer {name}", tolerance=tolerance)
         traces = {"second_moment": float(np.trace(second)), "covariance": float(np.trace(second) - mean @ mean)}
         rows.append(_row(root, name, attrs, spectra, traces, section))
         eig_arrays[name] = {key: values for key, (values, _) in spectra.items()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from collections.abc import Callable
@@ -57,13 +58,25 @@ def _save_model(job: Job, path: Path, iteration: int) -> None:
     save_checkpoint(path, job.model, {**job.meta, **job.extra_meta, "iteration": iteration})
 
 
-def _resume(job: Job, optimizer: torch.optim.Optimizer, scheduler: Any) -> int:
+AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def mixed_precision(amp: str, device: torch.device) -> tuple[Callable[[], Any], torch.amp.GradScaler]:
+    """(autocast context factory, GradScaler) for ``amp`` off | fp16 | bf16; the scaler is enabled for fp16 only."""
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    if amp == "off":
+        return contextlib.nullcontext, scaler
+    return partial(torch.autocast, device.type, dtype=AMP_DTYPES[amp]), scaler
+
+
+def _resume(job: Job, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: torch.amp.GradScaler) -> int:
     state = job.folder.prepare()
     if state is None:
         return 0
     unwrap(job.model).load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["torch_rng"])
     print(f"resuming {job.folder.out} from iteration {state['iteration']}", file=sys.stderr)
     return state["iteration"]
@@ -75,7 +88,8 @@ def run(job: Job) -> None:
     steps, snapshots = schedule["steps"], set(schedule["snapshots"])
     job.model.to(env.device)
     optimizer, scheduler = build_optimizer(job.model, schedule)
-    start = _resume(job, optimizer, scheduler)
+    autocast, scaler = mixed_precision(schedule["amp"], env.device)
+    start = _resume(job, optimizer, scheduler, scaler)
     model = job.model
     if env.distributed:
         if job.meta["model_config"]["norm"] == "sync_bn":
@@ -87,8 +101,9 @@ def run(job: Job) -> None:
         folder.keep_snapshot(0)
     loader = DataLoader(
         job.dataset,
-        batch_sampler=IterationSampler(len(job.dataset), schedule["batch_size"], job.seed, start, steps,
-                                       env.rank, env.world_size),
+        batch_sampler=IterationSampler(
+            len(job.dataset), schedule["batch_size"], job.seed, start, steps, env.rank, env.world_size
+        ),
         collate_fn=job.collate,
         num_workers=schedule["workers"],
         generator=torch.Generator().manual_seed(job.seed),  # keeps the global RNG untouched (resume)
@@ -96,14 +111,17 @@ def run(job: Job) -> None:
     model.train()
     began, log_every = time.time(), schedule["log_every"]
     for iteration, batch in enumerate(loader, start):
-        loss, parts = job.loss_fn(model, batch, env.device)
+        with autocast():
+            loss, parts = job.loss_fn(model, batch, env.device)
         if not torch.isfinite(loss):
             raise NumericalError(f"{folder.out}: non-finite loss at iteration {iteration} ({parts})")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()  # the scaler is a pass-through unless amp is fp16
         if schedule["clip_grad_norm"]:
+            scaler.unscale_(optimizer)
             nn.utils.clip_grad_norm_(model.parameters(), schedule["clip_grad_norm"])
-        optimizer.step()
+        scaler.step(optimizer)  # skips the step when fp16 gradients overflowed
+        scaler.update()
         scheduler.step()
         done = iteration + 1
         if not env.is_main:
@@ -117,17 +135,23 @@ def run(job: Job) -> None:
             _save_model(job, folder.snapshot_path(done), done)
             folder.keep_snapshot(done)
         if done % schedule["checkpoint_every"] == 0 and done < steps:
-            folder.save_state({
-                "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(), "iteration": done,
-            })
+            folder.save_state(
+                {
+                    "model": unwrap(model).state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "torch_rng": torch.get_rng_state(),
+                    "iteration": done,
+                }
+            )
     if env.is_main:
         if job.finish is not None:
             final_metrics = job.finish(unwrap(model))
             job.extra_meta.update(final_metrics)
             folder.log({"iteration": steps, **final_metrics})
-        _save_model(job, folder.final_path, steps)
         folder.publish_metrics()
+        _save_model(job, folder.final_path, steps)  # last: final.pt marks a finished run
     if env.distributed:
         torch.distributed.barrier()
 
@@ -136,8 +160,9 @@ def _seed_and_env(cfg: dict) -> tuple[int, runtime.Runtime]:
     return cfg["seed"], runtime.setup(cfg["runtime"], cfg["seed"])
 
 
-def _base_meta(cfg: dict, task: str, model_name: str, out: Path, init: str, inputs: list, seed: int,
-               env: runtime.Runtime) -> dict[str, Any]:
+def _base_meta(
+    cfg: dict, task: str, model_name: str, out: Path, init: str, inputs: list, seed: int, env: runtime.Runtime
+) -> dict[str, Any]:
     model_cfg = cfg["model"]
     return {
         "task": task,
@@ -152,6 +177,7 @@ def _base_meta(cfg: dict, task: str, model_name: str, out: Path, init: str, inpu
 
 
 # -- detection -------------------------------------------------------------------------------------------
+
 
 def _detection_loss(model: nn.Module, batch: Any, device: torch.device) -> tuple[torch.Tensor, dict[str, float]]:
     images, targets = batch
@@ -192,22 +218,35 @@ def train_detector(cfg: dict, model_name: str, init: str, annotations: Path, ima
     provenance.check_writable(out / "final.pt")
     init_kind, init_path = parse_init(init)
     seed, env = _seed_and_env(cfg)
-    dataset = coco.CocoDetection(annotations, images, train=True, strict=cfg["data"]["strict"],
-                                 masks=model_name == "mask_rcnn")
+    dataset = coco.CocoDetection(
+        annotations, images, train=True, strict=cfg["data"]["strict"], masks=model_name == "mask_rcnn"
+    )
     model = build_detector(model_name, cfg["model"], dataset.num_classes)
     if init_path is not None:
         unused = load_pretrained_body(model.backbone.body, init_path)
         print(f"initialised body from {init_path} ({len(unused)} source tensors unused)", file=sys.stderr)
     out = Path(out)
     meta = _base_meta(cfg, "detection", model_name, out, init_kind, [annotations, init_path], seed, env)
-    meta.update(num_classes=dataset.num_classes, categories=dataset.categories,
-                category_ids=dataset.category_ids, init_source=str(init_path) if init_path else None)
+    meta.update(
+        num_classes=dataset.num_classes,
+        categories=dataset.categories,
+        category_ids=dataset.category_ids,
+        init_source=str(init_path) if init_path else None,
+    )
     schedule = detector_schedule(cfg["train"], init_kind)
     augment = partial(flip_detection, schedule["hflip"])
     fingerprint = provenance.section_hash({"cfg": cfg, "model": model_name, "init": init, "data": str(annotations)})
-    job = Job(model=model, dataset=AugmentedDataset(dataset, augment, seed), collate=coco.collate,
-              loss_fn=_detection_loss, schedule=schedule, meta=meta,
-              folder=RunFolder(out, fingerprint), env=env, seed=seed)
+    job = Job(
+        model=model,
+        dataset=AugmentedDataset(dataset, augment, seed),
+        collate=coco.collate,
+        loss_fn=_detection_loss,
+        schedule=schedule,
+        meta=meta,
+        folder=RunFolder(out, fingerprint),
+        env=env,
+        seed=seed,
+    )
     try:
         run(job)
     finally:
@@ -215,6 +254,7 @@ def train_detector(cfg: dict, model_name: str, init: str, annotations: Path, ima
 
 
 # -- classification --------------------------------------------------------------------------------------
+
 
 def _classification_loss(model: nn.Module, batch: Any, device: torch.device) -> tuple[torch.Tensor, dict[str, float]]:
     images, labels = batch
@@ -269,10 +309,18 @@ def train_classifier(cfg: dict, data: Path, out: Path) -> None:
         print(f"validation accuracy {value:.4f}", file=sys.stderr)
         return {"val_accuracy": value}
 
-    job = Job(model=model, dataset=AugmentedDataset(train_set, augment, seed), collate=None,
-              loss_fn=_classification_loss, schedule=schedule, meta=meta,
-              folder=RunFolder(out, provenance.section_hash({"cfg": cfg, "data": str(data)})), env=env, seed=seed,
-              finish=finish)
+    job = Job(
+        model=model,
+        dataset=AugmentedDataset(train_set, augment, seed),
+        collate=None,
+        loss_fn=_classification_loss,
+        schedule=schedule,
+        meta=meta,
+        folder=RunFolder(out, provenance.section_hash({"cfg": cfg, "data": str(data)})),
+        env=env,
+        seed=seed,
+        finish=finish,
+    )
     try:
         run(job)
     finally:

@@ -1,0 +1,216 @@
+"""float32 Gram products against the exact float64 path: the error budget, TF32 kept off locally."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from eigpipe.spectral import accumulator
+from eigpipe.spectral.accumulator import CovarianceAccumulator, Workspace
+from eigpipe.spectral.hooks import accumulate
+from eigpipe.spectral.layers import select_layers
+
+torch.set_num_threads(1)
+
+BUDGET = 1e-6  # relative error (Frobenius) of the second moment and of the centred covariance
+THRESHOLD = 1e-3  # the paper's eigenvalue threshold (spectrum.threshold)
+
+
+def rel(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> float:
+    """Relative Frobenius error of ``a`` against ``b`` (the absolute one where ``b`` is zero)."""
+    a, b = (np.asarray(v.cpu() if isinstance(v, torch.Tensor) else v, dtype=np.float64) for v in (a, b))
+    return float(np.linalg.norm(a - b) / (np.linalg.norm(b) or 1.0))
+
+
+def offset_features(n: int, c: int, size: int, seed: int) -> torch.Tensor:
+    """float32 features with mean 1e3 and std about 1 (per-channel scale 0.5 to 1.5)."""
+    gen = torch.Generator().manual_seed(seed)
+    scale = torch.rand(c, 1, 1, generator=gen) + 0.5
+    return (torch.randn(n, c, size, size, generator=gen) * scale + 1e3).float()
+
+
+NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+def both(batches: list, channels: int, device: str = "cpu") -> tuple[CovarianceAccumulator, CovarianceAccumulator]:
+    workspace = Workspace()
+    exact = CovarianceAccumulator(channels, device, workspace)
+    fast = CovarianceAccumulator(channels, device, workspace, precision="float32")
+    for batch in batches:
+        batch = batch.to(device) if isinstance(batch, torch.Tensor) else [f.to(device) for f in batch]
+        exact.update(batch)
+        fast.update(batch)
+    return exact, fast
+
+
+def errors(exact: CovarianceAccumulator, fast: CovarianceAccumulator) -> dict[str, float]:
+    return {
+        "second_moment": rel(fast.second_moment, exact.second_moment),
+        "covariance": rel(fast.covariance, exact.covariance),
+        "mean": rel(fast.mean, exact.mean),
+    }
+
+
+def dimension_agreement(exact: dict, fast: dict) -> tuple[int, int]:
+    """(layers whose count differs outside the error band, layers with an eigenvalue inside the band).
+
+    ``exact``/``fast``: {"second_moment", "covariance"} arrays. Weyl: every eigenvalue moves by at most the
+    spectral norm of the difference, so a count can only change where an eigenvalue lies that close to
+    the threshold; such a layer is counted as within the band, and its count may differ by its members.
+    """
+    wrong = within = 0
+    for key in ("second_moment", "covariance"):
+        band = np.linalg.norm(fast[key] - exact[key], 2)
+        values = np.linalg.eigvalsh(exact[key])
+        near = int((np.abs(values - THRESHOLD) <= band).sum())
+        difference = abs(int((np.linalg.eigvalsh(fast[key]) > THRESHOLD).sum()) - int((values > THRESHOLD).sum()))
+        within += near > 0
+        wrong += difference > near
+    return wrong, within
+
+
+@pytest.mark.parametrize(
+    ("device", "flush"),
+    [("cpu", CovarianceAccumulator.FLOAT32_FLUSH), ("cpu", 1000), pytest.param("cuda", 0, marks=NEEDS_CUDA)],
+)
+def test_large_offset_float32_within_budget(device: str, flush: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Mean 1e3, std 1, C=256: float32 products of per-image-centred features stay within 1e-6 (the pending
+    float32 sum moved to float64 at the end, or every 1000 positions; chunked products on CUDA)."""
+    monkeypatch.setattr(CovarianceAccumulator, "FLOAT32_FLUSH", flush)
+    batches = [offset_features(4, 256, 16, seed) for seed in range(4)]
+    exact, fast = both(batches, 256, device)
+    found = errors(exact, fast)
+    assert found["second_moment"] <= BUDGET and found["covariance"] <= BUDGET, found
+    assert exact.count == fast.count == 16 and exact.positions == fast.positions
+    # the data are hard: uncentred float32 sums, the naive fast path, miss the covariance by far more
+    flat = torch.cat([b.permute(1, 0, 2, 3).reshape(256, -1) for b in batches], dim=1)
+    naive = (flat @ flat.T).double() / flat.shape[1] - torch.outer(flat.double().mean(1), flat.double().mean(1))
+    assert rel(naive, exact.covariance.cpu()) > 1e3 * BUDGET
+
+
+def test_wide_layer_and_unequal_sizes_float32_within_budget() -> None:
+    """The block-triangular path (C >= 512) and mixed image sizes (merged partial sums) in float32."""
+    wide = both([offset_features(3, 600, 4, seed) for seed in range(3)], 600)
+    gen = torch.Generator().manual_seed(7)
+    mixed = [[torch.rand(24, h, w, generator=gen) * 5 + 50 for h, w in ((4, 9), (8, 8), (4, 9))] for _ in range(3)]
+    for exact, fast in (wide, both(mixed, 24)):
+        found = errors(exact, fast)
+        assert found["second_moment"] <= BUDGET and found["covariance"] <= BUDGET, found
+        assert torch.equal(fast.second_moment, fast.second_moment.T)
+
+
+def test_detector_layers_float32_within_budget(tiny_model: dict) -> None:
+    """Every default layer of a small detector: relative errors <= 1e-6, equal intrinsic-dimension counts
+    wherever no eigenvalue lies within the measured error band of the threshold."""
+    from eigpipe.models import build_detector
+
+    torch.manual_seed(0)
+    model = build_detector("faster_rcnn", tiny_model, 4).eval()
+    meta = {"task": "detection", "model_config": tiny_model, "run": "t"}
+    gen = torch.Generator().manual_seed(1)
+    images = [torch.rand(3, 64, 64, generator=gen) for _ in range(8)]
+    batches = [(images[i : i + 4], list(range(i, i + 4))) for i in (0, 4)]
+    results = {}
+    for precision in ("float64", "float32"):
+        layers = select_layers(model, ["default"])
+        _, accs = accumulate(model, meta, layers, batches, "cpu", precision=precision)
+        results[precision] = {
+            name: {
+                "second_moment": acc.second_moment.numpy(),
+                "mean": acc.mean.numpy(),
+                "covariance": acc.covariance.numpy(),
+            }
+            for name, acc in accs.items()
+        }
+    assert results["float32"].keys() == results["float64"].keys() and len(results["float64"]) > 50
+    wrong = 0
+    for name, exact in results["float64"].items():
+        fast = results["float32"][name]
+        for key in ("second_moment", "covariance"):
+            assert rel(fast[key], exact[key]) <= BUDGET, (name, key, rel(fast[key], exact[key]))
+        wrong += dimension_agreement(exact, fast)[0]
+    assert wrong == 0
+
+
+def test_tf32_is_off_for_the_products_and_restored_after(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The float32 Gram products run in IEEE precision (no TF32 / bf16); the global setting is left as it was."""
+    backends = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
+    saved = [backend.fp32_precision for backend in backends]
+    seen = []
+    originals = {"addmm_": torch.Tensor.addmm_, "bmm": torch.bmm}
+
+    def spy(name: str):  # noqa: ANN202
+        def call(*args: object, **kwargs: object) -> torch.Tensor:
+            if args[0].dtype == torch.float32:
+                seen.append((name, [backend.fp32_precision for backend in backends]))
+            return originals[name](*args, **kwargs)
+
+        return call
+
+    try:
+        for backend in backends:
+            backend.fp32_precision = "tf32"
+        monkeypatch.setattr(torch.Tensor, "addmm_", spy("addmm_"))
+        monkeypatch.setattr(torch, "bmm", spy("bmm"))
+        CovarianceAccumulator(16, precision="float32").update(offset_features(2, 16, 4, seed=0))
+        monkeypatch.setattr(CovarianceAccumulator, "FLOAT32_CHUNK", {"cpu": 8})
+        CovarianceAccumulator(16, precision="float32").update(offset_features(2, 16, 4, seed=0))
+        monkeypatch.undo()
+        assert {name for name, _ in seen} == {"addmm_", "bmm"}
+        assert all(state == ["ieee", "ieee"] for _, state in seen)
+        assert [backend.fp32_precision for backend in backends] == ["tf32", "tf32"]
+        with pytest.raises(RuntimeError), accumulator.ieee_float32():
+            raise RuntimeError
+        assert [backend.fp32_precision for backend in backends] == ["tf32", "tf32"]
+    finally:
+        for backend, value in zip(backends, saved, strict=True):
+            backend.fp32_precision = value
+
+
+def test_float32_state_round_trip_and_unknown_precision() -> None:
+    acc = CovarianceAccumulator(6, precision="float32")
+    acc.update(offset_features(3, 6, 4, seed=2))
+    again = CovarianceAccumulator.from_state_dict(acc.state_dict())
+    assert again.precision == "float32" and torch.equal(again.second_moment, acc.second_moment)
+    with pytest.raises(ValueError, match="precision"):
+        CovarianceAccumulator(6, precision="float16")
+
+
+def test_narrow_layers_take_float64_products() -> None:
+    """Below NARROW channels the float32 mode runs the float64 path: bitwise the exact statistics."""
+    batches = [offset_features(4, 8, 32, seed) for seed in range(2)]
+    exact, fast = both(batches, 8)
+    assert torch.equal(exact.second_moment, fast.second_moment) and torch.equal(exact.mean, fast.mean)
+
+
+def test_chunked_float32_products_within_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The chunked products (cuBLAS's path: at most FLOAT32_CHUNK positions each, summed in float64), on CPU."""
+    monkeypatch.setattr(CovarianceAccumulator, "FLOAT32_CHUNK", {"cpu": 96})
+    monkeypatch.setattr(CovarianceAccumulator, "GROUP_ELEMENTS", 3 * 40 * 40)  # several groups of chunks
+    gen = torch.Generator().manual_seed(3)
+    batches = [torch.relu(torch.randn(3, 40, 10, 11, generator=gen)) * 4 + 7 for _ in range(3)]  # 330 positions
+    exact, fast = both(batches, 40)
+    found = errors(exact, fast)
+    assert found["second_moment"] <= BUDGET and found["covariance"] <= BUDGET, found
+
+
+def test_spectrum_table_shows_the_precision(tmp_path) -> None:
+    from eigpipe.spectral import spectrum, store
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, 40)) + 2.0
+    layer = {"second_moment": x @ x.T / 40, "mean": x.mean(axis=1)}
+    cfg = {"spectrum": {"threshold": 1e-3, "relative_threshold": 1e-3, "soft_lambda": 1e-3}}
+    rows = {}
+    for precision in ("float32", None):  # None: a store written before the attribute (float64)
+        root = {"run": "r", "iteration": 1, "n_images": 9, **({"precision": precision} if precision else {})}
+        path = store.write_store(
+            tmp_path / f"{precision}.zarr",
+            store.COVARIANCE_KIND,
+            {"a": layer},
+            root,
+            {"a": {"forward_index": 0, "count": 9}},
+        )
+        rows[precision] = spectrum.decompose(cfg, path, tmp_path / f"{precision}.csv")["precision"].tolist()
+    assert rows == {"float32": ["float32"], None: ["float64"]}
