@@ -36,6 +36,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/covariance.py
+	$(BIN)/python benchmarks/train.py
 
 clean-demo:
 	rm -rf results/demo
