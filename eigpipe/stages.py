@@ -185,7 +185,7 @@ STAGES: dict[str, Stage] = {
             "widths",
             "derive layer widths from a run's eigenspectrum",
             ("widths",),
-            "eigpipe.spectral.derivation:derive",
+            "eigpipe.spectral.widths:derive",
             (
                 _path("--dimensions", help="dimensions table of the source run"),
                 _path("--checkpoint", help="the source run's checkpoint (model, widths, classes)"),

@@ -16,7 +16,7 @@ import zarr
 
 from eigpipe import config
 from eigpipe.errors import EigpipeError, NumericalError
-from eigpipe.spectral import accumulator, extract, hooks, store
+from eigpipe.spectral import buffers, extract, hooks, store
 from eigpipe.spectral.accumulator import CovarianceAccumulator, NonFiniteFeature
 from eigpipe.spectral.layers import select_layers
 
@@ -103,7 +103,7 @@ def test_unequal_image_sizes_weight_each_image_equally() -> None:
 
 def test_wide_layer_block_triangular_gram_matches_reference() -> None:
     """C >= 512 takes the blocked lower-triangle path (600 = two full blocks and a partial one)."""
-    shared = accumulator.Workspace()
+    shared = buffers.Workspace()
     acc = CovarianceAccumulator(600, workspace=shared)
     batches = [features(3, 600, 3, 4, offset=1e3, seed=s) for s in range(3)]
     for batch in batches:
@@ -140,7 +140,7 @@ def test_merge_of_halves_equals_whole() -> None:
 
 
 def test_filled_under_inference_mode_merges_outside_it() -> None:
-    shared = accumulator.Workspace()
+    shared = buffers.Workspace()
     with torch.inference_mode():
         first, second = CovarianceAccumulator(5, workspace=shared), CovarianceAccumulator(5, workspace=shared)
         first.update(features(2, 5, 3, 3, seed=1))

@@ -16,7 +16,8 @@ from eigpipe.errors import ConfigError, EigpipeError
 from eigpipe.models import WidthSpec, build_body, build_detector, save_checkpoint, standard
 from eigpipe.models.cost import body_cost, convs
 from eigpipe.models.widths import Stage
-from eigpipe.spectral.derivation import MEASURES, derive, derive_widths, widths_at
+from eigpipe.spectral.derivation import MEASURES, derive_widths, widths_at
+from eigpipe.spectral.widths import derive
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from eigpipe.spectral import accumulator
-from eigpipe.spectral.accumulator import CovarianceAccumulator, Workspace
+from eigpipe.spectral import buffers
+from eigpipe.spectral.accumulator import CovarianceAccumulator
+from eigpipe.spectral.buffers import Workspace
 from eigpipe.spectral.hooks import accumulate
 from eigpipe.spectral.layers import select_layers
 
@@ -160,7 +161,7 @@ def test_tf32_is_off_for_the_products_and_restored_after(monkeypatch: pytest.Mon
         assert {name for name, _ in seen} == {"addmm_", "bmm"}
         assert all(state == ["ieee", "ieee"] for _, state in seen)
         assert [backend.fp32_precision for backend in backends] == ["tf32", "tf32"]
-        with pytest.raises(RuntimeError), accumulator.ieee_float32():
+        with pytest.raises(RuntimeError), buffers.ieee_float32():
             raise RuntimeError
         assert [backend.fp32_precision for backend in backends] == ["tf32", "tf32"]
     finally:

@@ -8,29 +8,16 @@ float64 (exact, the default) or float32 (after centring per image; the state sta
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from eigpipe.spectral.buffers import Workspace, ieee_float32
+
 FeatureBatch = torch.Tensor | Sequence[torch.Tensor]
 PRECISIONS = ("float64", "float32")  # covariance.precision: the dtype of the Gram products
-
-
-@contextlib.contextmanager
-def ieee_float32() -> Iterator[None]:
-    """float32 matmuls in full precision (no TF32 on CUDA, no bf16/TF32 in oneDNN) inside the block only."""
-    backends = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
-    saved = [backend.fp32_precision for backend in backends]  # the new API only: mixing in allow_tf32 raises
-    try:
-        for backend in backends:
-            backend.fp32_precision = "ieee"
-        yield
-    finally:
-        for backend, value in zip(backends, saved, strict=True):
-            backend.fp32_precision = value
 
 
 class NonFiniteFeature(ValueError):
@@ -39,24 +26,6 @@ class NonFiniteFeature(ValueError):
     def __init__(self, index: int) -> None:
         super().__init__(f"non-finite feature in image {index} of the batch")
         self.index = index
-
-
-class Workspace:
-    """Reusable scratch buffers (per device, dtype and slot) shared by all layers: no allocation per update."""
-
-    def __init__(self) -> None:
-        self._buffers: dict[tuple[torch.device, torch.dtype, int], torch.Tensor] = {}
-
-    def get(
-        self, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype = torch.float64, slot: int = 0
-    ) -> torch.Tensor:
-        numel = math.prod(shape)
-        key = (device, dtype, slot)
-        buf = self._buffers.get(key)
-        if buf is None or buf.numel() < numel:
-            with torch.inference_mode(False):  # usable in and out of inference mode
-                buf = self._buffers[key] = torch.empty(numel, dtype=dtype, device=device)
-        return buf[:numel].view(shape)
 
 
 class CovarianceAccumulator:

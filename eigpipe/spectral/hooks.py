@@ -11,7 +11,8 @@ from torch import nn
 
 from eigpipe.errors import EigpipeError, NumericalError
 from eigpipe.models.taps import is_detector, runner_path
-from eigpipe.spectral.accumulator import CovarianceAccumulator, FeatureBatch, NonFiniteFeature, Workspace
+from eigpipe.spectral.accumulator import CovarianceAccumulator, FeatureBatch, NonFiniteFeature
+from eigpipe.spectral.buffers import Workspace
 from eigpipe.spectral.layers import Layer
 
 

@@ -1,0 +1,111 @@
+"""The ``eigpipe widths`` stage: a widths spec YAML derived from a run's dimensions table, with its record."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from eigpipe.errors import EigpipeError
+from eigpipe.models.widths import WidthSpec
+from eigpipe.spectral.derivation import derive_widths
+
+
+def _detector(meta: dict, spec: WidthSpec, size: tuple[int, int]) -> dict[str, int]:
+    from eigpipe.complexity import model_complexity
+    from eigpipe.models import build_detector
+
+    model = build_detector(meta["model_name"], meta["model_config"], meta["num_classes"], widths=spec)
+    found = model_complexity(model, *size)
+    return {
+        "params": found["detector_params"],
+        "macs": found["detector_macs"],
+        "body_params": found["body_params"],
+        "body_macs": found["body_macs"],
+    }
+
+
+def derive(cfg: dict, dimensions: Path, checkpoint: Path, out: Path) -> dict:
+    """The `eigpipe widths` stage: write a widths spec YAML with its `derivation` record; return the record."""
+    from eigpipe import provenance
+    from eigpipe.models.checkpoint import read_checkpoint
+
+    section = cfg["widths"]
+    dimensions, checkpoint, out = Path(dimensions), Path(checkpoint), Path(out)
+    provenance.check_writable(out)
+    if not dimensions.is_file():
+        raise EigpipeError(f"{dimensions}: dimensions table not found")
+    table = pd.read_parquet(dimensions)
+    if "iteration" not in table.columns or table.empty:
+        raise EigpipeError(f"{dimensions}: not a dimensions table (no rows or no iteration column)")
+    available = sorted(int(i) for i in table["iteration"].unique())
+    iteration = available[-1] if section["source_iteration"] is None else int(section["source_iteration"])
+    if iteration not in available:
+        raise EigpipeError(f"{dimensions}: no iteration {iteration} (the table has {', '.join(map(str, available))})")
+    table = table[table["iteration"] == iteration]
+    raw = read_checkpoint(checkpoint)
+    meta = {k: v for k, v in raw.items() if k != "state_dict"}
+    for key in ("model_config", "widths", "num_classes", "model_name"):
+        if key not in meta:
+            raise EigpipeError(f"{checkpoint}: checkpoint meta lacks {key!r} (not an eigpipe detector checkpoint)")
+    original = WidthSpec.from_dict(meta["widths"], source=f"{checkpoint}: widths")
+    runs = sorted({str(r) for r in table["run"]}) if "run" in table.columns else []
+    if meta.get("run") is not None and runs and runs != [str(meta["run"])]:
+        print(f"warning: widths: table run {', '.join(runs)} is not checkpoint run {meta['run']}", file=sys.stderr)
+    size = tuple(section["input_size"] or (meta["model_config"]["min_size"],) * 2)
+    try:
+        result = derive_widths(
+            table,
+            original,
+            measure=section["measure"],
+            multiple=section["multiple"],
+            min_width=section["min_width"],
+            macs_budget=section["macs_budget"],
+            input_size=size,
+            aggregate=section["aggregate"],
+            tied_from=section["tied_from"],
+        )
+    except EigpipeError as exc:  # name the file the table came from
+        raise type(exc)(f"{dimensions}: {exc}") from None
+    detector = {"original": _detector(meta, original, size), "derived": _detector(meta, result.widths, size)}
+    detector["ratio"] = {k: detector["derived"][k] / detector["original"][k] for k in ("params", "macs")}
+    record = {
+        "source": {
+            "run": runs[0] if runs else meta.get("run"),
+            "iteration": iteration,
+            "model_name": meta["model_name"],
+            "dimensions": str(dimensions),
+            "dimensions_sha256": provenance.sha256_file(dimensions),
+            "checkpoint": str(checkpoint),
+            "checkpoint_sha256": provenance.sha256_file(checkpoint),
+        },
+        "measure": section["measure"],
+        "alpha": result.alpha,
+        "macs_budget": section["macs_budget"],
+        "budget_macs": int(section["macs_budget"] * result.body["original"]["macs"]),
+        "floor": result.floor,
+        "multiple": section["multiple"],
+        "min_width": section["min_width"],
+        "aggregate": section["aggregate"],
+        "tied_from": section["tied_from"],
+        "input_size": list(size),
+        "body": result.body,
+        "detector": detector,
+        "original_widths": original.to_dict(),
+        "layers": result.layers,
+        "provenance": provenance.record(config=section, inputs=[dimensions, checkpoint]),
+    }
+    text = yaml.safe_dump({**result.widths.to_dict(), "derivation": record}, default_flow_style=None, sort_keys=False)
+    with provenance.publish(out) as tmp:
+        tmp.write_text(text)
+        if WidthSpec.load(tmp) != result.widths:
+            raise EigpipeError(f"{out}: the written widths spec does not read back as derived")
+    body = result.body["ratio"]
+    print(
+        f"widths: {record['source']['run']} @ {iteration} by {section['measure']}: alpha {result.alpha:.4g}, "
+        f"body params x{body['params']:.3f}, body MACs x{body['macs']:.3f} -> {out}",
+        file=sys.stderr,
+    )
+    return record
