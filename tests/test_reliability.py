@@ -48,6 +48,23 @@ def _blocked(tmp_path: Path) -> Path:
     return tmp_path / "file" / "out"
 
 
+def _checkpoint_stage(stage: str, out_name: str):  # noqa: ANN202
+    """Arguments of a stage that reads a checkpoint and a split (their inputs are never reached)."""
+    return lambda store_, out: [
+        stage,
+        "--config-json",
+        "{}",
+        "--checkpoint",
+        str(store_),
+        "--data",
+        str(store_),
+        "--image-dir",
+        str(store_),
+        "--out",
+        str(out / out_name),
+    ]
+
+
 @pytest.mark.parametrize(
     "args",
     [
@@ -69,32 +86,8 @@ def _blocked(tmp_path: Path) -> Path:
             "--out-dir",
             str(out / "report"),
         ],
-        lambda store_, out: [
-            "covariance",
-            "--config-json",
-            "{}",
-            "--checkpoint",
-            str(store_),
-            "--data",
-            str(store_),
-            "--image-dir",
-            str(store_),
-            "--out",
-            str(out / "c.zarr"),
-        ],
-        lambda store_, out: [
-            "evaluate",
-            "--config-json",
-            "{}",
-            "--checkpoint",
-            str(store_),
-            "--data",
-            str(store_),
-            "--image-dir",
-            str(store_),
-            "--out",
-            str(out / "e.json"),
-        ],
+        _checkpoint_stage("covariance", "c.zarr"),
+        _checkpoint_stage("evaluate", "e.json"),
         lambda store_, out: [
             "train",
             "--config",
