@@ -33,6 +33,13 @@ def section_hash(section: Any) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
+def listing_hash(root: str | Path) -> str:
+    """Hash of a folder's file names and sizes: cheap, and it changes when a dataset is rewritten differently."""
+    root = Path(root)
+    entries = sorted(f"{p.relative_to(root)}\t{p.stat().st_size}" for p in root.rglob("*") if p.is_file())
+    return section_hash(entries)
+
+
 def versions() -> dict[str, str]:
     """Installed versions, read from package metadata (no heavy imports)."""
     found = {"eigpipe": __version__, "python": platform.python_version()}

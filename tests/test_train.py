@@ -13,7 +13,7 @@ import yaml
 from PIL import Image
 
 from eigpipe import cli, runtime
-from eigpipe.models import load_checkpoint
+from eigpipe.models import WidthSpec, load_checkpoint, standard
 from eigpipe.train import loop
 from eigpipe.train.batches import batch_keys
 from eigpipe.train.schedule import lr_factor
@@ -136,6 +136,38 @@ def test_resume_state_of_another_config_is_not_used(tmp_path, image_folder, monk
     assert train_classifier(study(steps=9), image_folder, tmp_path / "run") == 0
     assert "resuming" not in capsys.readouterr().err
     assert load_checkpoint(tmp_path / "run" / "final.pt")[1]["iteration"] == 9
+
+
+def _rewrite_widths(config, data):
+    study = yaml.safe_load(config.read_text())
+    spec = standard([3, 4, 6, 3], study["model"]["width_multiplier"])
+    path = config.parent / "widths.yaml"
+    spec.save(path)
+    study["model"]["widths"] = str(path)
+    config.write_text(yaml.safe_dump(study))
+    return lambda: WidthSpec.from_dict({**spec.to_dict(), "stem": spec.stem * 2}).save(path)
+
+
+def _rewrite_data(config, data):
+    return lambda: shutil.copy(data / "train" / "dark" / "0.png", data / "train" / "dark" / "extra.png")
+
+
+@pytest.mark.parametrize("setup", [_rewrite_widths, _rewrite_data], ids=["widths-file", "dataset"])
+def test_resume_state_of_other_input_content_is_not_used(tmp_path, image_folder, monkeypatch, capsys, study, setup):
+    """An input rewritten in place between a kill and the rerun (a re-derived widths file at the same path, a
+    regenerated dataset) starts the run anew instead of resuming a state of other shapes or other data."""
+    data = tmp_path / "data"
+    shutil.copytree(image_folder, data)
+    config = study()
+    rewrite = setup(config, data)
+    crash_at(monkeypatch, "_classification_loss", 7)
+    assert train_classifier(config, data, tmp_path / "run") == 130
+    monkeypatch.undo()
+    rewrite()
+    capsys.readouterr()
+    assert train_classifier(config, data, tmp_path / "run") == 0
+    assert "resuming" not in capsys.readouterr().err
+    assert load_checkpoint(tmp_path / "run" / "final.pt")[1]["iteration"] == 8
 
 
 def test_non_finite_loss_stops_with_the_iteration(tmp_path, image_folder, monkeypatch, capsys, study):

@@ -54,6 +54,16 @@ def _progress(iteration: int, steps: int, loss: float, parts: dict[str, float], 
     print(f"it {iteration}/{steps} loss {loss:.4f} ({detail}) lr {lr:.5f} {rate:.3f} s/it ETA {eta}", file=sys.stderr)
 
 
+def resume_fingerprint(meta: dict[str, Any], **extra: Any) -> str:
+    """What a saved training state must match to be resumed: the config, the resolved widths and the content
+    of every input file, so a widths file, init checkpoint or dataset rewritten at the same path starts anew."""
+    record = meta["provenance"]
+    keys = ("task", "model_name", "init", "widths")
+    return provenance.section_hash(
+        {**{key: meta[key] for key in keys}, "config": record["config_hash"], "inputs": record["inputs"], **extra}
+    )
+
+
 def _save_model(job: Job, path: Path, iteration: int) -> None:
     save_checkpoint(path, job.model, {**job.meta, **job.extra_meta, "iteration": iteration})
 
@@ -235,7 +245,6 @@ def train_detector(cfg: dict, model_name: str, init: str, annotations: Path, ima
     )
     schedule = detector_schedule(cfg["train"], init_kind)
     augment = partial(flip_detection, schedule["hflip"])
-    fingerprint = provenance.section_hash({"cfg": cfg, "model": model_name, "init": init, "data": str(annotations)})
     job = Job(
         model=model,
         dataset=AugmentedDataset(dataset, augment, seed),
@@ -243,7 +252,7 @@ def train_detector(cfg: dict, model_name: str, init: str, annotations: Path, ima
         loss_fn=_detection_loss,
         schedule=schedule,
         meta=meta,
-        folder=RunFolder(out, fingerprint),
+        folder=RunFolder(out, resume_fingerprint(meta)),
         env=env,
         seed=seed,
     )
@@ -316,7 +325,7 @@ def train_classifier(cfg: dict, data: Path, out: Path) -> None:
         loss_fn=_classification_loss,
         schedule=schedule,
         meta=meta,
-        folder=RunFolder(out, provenance.section_hash({"cfg": cfg, "data": str(data)})),
+        folder=RunFolder(out, resume_fingerprint(meta, data=provenance.listing_hash(data))),
         env=env,
         seed=seed,
         finish=finish,
