@@ -2,7 +2,7 @@
 that extraction runs), hooked extraction with the streaming accumulator in both precisions
 (covariance.precision float64 and float32), and a naive store-every-feature-then-numpy approach.
 
-    .venv/bin/python benchmarks/covariance.py            # CPU (and CUDA when there is one), about 6 min on 2 cores
+    .venv/bin/python benchmarks/covariance.py            # CPU (and CUDA when there is one), about 3.5 min on 2 cores
     .venv/bin/python benchmarks/covariance.py --quick    # a smoke run of the script itself
 
 Throughput: one process per case runs the methods interleaved, round by round, and keeps each

@@ -339,6 +339,18 @@ def test_derive_stage_end_to_end(source, tmp_path, capsys):
     assert earlier["source"]["iteration"] == 0
 
 
+def test_widths_that_split_groupnorm_groups_are_named_in_one_warning(source, tmp_path, capsys):
+    """The tiny model has 4 GroupNorm groups: multiples of 4 keep them, multiples of 2 give some layers gcd 2."""
+    cfg, original, checkpoint, dimensions, _ = source
+    derive(widths_cfg(multiple=4, min_width=4), dimensions, checkpoint, tmp_path / "by4.yaml")
+    assert "GroupNorm" not in capsys.readouterr().err
+    record = derive(widths_cfg(multiple=2, min_width=2), dimensions, checkpoint, tmp_path / "by2.yaml")
+    split = [layer["name"] for layer in record["layers"] if layer["derived"] % 4]
+    assert split, "the planted table should give some width that is not a multiple of 4"
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "GroupNorm" in line]
+    assert len(warnings) == 1 and f"{len(split)} convs" in warnings[0] and split[0] in warnings[0]
+
+
 @pytest.mark.parametrize(
     ("widths", "change", "words"),
     [

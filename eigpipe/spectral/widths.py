@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -25,6 +26,22 @@ def _detector(meta: dict, spec: WidthSpec, size: tuple[int, int]) -> dict[str, i
         "body_params": found["body_params"],
         "body_macs": found["body_macs"],
     }
+
+
+def _warn_fewer_groups(model_cfg: dict, layers: list[dict]) -> None:
+    """One warning line when derived widths give a GroupNorm fewer groups than the original width had (the model
+    uses gcd(width, gn_groups) groups): normalisation changes along with the width."""
+    if model_cfg["norm"] != "gn":
+        return
+    groups = model_cfg["gn_groups"]
+    fewer = [layer for layer in layers if math.gcd(layer["derived"], groups) < math.gcd(layer["original"], groups)]
+    if fewer:
+        first = fewer[0]
+        print(
+            f"warning: widths: {len(fewer)} convs get widths that give their GroupNorm fewer than model.gn_groups "
+            f"{groups} groups (e.g. {first['name']}: {first['derived']}); a widths.multiple of {groups} keeps them",
+            file=sys.stderr,
+        )
 
 
 def derive(cfg: dict, dimensions: Path, checkpoint: Path, out: Path) -> dict:
@@ -69,6 +86,7 @@ def derive(cfg: dict, dimensions: Path, checkpoint: Path, out: Path) -> dict:
         )
     except EigpipeError as exc:  # name the file the table came from
         raise type(exc)(f"{dimensions}: {exc}") from None
+    _warn_fewer_groups(meta["model_config"], result.layers)
     detector = {"original": _detector(meta, original, size), "derived": _detector(meta, result.widths, size)}
     detector["ratio"] = {k: detector["derived"][k] / detector["original"][k] for k in ("params", "macs")}
     record = {
