@@ -1,6 +1,7 @@
 """Width derivation from a dimensions table: analytic cost, budgeted bisection, tied widths, errors, the stage."""
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -120,6 +121,7 @@ def problems(draw):
     knobs = {
         "multiple": draw(st.sampled_from([1, 2, 4, 8])),
         "min_width": draw(st.integers(1, 12)),
+        "min_ratio": draw(st.sampled_from([0.0, 0.0, 0.25, 0.5, 0.75])),
         "aggregate": draw(st.sampled_from(["max", "mean", "median"])),
         "tied_from": draw(st.sampled_from(["block_output", "conv3"])),
         "input_size": (draw(st.integers(32, 96)), draw(st.integers(32, 96))),
@@ -140,17 +142,23 @@ def test_budget_multiple_floor_ties_and_monotone_alpha(problem):
     original = body_cost(spec, *knobs["input_size"])[1]
     tie_knobs = {k: v for k, v in knobs.items() if k != "input_size"}
     high = derive_widths(table, spec, macs_budget=budget * growth, **knobs)
-    for result, b in ((low, budget), (high, budget * growth)):
+    unfilled = derive_widths(table, spec, macs_budget=budget, fill=False, **knobs)
+    assert unfilled.alpha == low.alpha and unfilled.body["derived"]["macs"] <= low.body["derived"]["macs"]
+    check_filled(low, budget * original, knobs)
+    for result, b in ((unfilled, budget), (high, budget * growth)):
         params, macs = body_cost(result.widths, *knobs["input_size"])
         assert macs <= b * original
         assert result.body["derived"] == {"params": params, "macs": macs}
         widths = [result.widths.stem, *result.widths.stage_outs]
         widths += [w for stage in result.widths.stages for block in stage.blocks for w in block]
         assert all(w % knobs["multiple"] == 0 and w >= knobs["min_width"] for w in widths)
+        for layer in result.layers:  # min_ratio: no conv narrower than that share of its original width
+            if layer["derived"] is not None and layer["original"] is not None:
+                assert layer["derived"] >= layer["floor"] >= knobs["min_ratio"] * layer["original"]
         if any(layer["d"] > 0 for layer in result.layers):  # the next larger alpha breaks the budget
             above = widths_at(table, spec, math.nextafter(result.alpha, math.inf), **tie_knobs)
             assert body_cost(above, *knobs["input_size"])[1] > b * original
-            assert widths_at(table, spec, result.alpha, **tie_knobs) == result.widths
+    assert widths_at(table, spec, unfilled.alpha, **tie_knobs) == unfilled.widths  # without fill: alpha * d rounded
     assert high.alpha >= low.alpha and high.body["derived"]["macs"] >= low.body["derived"]["macs"]
     body = build_body(model_cfg(norm="bn"), low.widths)  # the built model honours the residual ties
     for i, stage in enumerate(low.widths.stages, start=1):
@@ -161,6 +169,40 @@ def test_budget_multiple_floor_ties_and_monotone_alpha(problem):
     by_name = {layer["name"]: layer for layer in low.layers}
     for i, stage in enumerate(low.widths.stages, start=1):
         assert {by_name[f"layer{i}.{j}.conv3"]["derived"] for j in range(len(stage.blocks))} == {stage.out}
+
+
+def check_filled(result, budget_macs, knobs):
+    """Largest-remainder fill: every width is alpha * d rounded down or up to the multiple (or the floor), and no
+    width left rounded down can go up one multiple within the budget."""
+    multiple, size = knobs["multiple"], knobs["input_size"]
+    by_name = {layer["name"]: layer for layer in result.layers}
+    spec = result.widths
+    slots = [("conv1", lambda w: replace(spec, stem=w), spec.stem)]
+    for i, stage in enumerate(spec.stages):
+        slots.append((f"layer{i + 1}.0.conv3", lambda w, i=i: with_stage(spec, i, out=w), stage.out))
+        for j, block in enumerate(stage.blocks):
+            for k in (0, 1):
+                slots.append(
+                    (f"layer{i + 1}.{j}.conv{k + 1}", lambda w, i=i, j=j, k=k: with_block(spec, i, j, k, w), block[k])
+                )
+    for name, widened, width in slots:
+        target = result.alpha * by_name[name]["d"]
+        down, up = multiple * math.floor(target / multiple), multiple * math.ceil(target / multiple)
+        assert width == by_name[name]["floor"] or down <= width <= up, (name, width, target)
+        if width < target:
+            assert body_cost(widened(width + multiple), *size)[1] > budget_macs, name
+
+
+def with_stage(spec, i, **change):
+    stages = list(spec.stages)
+    stages[i] = replace(stages[i], **change)
+    return replace(spec, stages=tuple(stages))
+
+
+def with_block(spec, i, j, k, width):
+    blocks = [list(b) for b in spec.stages[i].blocks]
+    blocks[j][k] = width
+    return with_stage(spec, i, blocks=tuple(tuple(b) for b in blocks))
 
 
 # -- mapping ------------------------------------------------------------------------------------------------
@@ -269,6 +311,12 @@ def test_unknown_measure_and_unreachable_budget():
         derive_widths(make_table(spec), spec, min_width=16, macs_budget=0.2, input_size=(64, 64))
     message = one_line(info)
     assert f"{floor_macs:,}" in message and "cannot be met" in message and "0.2" in message
+    with pytest.raises(EigpipeError) as info:  # min_ratio 1 keeps every width: only a budget >= 1 is reachable
+        derive_widths(make_table(spec), spec, min_width=1, min_ratio=1.0, macs_budget=0.99, input_size=(64, 64))
+    message = one_line(info)
+    assert "cannot be met" in message and "1.0 x its original width" in message, message
+    with pytest.raises(ConfigError, match="min_ratio"):
+        derive_widths(make_table(spec), spec, min_ratio=1.5, input_size=(64, 64))
 
 
 # -- paper scale --------------------------------------------------------------------------------------------

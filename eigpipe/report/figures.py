@@ -109,7 +109,8 @@ def plot_dynamics(table: pd.DataFrame, layers: Sequence[str], style: dict, path:
 
 
 def plot_widths(derivations: dict[str, dict], figure: Figure) -> Figure:
-    """Original vs derived width per conv (bars) and the measure d that set it (dots), a panel per spec."""
+    """Original vs derived width per conv (bars), the measure d that set it (dots) and, with widths.min_ratio, each
+    conv's floor (dashes), a panel per spec."""
     count = max(1, len(derivations))
     axes = figure.subplots(count, 1, squeeze=False)[:, 0]
     for ax, (name, record) in zip(axes, derivations.items(), strict=False):
@@ -120,6 +121,9 @@ def plot_widths(derivations: dict[str, dict], figure: Figure) -> Figure:
         ax.bar(x - 0.2, original, 0.4, label="original width", color="tab:gray")
         ax.bar(x + 0.2, derived, 0.4, label="derived width", color="tab:green")
         ax.plot(x, [layer["d"] for layer in layers], "k.", ms=4, label=f"d ({record['measure']})")
+        if record.get("min_ratio"):  # where the floor binds, it sets the width, not alpha x d
+            floors = [layer["floor"] if layer["derived"] else np.nan for layer in layers]
+            ax.plot(x + 0.2, floors, "r_", ms=6, label=f"floor (min_ratio {record['min_ratio']:g})")
         ax.set_xticks(x)
         ax.set_xticklabels([layer["name"] for layer in layers], rotation=90, fontsize=6)
         ax.set_ylabel("channels")

@@ -6,7 +6,7 @@ import math
 import statistics
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pandas as pd
@@ -44,6 +44,8 @@ class _Slot:
     sources: tuple[str, ...]
     d: float
     values: tuple[float, ...] = ()
+    original: int = 0
+    floor: int = 1  # the narrowest width it may get: min_width, and min_ratio x original, rounded up to the multiple
 
 
 def _check_table(table: pd.DataFrame, spec: WidthSpec, measure: str) -> dict[str, pd.Series]:
@@ -102,26 +104,53 @@ def _value(rows: dict[str, pd.Series], name: str, measure: str) -> float:
 
 def _slots(rows: dict[str, pd.Series], spec: WidthSpec, measure: str, aggregate: str, tied_from: str) -> list[_Slot]:
     stem = _value(rows, "conv1", measure)
-    slots = [_Slot((0, 0, 0), ("conv1",), stem, (stem,))]
+    slots = [_Slot((0, 0, 0), ("conv1",), stem, (stem,), spec.stem)]
     for i, stage in enumerate(spec.stages, start=1):
-        for j in range(len(stage.blocks)):
+        for j, block in enumerate(stage.blocks):
             for k in (1, 2):
                 name = f"layer{i}.{j}.conv{k}"
                 value = _value(rows, name, measure)
-                slots.append(_Slot((i, j, k), (name,), value, (value,)))
+                slots.append(_Slot((i, j, k), (name,), value, (value,), block[k - 1]))
         suffix = "" if tied_from == "block_output" else ".conv3"
         sources = tuple(f"layer{i}.{j}{suffix}" for j in range(len(stage.blocks)))
         values = [_value(rows, name, measure) for name in sources]
-        slots.append(_Slot((i, -1, 3), sources, float(AGGREGATES[aggregate](values)), tuple(values)))
+        slots.append(_Slot((i, -1, 3), sources, float(AGGREGATES[aggregate](values)), tuple(values), stage.out))
     return slots
+
+
+def _with_floors(slots: list[_Slot], multiple: int, min_width: int, min_ratio: float) -> list[_Slot]:
+    def up(value: float) -> int:  # the smallest multiple of `multiple` >= value
+        return multiple * math.ceil(value / multiple)
+
+    return [replace(slot, floor=max(up(min_width), up(min_ratio * slot.original))) for slot in slots]
 
 
 def _round(value: float, multiple: int, floor: int) -> int:
     return max(floor, multiple * math.floor(value / multiple + 0.5))
 
 
-def _spec(slots: list[_Slot], alpha: float, multiple: int, floor: int, like: WidthSpec) -> WidthSpec:
-    widths = {slot.key: _round(alpha * slot.d, multiple, floor) for slot in slots}
+def _spec(slots: list[_Slot], alpha: float, multiple: int, like: WidthSpec) -> WidthSpec:
+    return _build({slot.key: _round(alpha * slot.d, multiple, slot.floor) for slot in slots}, like)
+
+
+def _fill(
+    slots: list[_Slot], alpha: float, multiple: int, like: WidthSpec, fits: Callable[[WidthSpec], bool]
+) -> WidthSpec:
+    """Largest-remainder rounding under the budget: the widths ``alpha`` rounds down go up one multiple, the
+    largest fraction of a multiple first, wherever the body still ``fits``. Every width stays alpha * d rounded
+    down or up, so widths stay proportional to d while the budget's slack (what the shared steps leave) is spent.
+    """
+    widths = {slot.key: _round(alpha * slot.d, multiple, slot.floor) for slot in slots}
+    fractions = {slot.key: alpha * slot.d / multiple - math.floor(alpha * slot.d / multiple) for slot in slots}
+    rounded_down = [s for s in slots if widths[s.key] < alpha * s.d]
+    for slot in sorted(rounded_down, key=lambda s: -fractions[s.key]):
+        widths[slot.key] += multiple
+        if not fits(_build(widths, like)):
+            widths[slot.key] -= multiple
+    return _build(widths, like)
+
+
+def _build(widths: dict[tuple[int, int, int], int], like: WidthSpec) -> WidthSpec:
     stages = tuple(
         Stage(out=widths[(i, -1, 3)], blocks=tuple((widths[(i, j, 1)], widths[(i, j, 2)]) for j in range(depth)))
         for i, depth in enumerate(like.depths, start=1)
@@ -146,7 +175,7 @@ def _layers(original: WidthSpec, derived: WidthSpec, slots: list[_Slot], size: t
     for name in sorted(old.keys() | new.keys(), key=_position):
         i, j, k = _position(name)
         slot = by_key[(i, j, k) if k in (0, 1, 2) and (i, j, k) in by_key else (i, -1, 3)]
-        entry: dict[str, Any] = {"name": name, "source": ",".join(slot.sources), "d": slot.d}
+        entry: dict[str, Any] = {"name": name, "source": ",".join(slot.sources), "d": slot.d, "floor": slot.floor}
         costs: dict[str, int] = {}
         for which, found in (("original", old), ("derived", new)):
             cin, cout, kernel, positions = found.get(name, (0, None, 0, 0))
@@ -167,10 +196,11 @@ def widths_at(
     min_width: int = 8,
     aggregate: str = "max",
     tied_from: str = "block_output",
+    min_ratio: float = 0.0,
 ) -> WidthSpec:
     """The widths a given alpha assigns (no budget): what derive_widths bisects over."""
     slots = _slots(_check_table(table, spec, measure), spec, measure, aggregate, tied_from)
-    return _spec(slots, alpha, multiple, multiple * math.ceil(min_width / multiple), spec)
+    return _spec(_with_floors(slots, multiple, min_width, min_ratio), alpha, multiple, spec)
 
 
 def derive_widths(
@@ -184,30 +214,36 @@ def derive_widths(
     input_size: tuple[int, int] = (224, 224),
     aggregate: str = "max",
     tied_from: str = "block_output",
+    fill: bool = True,
+    min_ratio: float = 0.0,
 ) -> Derivation:
-    """Widths alpha * d rounded to ``multiple`` (at least ``min_width``), with the largest global alpha whose body
-    MACs at ``input_size`` stay within ``macs_budget`` x the original's. ``table`` is one run's one snapshot."""
+    """Widths alpha * d rounded to ``multiple`` (at least ``min_width`` and ``min_ratio`` x the original width),
+    with the largest global alpha whose body MACs at ``input_size`` stay within ``macs_budget`` x the original's;
+    with ``fill``, widths that alpha rounds down then go up one multiple while the budget allows (largest remainder
+    first). ``table`` is one run's one snapshot."""
     if aggregate not in AGGREGATES:
         raise ConfigError(f"widths.aggregate: unknown {aggregate!r}; accepted: {', '.join(AGGREGATES)}")
     if tied_from not in TIED_FROM:
         raise ConfigError(f"widths.tied_from: unknown {tied_from!r}; accepted: {', '.join(TIED_FROM)}")
-    if multiple < 1 or min_width < 1 or not macs_budget > 0:
+    if multiple < 1 or min_width < 1 or not macs_budget > 0 or not 0 <= min_ratio <= 1:
         raise ConfigError(
-            f"widths: need multiple >= 1, min_width >= 1, macs_budget > 0 ({multiple}, {min_width}, {macs_budget})"
+            "widths: need multiple >= 1, min_width >= 1, macs_budget > 0, 0 <= min_ratio <= 1 "
+            f"({multiple}, {min_width}, {macs_budget}, {min_ratio})"
         )
     height, width = (int(v) for v in input_size)
     rows = _check_table(table, spec, measure)
-    slots = _slots(rows, spec, measure, aggregate, tied_from)
+    slots = _with_floors(_slots(rows, spec, measure, aggregate, tied_from), multiple, min_width, min_ratio)
     floor = multiple * math.ceil(min_width / multiple)  # the smallest multiple of `multiple` >= min_width
     original_params, original_macs = body_cost(spec, height, width)
     budget = macs_budget * original_macs
 
     def macs(alpha: float) -> int:
-        return body_cost(_spec(slots, alpha, multiple, floor, spec), height, width)[1]
+        return body_cost(_spec(slots, alpha, multiple, spec), height, width)[1]
 
     if macs(0.0) > budget:
+        floors = f"the floor {floor}" + (f" or {min_ratio} x its original width" if min_ratio else "")
         raise EigpipeError(
-            f"widths: the budget cannot be met: the smallest body MACs (every width at the floor {floor}) are "
+            f"widths: the budget cannot be met: the smallest body MACs (every width at {floors}) are "
             f"{macs(0.0):,}, the budget is {budget:,.0f} ({macs_budget} x {original_macs:,})"
         )
     lo, hi = 0.0, 1.0
@@ -221,12 +257,16 @@ def derive_widths(
             if mid <= lo or mid >= hi:
                 break
             lo, hi = (mid, hi) if macs(mid) <= budget else (lo, mid)
-    derived = _spec(slots, lo, multiple, floor, spec)
+    if fill:
+        derived = _fill(slots, lo, multiple, spec, lambda s: body_cost(s, height, width)[1] <= budget)
+    else:
+        derived = _spec(slots, lo, multiple, spec)
     params, derived_macs = body_cost(derived, height, width)
     zero = [name for slot in slots if slot.d == 0 for name, v in zip(slot.sources, slot.values, strict=True) if v == 0]
     if zero:
         print(
-            f"warning: widths: {measure} is 0 at {', '.join(zero)}: their convs get the floor width {floor}",
+            f"warning: widths: {measure} is 0 at {', '.join(zero)}: their convs get their floor width "
+            f"({floor}" + (f", or {min_ratio} x the original" if min_ratio else "") + ")",
             file=sys.stderr,
         )
     return Derivation(

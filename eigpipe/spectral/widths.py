@@ -83,6 +83,8 @@ def derive(cfg: dict, dimensions: Path, checkpoint: Path, out: Path) -> dict:
             input_size=size,
             aggregate=section["aggregate"],
             tied_from=section["tied_from"],
+            fill=section["fill"],
+            min_ratio=section["min_ratio"],
         )
     except EigpipeError as exc:  # name the file the table came from
         raise type(exc)(f"{dimensions}: {exc}") from None
@@ -106,8 +108,10 @@ def derive(cfg: dict, dimensions: Path, checkpoint: Path, out: Path) -> dict:
         "floor": result.floor,
         "multiple": section["multiple"],
         "min_width": section["min_width"],
+        "min_ratio": section["min_ratio"],
         "aggregate": section["aggregate"],
         "tied_from": section["tied_from"],
+        "fill": section["fill"],
         "input_size": list(size),
         "body": result.body,
         "detector": detector,
