@@ -160,10 +160,13 @@ def iterations(run):
 
 
 def derivation_inputs(wildcards):
-    """The source run's dimensions table and final checkpoint (model, widths, classes)."""
+    """The source run's dimension measures at the source snapshot (its spectrum table: the rows of the run's
+    dimensions table at that iteration, ready without waiting for the other snapshots) and its final checkpoint."""
     source = runs.source_run(config, DERIVED[wildcards.spec][0])
+    iteration = config["widths"]["source_iteration"]
+    snapshot = str(iteration) if str(iteration) in iterations(source)[:-1] else "final"
     return {
-        "dimensions": f"results/{wildcards.study}/dimensions/{source}.parquet",
+        "dimensions": f"results/{wildcards.study}/spectrum/{source}/{snapshot}.parquet",
         "checkpoint": f"results/{wildcards.study}/train/{source}/final.pt",
     }
 
