@@ -118,19 +118,23 @@ def _slots(rows: dict[str, pd.Series], spec: WidthSpec, measure: str, aggregate:
     return slots
 
 
+def _round_up(value: float, multiple: int) -> int:
+    """The smallest multiple of ``multiple`` >= value."""
+    return multiple * math.ceil(value / multiple)
+
+
 def _with_floors(slots: list[_Slot], multiple: int, min_width: int, min_ratio: float) -> list[_Slot]:
-    def up(value: float) -> int:  # the smallest multiple of `multiple` >= value
-        return multiple * math.ceil(value / multiple)
-
-    return [replace(slot, floor=max(up(min_width), up(min_ratio * slot.original))) for slot in slots]
+    floor = _round_up(min_width, multiple)
+    return [replace(slot, floor=max(floor, _round_up(min_ratio * slot.original, multiple))) for slot in slots]
 
 
-def _round(value: float, multiple: int, floor: int) -> int:
-    return max(floor, multiple * math.floor(value / multiple + 0.5))
+def _rounded(slots: list[_Slot], alpha: float, multiple: int) -> dict[tuple[int, int, int], int]:
+    """Each slot's alpha * d rounded to the nearest multiple, at least its floor."""
+    return {slot.key: max(slot.floor, multiple * math.floor(alpha * slot.d / multiple + 0.5)) for slot in slots}
 
 
 def _spec(slots: list[_Slot], alpha: float, multiple: int, like: WidthSpec) -> WidthSpec:
-    return _build({slot.key: _round(alpha * slot.d, multiple, slot.floor) for slot in slots}, like)
+    return _build(_rounded(slots, alpha, multiple), like)
 
 
 def _fill(
@@ -140,7 +144,7 @@ def _fill(
     largest fraction of a multiple first, wherever the body still ``fits``. Every width stays alpha * d rounded
     down or up, so widths stay proportional to d while the budget's slack (what the shared steps leave) is spent.
     """
-    widths = {slot.key: _round(alpha * slot.d, multiple, slot.floor) for slot in slots}
+    widths = _rounded(slots, alpha, multiple)
     fractions = {slot.key: alpha * slot.d / multiple - math.floor(alpha * slot.d / multiple) for slot in slots}
     rounded_down = [s for s in slots if widths[s.key] < alpha * s.d]
     for slot in sorted(rounded_down, key=lambda s: -fractions[s.key]):
@@ -233,7 +237,7 @@ def derive_widths(
     height, width = (int(v) for v in input_size)
     rows = _check_table(table, spec, measure)
     slots = _with_floors(_slots(rows, spec, measure, aggregate, tied_from), multiple, min_width, min_ratio)
-    floor = multiple * math.ceil(min_width / multiple)  # the smallest multiple of `multiple` >= min_width
+    floor = _round_up(min_width, multiple)
     original_params, original_macs = body_cost(spec, height, width)
     budget = macs_budget * original_macs
 

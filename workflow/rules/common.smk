@@ -164,7 +164,7 @@ def derivation_inputs(wildcards):
     dimensions table at that iteration, ready without waiting for the other snapshots) and its final checkpoint."""
     source = runs.source_run(config, DERIVED[wildcards.spec][0])
     iteration = config["widths"]["source_iteration"]
-    snapshot = str(iteration) if str(iteration) in iterations(source)[:-1] else "final"
+    snapshot = str(iteration) if iteration in SNAPSHOTS else "final"
     return {
         "dimensions": f"results/{wildcards.study}/spectrum/{source}/{snapshot}.parquet",
         "checkpoint": f"results/{wildcards.study}/train/{source}/final.pt",
