@@ -143,14 +143,22 @@ def _fill(
     """Largest-remainder rounding under the budget: the widths ``alpha`` rounds down go up one multiple, the
     largest fraction of a multiple first, wherever the body still ``fits``. Every width stays alpha * d rounded
     down or up, so widths stay proportional to d while the budget's slack (what the shared steps leave) is spent.
+    Passes repeat until none widens anything: a width that reaches its stage's input width removes layer1's
+    downsample conv, so MACs can fall and let a width refused earlier fit.
     """
     widths = _rounded(slots, alpha, multiple)
     fractions = {slot.key: alpha * slot.d / multiple - math.floor(alpha * slot.d / multiple) for slot in slots}
-    rounded_down = [s for s in slots if widths[s.key] < alpha * s.d]
-    for slot in sorted(rounded_down, key=lambda s: -fractions[s.key]):
-        widths[slot.key] += multiple
-        if not fits(_build(widths, like)):
-            widths[slot.key] -= multiple
+    pending = sorted((s for s in slots if widths[s.key] < alpha * s.d), key=lambda s: -fractions[s.key])
+    while pending:
+        refused = []
+        for slot in pending:
+            widths[slot.key] += multiple
+            if not fits(_build(widths, like)):
+                widths[slot.key] -= multiple
+                refused.append(slot)
+        if len(refused) == len(pending):
+            break
+        pending = refused
     return _build(widths, like)
 
 
