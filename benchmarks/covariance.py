@@ -2,14 +2,15 @@
 that extraction runs), hooked extraction with the streaming accumulator in both precisions
 (covariance.precision float64 and float32), and a naive store-every-feature-then-numpy approach.
 
-    .venv/bin/python benchmarks/covariance.py            # CPU (and CUDA when there is one), about 3.5 min on 2 cores
+    .venv/bin/python benchmarks/covariance.py            # CPU (and CUDA when there is one), 5-8 min on 2 cores
     .venv/bin/python benchmarks/covariance.py --quick    # a smoke run of the script itself
 
 Throughput: one process per case runs the methods interleaved, round by round, and keeps each
-method's best round (fair when the machine is shared). Memory: each (method, image count) in a fresh
-process, one pass: the peak resident set size (RSS, sampled every 2 ms by psutil in a thread) above the
-RSS after building the model and one warm-up batch; on CUDA, the peak of torch.cuda.max_memory_allocated
-above the allocation before the measured pass.
+method's best round (fair when the machine is shared). Each round streams more images than a memory run,
+so that the one-off setup of the [C, C] states weighs per image as little as in a real extraction. Memory:
+each (method, image count) in a fresh process, one pass: the peak resident set size (RSS, sampled every
+2 ms by psutil in a thread) above the RSS after building the model and one warm-up batch; on CUDA, the
+peak of torch.cuda.max_memory_allocated above the allocation before the measured pass.
 Writes benchmarks/results/covariance.json.
 """
 
@@ -49,12 +50,15 @@ def _model_sections() -> dict[str, dict]:
     return {"demo": demo, "resnet50_fpn": r50}
 
 
+# images: per memory run (and twice that); stream: per throughput round, long enough that the per-run setup
+# (allocating and first touching the [C, C] states, the final symmetrisation: 0.4-0.8 s measured at standard
+# width on 2 cores) is a small share, as in a real extraction of thousands of images
 CASES = {
-    "demo": {"size": 128, "images": 64, "batch": 8, "reps": 3},
-    "resnet50_fpn": {"size": 512, "images": 4, "batch": 2, "reps": 2},
+    "demo": {"size": 128, "images": 64, "stream": 64, "batch": 8, "reps": 3},
+    "resnet50_fpn": {"size": 512, "images": 4, "stream": 10, "batch": 2, "reps": 2},
 }
 GEMM_DTYPES = ("float64", "float32")  # the Gram-product dtypes of covariance.precision
-QUICK = {"demo": {"images": 16}, "resnet50_fpn": {"images": 2, "size": 256}}
+QUICK = {"demo": {"images": 16, "stream": 16}, "resnet50_fpn": {"images": 2, "stream": 2, "size": 256}}
 
 
 # ---- child: one measurement -----------------------------------------------------------------------------
@@ -201,24 +205,30 @@ def child_throughput(spec: dict) -> dict:
 
 
 def work_per_image(case: dict, model: torch.nn.Module, meta: dict, layers: list, device: torch.device) -> dict:
-    """Multiply-adds of the forward (float32) and the least the Gram updates need (C(C+1)/2 per position:
-    the symmetric half) for one image, and this device's GEMM rates in float64 and float32."""
+    """Multiply-adds of the forward (float32) and the least the Gram updates of each precision need (C(C+1)/2
+    per position: the symmetric half; float32 maps some layers instead, see eigpipe.spectral.affine) for one
+    image, and this device's GEMM rates in float64 and float32."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from eigpipe.spectral.hooks import accumulate
 
     one = batches(case, 1)[:1]
-    ordered, _ = accumulate(model, meta, layers, one, device)
-    gram = sum(c * (c + 1) // 2 * h * w for c, h, w in (layer.feature_shape for layer in ordered))
+    shapes = {}
+    for dtype in GEMM_DTYPES:
+        ordered, _ = accumulate(model, meta, layers, one, device, precision=dtype)
+        shapes[dtype] = [layer.feature_shape for layer in ordered if not layer.mapped_from]
     with FlopCounterMode(display=False) as counter:
         plain(model, meta, layers, one, device)
-    shapes = [layer.feature_shape for layer in ordered]
     return {
         "forward_macs_per_image": counter.get_total_flops() // 2,
-        "gram_macs_per_image": gram,
+        "mapped_layers_float32": len(layers) - len(shapes["float32"]),
+        **{
+            f"{dtype}_gram_macs_per_image": sum(c * (c + 1) // 2 * h * w for c, h, w in shapes[dtype])
+            for dtype in GEMM_DTYPES
+        },
         **{f"{dtype}_gemm_macs_per_s": gemm_rate(device, getattr(torch, dtype)) for dtype in GEMM_DTYPES},
         **{
-            f"{dtype}_gram_kernel_seconds_per_image": gram_kernel_seconds(shapes, case["batch"], device, dtype)
+            f"{dtype}_gram_kernel_seconds_per_image": gram_kernel_seconds(shapes[dtype], case["batch"], device, dtype)
             for dtype in GEMM_DTYPES
         },
     }
@@ -297,9 +307,10 @@ def measure(spec: dict) -> dict:
 
 def run_case(name: str, device: str, threads: int, quick: bool) -> dict:
     override = QUICK[name] if quick else {}
-    n = override.get("images", CASES[name]["images"])
+    case = {**CASES[name], **override}
+    n = case["images"]
     spec = {"case": name, "device": device, "threads": threads, "override": override}
-    speed = measure({**spec, "kind": "throughput", "images": n, "reps": CASES[name]["reps"]})
+    speed = measure({**spec, "kind": "throughput", "images": case["stream"], "reps": case["reps"]})
     memory = [
         measure({**spec, "kind": "memory", "method": method, "images": count})
         for method, count in [
@@ -327,8 +338,14 @@ def run_case(name: str, device: str, threads: int, quick: bool) -> dict:
         "float32_extraction_vs_plain_throughput": round(ratios["float32"], 3),
         "naive_vs_plain_throughput": round(rates["naive"] / rates["plain"], 3),
         "forward_macs_per_image": speed["forward_macs_per_image"],
-        "gram_macs_per_image": speed["gram_macs_per_image"],
-        "gram_vs_forward_macs": round(speed["gram_macs_per_image"] / speed["forward_macs_per_image"], 3),
+        "mapped_layers_float32": speed["mapped_layers_float32"],
+        **{f"{dtype}_gram_macs_per_image": speed[f"{dtype}_gram_macs_per_image"] for dtype in GEMM_DTYPES},
+        **{
+            f"{dtype}_gram_vs_forward_macs": round(
+                speed[f"{dtype}_gram_macs_per_image"] / speed["forward_macs_per_image"], 3
+            )
+            for dtype in GEMM_DTYPES
+        },
         **bounds,
         **{
             f"{dtype}_extraction_vs_{bound}": round(ratios[dtype] / bounds[f"{dtype}_{kind}"], 3)
@@ -348,12 +365,13 @@ EXTRACTION = {"float64": "extraction", "float32": "extraction_float32"}  # preci
 
 def extraction_bounds(plain_images_per_s: float, speed: dict) -> dict:
     """Per GEMM dtype, the most extraction/plain can be when the Gram products run in it: plain inference
-    plus the symmetric minimum of Gram multiply-adds at the measured GEMM peak, with no other cost (the
-    bound); and plain inference plus the accumulator's Gram kernels as timed alone (the kernel bound)."""
+    plus the symmetric minimum of the Gram multiply-adds that precision runs at the measured GEMM peak, with
+    no other cost (the bound); and plain inference plus the accumulator's Gram kernels as timed alone (the
+    kernel bound)."""
     bounds = {}
     for dtype in GEMM_DTYPES:
         rate = speed[f"{dtype}_gemm_macs_per_s"]
-        gram_seconds = speed["gram_macs_per_image"] / rate  # per image, at GEMM peak
+        gram_seconds = speed[f"{dtype}_gram_macs_per_image"] / rate  # per image, at GEMM peak
         bounds[f"{dtype}_gemm_gmacs_per_s"] = round(rate / 1e9, 2)
         bounds[f"{dtype}_extraction_bound"] = round(1 / (1 + plain_images_per_s * gram_seconds), 3)
         kernel = speed[f"{dtype}_gram_kernel_seconds_per_image"]

@@ -101,11 +101,14 @@ def test_unequal_image_sizes_weight_each_image_equally() -> None:
     assert_matches(acc, [f.numpy() for f in images])
 
 
-def test_wide_layer_block_triangular_gram_matches_reference() -> None:
-    """C >= 512 takes the blocked lower-triangle path (600 = two full blocks and a partial one)."""
+@pytest.mark.parametrize("channels", [200, 600])
+def test_wide_layer_panel_triangular_gram_matches_reference(channels: int) -> None:
+    """Wide layers take the lower panel-triangle path: 200 = three panels of 64 rows and a partial one,
+    600 = four panels of 128 and a partial one."""
     shared = buffers.Workspace()
-    acc = CovarianceAccumulator(600, workspace=shared)
-    batches = [features(3, 600, 3, 4, offset=1e3, seed=s) for s in range(3)]
+    acc = CovarianceAccumulator(channels, workspace=shared)
+    assert acc.panel_rows(channels) < channels
+    batches = [features(3, channels, 3, 4, offset=1e3, seed=s) for s in range(3)]
     for batch in batches:
         acc.update(batch)
     assert_matches(acc, [img.numpy() for b in batches for img in b])

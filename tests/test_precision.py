@@ -91,7 +91,7 @@ def test_large_offset_float32_within_budget(device: str, flush: int, monkeypatch
 
 
 def test_wide_layer_and_unequal_sizes_float32_within_budget() -> None:
-    """The block-triangular path (C >= 512) and mixed image sizes (merged partial sums) in float32."""
+    """The panel-triangular path (600 channels) and mixed image sizes (merged partial sums) in float32."""
     wide = both([offset_features(3, 600, 4, seed) for seed in range(3)], 600)
     gen = torch.Generator().manual_seed(7)
     mixed = [[torch.rand(24, h, w, generator=gen) * 5 + 50 for h, w in ((4, 9), (8, 8), (4, 9))] for _ in range(3)]
@@ -101,21 +101,39 @@ def test_wide_layer_and_unequal_sizes_float32_within_budget() -> None:
         assert torch.equal(fast.second_moment, fast.second_moment.T)
 
 
-def test_detector_layers_float32_within_budget(tiny_model: dict) -> None:
+def randomise_norms(model: torch.nn.Module) -> None:
+    """Trained-like BatchNorm statistics and affine (zero_init_residual would make every conv3 feature 0)."""
+    gen = torch.Generator().manual_seed(5)
+    for norm in model.modules():
+        if hasattr(norm, "running_var"):
+            c = norm.running_var.shape[0]
+            norm.running_mean.copy_(torch.randn(c, generator=gen) * 0.2)
+            norm.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
+            norm.weight.data.copy_(torch.rand(c, generator=gen) + 0.5)
+            norm.bias.data.copy_(torch.randn(c, generator=gen) * 0.1)
+
+
+@pytest.mark.parametrize("norm", ["gn", "frozen_bn", "bn"])
+def test_detector_layers_float32_within_budget(tiny_model: dict, norm: str) -> None:
     """Every default layer of a small detector: relative errors <= 1e-6, equal intrinsic-dimension counts
-    wherever no eigenvalue lies within the measured error band of the threshold."""
+    wherever no eigenvalue lies within the measured error band of the threshold. With an eval-mode BatchNorm
+    every conv3 layer's float32 statistics are mapped from its conv2 layer's (eigpipe.spectral.affine)."""
     from eigpipe.models import build_detector
 
     torch.manual_seed(0)
-    model = build_detector("faster_rcnn", tiny_model, 4).eval()
-    meta = {"task": "detection", "model_config": tiny_model, "run": "t"}
+    model_cfg = {**tiny_model, "norm": norm}
+    model = build_detector("faster_rcnn", model_cfg, 4).eval()
+    if norm != "gn":
+        randomise_norms(model)
+    meta = {"task": "detection", "model_config": model_cfg, "run": "t"}
     gen = torch.Generator().manual_seed(1)
     images = [torch.rand(3, 64, 64, generator=gen) for _ in range(8)]
     batches = [(images[i : i + 4], list(range(i, i + 4))) for i in (0, 4)]
-    results = {}
+    results, mapped = {}, {}
     for precision in ("float64", "float32"):
         layers = select_layers(model, ["default"])
         _, accs = accumulate(model, meta, layers, batches, "cpu", precision=precision)
+        mapped[precision] = {layer.name: layer.mapped_from for layer in layers if layer.mapped_from}
         results[precision] = {
             name: {
                 "second_moment": acc.second_moment.numpy(),
@@ -132,6 +150,34 @@ def test_detector_layers_float32_within_budget(tiny_model: dict) -> None:
             assert rel(fast[key], exact[key]) <= BUDGET, (name, key, rel(fast[key], exact[key]))
         wrong += dimension_agreement(exact, fast)[0]
     assert wrong == 0
+    conv3 = {name: name.replace("conv3", "conv2") for name in results["float64"] if name.endswith(".conv3")}
+    assert mapped == {"float64": {}, "float32": {} if norm == "gn" else conv3} and len(conv3) == 16
+
+
+def test_affine_maps_need_an_eval_mode_norm_and_a_selected_source(tiny_model: dict) -> None:
+    from eigpipe.models import build_detector
+    from eigpipe.spectral.affine import affine_maps
+
+    model = build_detector("faster_rcnn", {**tiny_model, "norm": "bn"}, 4)
+    everything = select_layers(model, ["default"])
+    assert affine_maps(model, everything) == {}  # training-mode BatchNorm normalises by the batch
+    model.eval()
+    assert len(affine_maps(model, everything)) == 16
+    without_source = [layer for layer in everything if not layer.name.endswith("layer1.0.conv2")]
+    assert "backbone.body.layer1.0.conv3" not in affine_maps(model, without_source)
+
+
+def test_non_finite_mapped_statistics_name_the_layer(tiny_model: dict) -> None:
+    from eigpipe.errors import NumericalError
+    from eigpipe.models import build_detector
+
+    model = build_detector("faster_rcnn", {**tiny_model, "norm": "frozen_bn"}, 4).eval()
+    model.backbone.body.layer2[1].bn3.running_var[3] = float("nan")
+    meta = {"task": "detection", "model_config": {**tiny_model, "norm": "frozen_bn"}, "run": "t"}
+    batches = [([torch.rand(3, 64, 64)], [0])]
+    with pytest.raises(NumericalError, match=r"layer backbone\.body\.layer2\.1\.conv3: non-finite"):
+        layers = select_layers(model, ["*layer2.1.conv2", "*layer2.1.conv3"])  # not the block output after it
+        accumulate(model, meta, layers, batches, "cpu", precision="float32")
 
 
 def test_tf32_is_off_for_the_products_and_restored_after(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -121,6 +121,7 @@ def layer_attrs(layer: Layer, acc: CovarianceAccumulator) -> dict[str, Any]:
         "count": int(acc.count),
         "positions": int(acc.positions),
         "forward_index": int(layer.forward_index),
+        "statistics": f"mapped from {layer.mapped_from}" if layer.mapped_from else "accumulated",
     }
 
 

@@ -12,6 +12,7 @@ from torch import nn
 from eigpipe.errors import EigpipeError, NumericalError
 from eigpipe.models.taps import is_detector, runner_path
 from eigpipe.spectral.accumulator import CovarianceAccumulator, FeatureBatch, NonFiniteFeature
+from eigpipe.spectral.affine import affine_maps, mapped_accumulator
 from eigpipe.spectral.buffers import Workspace
 from eigpipe.spectral.layers import Layer
 
@@ -34,7 +35,8 @@ class Extractor:
     Use as a context manager (hooks are removed on exit); call ``run(images, image_ids)`` per batch.
     Only the smallest part of the model that runs every selected layer is run (the body, the backbone,
     or, for head layers, the whole model, whose own transform then sees the images). ``precision`` is
-    the accumulators' Gram-product dtype (float64 or float32).
+    the accumulators' Gram-product dtype (float64 or float32); in float32, layers that are one affine map
+    of another selected layer take their statistics from it (``finish()``, eigpipe.spectral.affine).
     """
 
     def __init__(
@@ -53,6 +55,9 @@ class Extractor:
         part = runner_path(model, [name for layer in self.layers for name in (layer.tap, layer.name)])
         self.runner = model.get_submodule(part) if part else None
         self.accumulators: dict[str, CovarianceAccumulator] = {}
+        self.affine = affine_maps(model, self.layers) if precision == "float32" else {}
+        for layer in self.layers:
+            layer.mapped_from = self.affine[layer.name].source if layer.name in self.affine else ""
         self.workspace = Workspace()
         self._by_tap: dict[str, list[Layer]] = {}
         for layer in self.layers:
@@ -62,6 +67,7 @@ class Extractor:
         self._order: list[str] = []
         self._batch: tuple[list[tuple[int, int]], tuple[int, int], list[Any]] | None = None
         self._ids: list[Any] = []
+        self._first = True
 
     def __enter__(self) -> Extractor:
         for tap in self._by_tap:
@@ -79,7 +85,7 @@ class Extractor:
         """Forward and accumulate one batch of [3, H, W] images in [0, 1]."""
         self._fired = {}
         self._ids = list(image_ids)
-        first = not self._order
+        first = self._first = not self._order
         images = [img.to(self.device, non_blocking=True) for img in images]  # pinned by the loader on CUDA
         if self.runner is None and is_detector(self.model):
             self.model(images)  # its transform's hook records the batch geometry
@@ -88,6 +94,12 @@ class Extractor:
             self._record_transform(self.transform, (images,), (batched, None))
             (self.runner or self.model)(batched.tensors)
         self._check_fired(first)
+
+    def finish(self) -> None:
+        """After the last batch: the statistics of the affinely mapped layers, from their sources'."""
+        for name, affine in self.affine.items():
+            if affine.source in self.accumulators:
+                self.accumulators[name] = mapped_accumulator(name, self.accumulators[affine.source], affine)
 
     def _record_transform(self, _module: nn.Module, _inputs: Any, output: Any) -> None:
         batched = output[0]
@@ -129,6 +141,10 @@ class Extractor:
         sizes, padded, ids = self._batch
         per_image = not layer.per_region and feats.shape[0] == len(ids)
         crops = _crop_valid(feats, sizes, padded) if per_image else feats
+        if layer.mapped_from:
+            if self._first:
+                layer.feature_shape = [int(s) for s in crops[0].shape]
+            return
         acc = self.accumulators.get(layer.name)
         if acc is None:
             acc = self.accumulators[layer.name] = CovarianceAccumulator(
@@ -168,4 +184,5 @@ def accumulate(
             extractor.run(images, ids)
             if progress is not None:
                 progress.update(len(images))
+        extractor.finish()
     return extractor.layers, extractor.accumulators

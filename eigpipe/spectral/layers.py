@@ -27,6 +27,7 @@ class Layer:
     per_region: bool = False
     forward_index: int = -1
     feature_shape: list[int] = field(default_factory=list)
+    mapped_from: str = ""  # the layer whose statistics this one's are mapped from (eigpipe.spectral.affine)
 
 
 def _class_names(module: nn.Module) -> set[str]:
