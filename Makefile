@@ -39,6 +39,8 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/covariance.py
 	$(BIN)/python benchmarks/train.py
+	@if [ -d results/demo/covariance ]; then $(BIN)/python benchmarks/precision.py; \
+	else echo "benchmarks/precision.py skipped: it compares the demo's stores (run make demo first)"; fi
 
 clean-demo:
 	rm -rf results/demo
