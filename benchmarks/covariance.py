@@ -441,8 +441,10 @@ def main() -> None:
         "wall_seconds": round(time.perf_counter() - start, 1),
         "results": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    from eigpipe.provenance import publish
+
+    with publish(args.out) as tmp:  # a killed run leaves the previous results in place
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
     for r in results:
         print(
             f"{r['device']} {r['case']}: extraction/plain float64 {r['extraction_vs_plain_throughput']} "

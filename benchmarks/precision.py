@@ -52,6 +52,14 @@ def compare(exact: dict[str, np.ndarray], fast: dict[str, np.ndarray]) -> dict[s
     return row
 
 
+def store_summary(rows: list[dict]) -> dict:
+    return {
+        "layers": len(rows),
+        **{f"{key}_error_max": max(row[f"{key}_error"] for row in rows) for key in ("second_moment", "covariance")},
+        "count_changed": sum(row["count_changed"] > 0 for row in rows),
+    }
+
+
 def reextract(path: Path, cfg: dict, out: Path) -> float:
     """The store at ``path`` again in float32; seconds taken."""
     from eigpipe.spectral import store
@@ -108,10 +116,16 @@ def main() -> None:
         "torch": torch.__version__,
         "threshold": THRESHOLD,
         "summary": summary,
-        "layers": rows,
+        "stores": {
+            store: store_summary([r for r in rows if r["store"] == store])
+            for store in dict.fromkeys(r["store"] for r in rows)
+        },
+        "layers_near_threshold": [row for row in rows if row["near_threshold"]],
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    from eigpipe.provenance import publish
+
+    with publish(args.out) as tmp:  # a killed run leaves the previous results in place
+        tmp.write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps(summary, indent=1))
     print(f"wrote {args.out}")
 

@@ -219,8 +219,10 @@ def main() -> None:
         "eigpipe_vs_bare_best_step": round(best["eigpipe"] / best["bare"], 3),  # robust when the machine is shared
         "wall_seconds": round(time.perf_counter() - start, 1),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    from eigpipe.provenance import publish
+
+    with publish(args.out) as tmp:  # a killed run leaves the previous results in place
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
     print(
         f"{env.device} demo detector, batch {report['batch_size']}, amp {args.amp}: eigpipe/bare step time = "
         f"{report['eigpipe_vs_bare_step_time']} (median of {sizes['rounds']} rounds; best steps: "
