@@ -52,11 +52,17 @@ def compare(exact: dict[str, np.ndarray], fast: dict[str, np.ndarray]) -> dict[s
     return row
 
 
-def store_summary(rows: list[dict]) -> dict:
+def summary(rows: list[dict]) -> dict:
+    """Largest and median errors, and how many layers lie near the threshold or changed their count."""
+    errors = {key: [row[f"{key}_error"] for row in rows] for key in ("second_moment", "covariance")}
     return {
         "layers": len(rows),
-        **{f"{key}_error_max": max(row[f"{key}_error"] for row in rows) for key in ("second_moment", "covariance")},
-        "count_changed": sum(row["count_changed"] > 0 for row in rows),
+        **{f"{key}_error_max": max(values) for key, values in errors.items()},
+        **{f"{key}_error_median": float(np.median(values)) for key, values in errors.items()},
+        **{
+            f"layers_{field}": sum(row[field] > 0 for row in rows)
+            for field in ("near_threshold", "count_changed", "count_changed_outside_band")
+        },
     }
 
 
@@ -101,23 +107,14 @@ def main() -> None:
             print(
                 f"{path.relative_to(ROOT)}: {len(exact)} layers re-extracted in float32 in {seconds:.1f} s", flush=True
             )
-    errors = {key: [row[f"{key}_error"] for row in rows] for key in ("second_moment", "covariance")}
-    summary = {
-        "stores": len(stores),
-        "layers": len(rows),
-        **{f"{key}_error_max": max(v) for key, v in errors.items()},
-        **{f"{key}_error_median": float(np.median(v)) for key, v in errors.items()},
-        "layers_near_threshold": sum(row["near_threshold"] > 0 for row in rows),
-        "layers_count_changed": sum(row["count_changed"] > 0 for row in rows),
-        "layers_count_changed_outside_band": sum(row["count_changed_outside_band"] > 0 for row in rows),
-    }
+    overall = {"stores": len(stores), **summary(rows)}
     report = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "torch": torch.__version__,
         "threshold": THRESHOLD,
-        "summary": summary,
+        "summary": overall,
         "stores": {
-            store: store_summary([r for r in rows if r["store"] == store])
+            store: summary([r for r in rows if r["store"] == store])
             for store in dict.fromkeys(r["store"] for r in rows)
         },
         "layers_near_threshold": [row for row in rows if row["near_threshold"]],
@@ -126,7 +123,7 @@ def main() -> None:
 
     with publish(args.out) as tmp:  # a killed run leaves the previous results in place
         tmp.write_text(json.dumps(report, indent=1) + "\n")
-    print(json.dumps(summary, indent=1))
+    print(json.dumps(overall, indent=1))
     print(f"wrote {args.out}")
 
 

@@ -129,11 +129,12 @@ def test_detector_layers_float32_within_budget(tiny_model: dict, norm: str) -> N
     gen = torch.Generator().manual_seed(1)
     images = [torch.rand(3, 64, 64, generator=gen) for _ in range(8)]
     batches = [(images[i : i + 4], list(range(i, i + 4))) for i in (0, 4)]
-    results, mapped = {}, {}
+    results, mapped, shapes = {}, {}, {}
     for precision in ("float64", "float32"):
         layers = select_layers(model, ["default"])
         _, accs = accumulate(model, meta, layers, batches, "cpu", precision=precision)
         mapped[precision] = {layer.name: layer.mapped_from for layer in layers if layer.mapped_from}
+        shapes[precision] = {layer.name: layer.feature_shape for layer in layers}
         results[precision] = {
             name: {
                 "second_moment": acc.second_moment.numpy(),
@@ -152,6 +153,7 @@ def test_detector_layers_float32_within_budget(tiny_model: dict, norm: str) -> N
     assert wrong == 0
     conv3 = {name: name.replace("conv3", "conv2") for name in results["float64"] if name.endswith(".conv3")}
     assert mapped == {"float64": {}, "float32": {} if norm == "gn" else conv3} and len(conv3) == 16
+    assert shapes["float32"] == shapes["float64"]  # mapped layers too
 
 
 def test_affine_maps_need_an_eval_mode_norm_and_a_selected_source(tiny_model: dict) -> None:

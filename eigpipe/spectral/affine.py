@@ -37,9 +37,9 @@ class AffineMap:
 def affine_maps(model: nn.Module, layers: Sequence[Layer]) -> dict[str, AffineMap]:
     """The selected conv3 layers of bottlenecks whose 1x1 conv3 and eval-mode norm map the selected conv2
     layer's features affinely, by layer name."""
-    selected = [layer.name for layer in layers]
+    selected = {layer.name for layer in layers}
     maps = {}
-    for name in selected:
+    for name in (layer.name for layer in layers):  # in layer order
         block_path, _, attr = name.rpartition(".")
         source = f"{block_path}.conv2"
         if attr != "conv3" or source not in selected:

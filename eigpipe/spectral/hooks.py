@@ -67,7 +67,6 @@ class Extractor:
         self._order: list[str] = []
         self._batch: tuple[list[tuple[int, int]], tuple[int, int], list[Any]] | None = None
         self._ids: list[Any] = []
-        self._first = True
 
     def __enter__(self) -> Extractor:
         for tap in self._by_tap:
@@ -85,7 +84,7 @@ class Extractor:
         """Forward and accumulate one batch of [3, H, W] images in [0, 1]."""
         self._fired = {}
         self._ids = list(image_ids)
-        first = self._first = not self._order
+        first = not self._order
         images = [img.to(self.device, non_blocking=True) for img in images]  # pinned by the loader on CUDA
         if self.runner is None and is_detector(self.model):
             self.model(images)  # its transform's hook records the batch geometry
@@ -96,10 +95,13 @@ class Extractor:
         self._check_fired(first)
 
     def finish(self) -> None:
-        """After the last batch: the statistics of the affinely mapped layers, from their sources'."""
+        """After the last batch: the statistics of the affinely mapped layers, from their sources' (a 1x1
+        stride-1 conv, so each feature map has its source's positions)."""
+        by_name = {layer.name: layer for layer in self.layers}
         for name, affine in self.affine.items():
             if affine.source in self.accumulators:
                 self.accumulators[name] = mapped_accumulator(name, self.accumulators[affine.source], affine)
+                by_name[name].feature_shape = [affine.matrix.shape[0], *by_name[affine.source].feature_shape[1:]]
 
     def _record_transform(self, _module: nn.Module, _inputs: Any, output: Any) -> None:
         batched = output[0]
@@ -137,14 +139,12 @@ class Extractor:
         feats = output.unsqueeze(-1).unsqueeze(-1) if output.dim() == 2 else output
         if feats.dim() != 4:
             raise EigpipeError(f"layer {layer.name}: expected a [N, C, H, W] feature, got {tuple(output.shape)}")
+        if layer.mapped_from:  # its statistics come from its source's in finish()
+            return
         assert self._batch is not None
         sizes, padded, ids = self._batch
         per_image = not layer.per_region and feats.shape[0] == len(ids)
         crops = _crop_valid(feats, sizes, padded) if per_image else feats
-        if layer.mapped_from:
-            if self._first:
-                layer.feature_shape = [int(s) for s in crops[0].shape]
-            return
         acc = self.accumulators.get(layer.name)
         if acc is None:
             acc = self.accumulators[layer.name] = CovarianceAccumulator(
