@@ -74,8 +74,8 @@ def _training(commands: list[tuple[psutil.Process, str]]) -> bool:
 
 def _kill_during_covariance(proc: subprocess.Popen, root: Path, timeout: float = 900) -> dict:
     """SIGKILL Snakemake and all its jobs (its process group, in one call, like a lost node) once a covariance job
-    has begun extracting (its progress bar is in its log) or writing (its temp store exists), while no training
-    job runs. Returns what was interrupted."""
+    has begun extracting (its progress bar is in its log) or writing (its temp store exists), has not yet
+    published its store, and no training job runs. Returns what was interrupted."""
     parent = psutil.Process(proc.pid)
     deadline = time.monotonic() + timeout
     tried = set()
@@ -105,7 +105,11 @@ def _kill_during_covariance(proc: subprocess.Popen, root: Path, timeout: float =
                 else None
             )
             if phase is not None:
-                os.killpg(proc.pid, signal.SIGKILL)  # Snakemake and every job: no one gets to react
+                os.killpg(proc.pid, signal.SIGSTOP)  # freeze Snakemake and every job, then decide on a still state
+                if (root / store).exists():  # published after the look (or before: it only exits): too late
+                    os.killpg(proc.pid, signal.SIGCONT)
+                    break
+                os.killpg(proc.pid, signal.SIGKILL)  # no one gets to react
                 proc.wait()
                 return {"store": out, "phase": phase, "killed": [c for _, c in tree]}
             time.sleep(0.01)

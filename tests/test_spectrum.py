@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -146,3 +149,34 @@ def test_unreadable_spectrum_table_is_one_line(tmp_path: Path, content: bytes) -
     with pytest.raises(EigpipeError) as info:
         dimensions.dimensions({}, [bad], tmp_path / "d.parquet")
     assert "\n" not in str(info.value) and str(bad) in str(info.value)
+
+
+# each stage of the list in one Python whose torch and torchvision imports fail
+WITHOUT_TORCH = """
+import json, sys
+sys.modules.update(torch=None, torchvision=None)
+from eigpipe import cli
+for args in json.loads(sys.argv[1]):
+    if cli.main(args) != 0:
+        sys.exit(f"eigpipe {args[0]} failed")
+"""
+
+
+def test_table_stages_run_without_torch(tmp_path: Path) -> None:
+    """spectrum, dimensions and report read stores and tables only. Each of their jobs would otherwise spend
+    seconds importing torch (the demo DAG runs dozens of them)."""
+    layers = {"backbone.body.conv1": (planted([1.0, 0.1, 1e-5]), np.zeros(3))}
+    cfg = json.dumps({"spectrum": CFG})
+    stages, dims, eigs = [], [], []
+    for it in (0, 10):
+        cov = write_store(tmp_path / f"cov/{it}.zarr", layers, "faster_rcnn-scratch", it)
+        table, eig = tmp_path / f"spec/{it}.parquet", tmp_path / f"eig/{it}.zarr"
+        stages.append(["spectrum", "--config-json", cfg, str(cov), "--out", str(table), "--eigenvalues", str(eig)])
+        eigs.append(str(eig))
+        dims.append(str(table))
+    stages.append(["dimensions", "--spectra", *dims, "--out", str(tmp_path / "dims.parquet")])
+    report = ["report", "--config-json", json.dumps({"report": {}}), "--dimensions", str(tmp_path / "dims.parquet")]
+    stages.append([*report, "--eigenvalues", *eigs, "--out-dir", str(tmp_path / "report")])
+    done = subprocess.run([sys.executable, "-c", WITHOUT_TORCH, json.dumps(stages)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "report" / "spectra.csv").exists()

@@ -2,8 +2,9 @@
 
 import pytest
 
+from eigpipe.layer_paths import canonical
 from eigpipe.models import Classifier, build_body, build_detector
-from eigpipe.models.taps import canonical, feature_tap, runner_path, runs_per_region
+from eigpipe.models.taps import feature_tap, runner_path, runs_per_region
 
 
 @pytest.fixture(scope="module")

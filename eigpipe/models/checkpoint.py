@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from eigpipe.errors import EigpipeError
+from eigpipe.layer_paths import BODY_PREFIXES
 from eigpipe.models.classifier import Classifier
 from eigpipe.models.detector import build_body, build_detector
-from eigpipe.models.taps import BODY_PREFIXES
 from eigpipe.models.widths import Stage, WidthSpec
 from eigpipe.provenance import publish, sha256_file
 

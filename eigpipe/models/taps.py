@@ -13,14 +13,13 @@ from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.ops import FrozenBatchNorm2d
 
 from eigpipe.errors import EigpipeError
+from eigpipe.layer_paths import CLASSIFIER_BODY, DETECTOR_BODY
 from eigpipe.models.classifier import Classifier
 from eigpipe.models.resnet import Bottleneck, ResNet
 
 NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, FrozenBatchNorm2d)
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.SiLU, nn.GELU, nn.Hardswish, nn.Sigmoid, nn.Tanh)
 STEM_TAP = {"conv1": "relu"}  # the ResNet stem: conv1 -> bn1 -> relu (also inside BackboneWithFPN's body)
-DETECTOR_BODY, CLASSIFIER_BODY = "backbone.body", "body"
-BODY_PREFIXES = (f"{DETECTOR_BODY}.", f"{CLASSIFIER_BODY}.")
 
 
 def is_detector(model: nn.Module) -> bool:
@@ -37,14 +36,6 @@ def body_path(model: nn.Module) -> str | None:
     if isinstance(model, ResNet):
         return ""
     return None
-
-
-def canonical(layer: str) -> str:
-    """A layer path without its body prefix, so that classifier and detector layers line up."""
-    for prefix in BODY_PREFIXES:
-        if layer.startswith(prefix):
-            return layer[len(prefix) :]
-    return layer
 
 
 def _join(parent: str, child: str) -> str:

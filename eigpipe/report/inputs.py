@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from eigpipe.errors import EigpipeError
-from eigpipe.models.taps import canonical
+from eigpipe.layer_paths import canonical
 from eigpipe.spectral.dimensions import read_table
 from eigpipe.spectral.spectrum import read_eigenvalues
 

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from eigpipe.errors import EigpipeError, NumericalError
-from eigpipe.models.taps import canonical
+from eigpipe.layer_paths import canonical
 from eigpipe.provenance import check_writable, record, remove, write_table
 from eigpipe.spectral import store
 
