@@ -106,7 +106,7 @@ def _kill_during_covariance(proc: subprocess.Popen, root: Path, timeout: float =
             )
             if phase is not None:
                 os.killpg(proc.pid, signal.SIGSTOP)  # freeze Snakemake and every job, then decide on a still state
-                if (root / store).exists():  # published after the look (or before: it only exits): too late
+                if (root / store).exists():  # already published (the job was only exiting): too late for it
                     os.killpg(proc.pid, signal.SIGCONT)
                     break
                 os.killpg(proc.pid, signal.SIGKILL)  # no one gets to react
