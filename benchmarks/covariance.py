@@ -441,10 +441,9 @@ def main() -> None:
         "wall_seconds": round(time.perf_counter() - start, 1),
         "results": results,
     }
-    from eigpipe.provenance import publish
+    from eigpipe.provenance import write_json
 
-    with publish(args.out) as tmp:  # a killed run leaves the previous results in place
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.out, report)  # atomically: a killed run leaves the previous results in place
     for r in results:
         print(
             f"{r['device']} {r['case']}: extraction/plain float64 {r['extraction_vs_plain_throughput']} "

@@ -119,10 +119,9 @@ def main() -> None:
         },
         "layers_near_threshold": [row for row in rows if row["near_threshold"]],
     }
-    from eigpipe.provenance import publish
+    from eigpipe.provenance import write_json
 
-    with publish(args.out) as tmp:  # a killed run leaves the previous results in place
-        tmp.write_text(json.dumps(report, indent=1) + "\n")
+    write_json(args.out, report)  # atomically: a killed run leaves the previous results in place
     print(json.dumps(overall, indent=1))
     print(f"wrote {args.out}")
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import os
 import statistics
@@ -219,10 +218,9 @@ def main() -> None:
         "eigpipe_vs_bare_best_step": round(best["eigpipe"] / best["bare"], 3),  # robust when the machine is shared
         "wall_seconds": round(time.perf_counter() - start, 1),
     }
-    from eigpipe.provenance import publish
+    from eigpipe.provenance import write_json
 
-    with publish(args.out) as tmp:  # a killed run leaves the previous results in place
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.out, report)  # atomically: a killed run leaves the previous results in place
     print(
         f"{env.device} demo detector, batch {report['batch_size']}, amp {args.amp}: eigpipe/bare step time = "
         f"{report['eigpipe_vs_bare_step_time']} (median of {sizes['rounds']} rounds; best steps: "

@@ -177,8 +177,8 @@ def test_non_finite_mapped_statistics_name_the_layer(tiny_model: dict) -> None:
     model.backbone.body.layer2[1].bn3.running_var[3] = float("nan")
     meta = {"task": "detection", "model_config": {**tiny_model, "norm": "frozen_bn"}, "run": "t"}
     batches = [([torch.rand(3, 64, 64)], [0])]
+    layers = select_layers(model, ["*layer2.1.conv2", "*layer2.1.conv3"])  # not the block output after it
     with pytest.raises(NumericalError, match=r"layer backbone\.body\.layer2\.1\.conv3: non-finite"):
-        layers = select_layers(model, ["*layer2.1.conv2", "*layer2.1.conv3"])  # not the block output after it
         accumulate(model, meta, layers, batches, "cpu", precision="float32")
 
 

@@ -57,10 +57,11 @@ def affine_maps(model: nn.Module, layers: Sequence[Layer]) -> dict[str, AffineMa
 
 def mapped_accumulator(name: str, source: CovarianceAccumulator, affine: AffineMap) -> CovarianceAccumulator:
     """Layer ``name``'s statistics from its source's: same images and positions, mapped mean and scatter."""
-    state = source.state_dict()
-    matrix, shift = affine.matrix.to(state["mean"].device), affine.shift.to(state["mean"].device)
-    mean = matrix @ state["mean"] + shift
-    scatter = matrix @ state["scatter"] @ matrix.T
+    state = source.state_dict()  # on the CPU: the products run on the source's device
+    device = source.device
+    matrix, shift = affine.matrix.to(device), affine.shift.to(device)
+    mean = matrix @ state["mean"].to(device) + shift
+    scatter = matrix @ state["scatter"].to(device) @ matrix.T
     if not (torch.isfinite(mean).all() and torch.isfinite(scatter).all()):
         raise NumericalError(
             f"layer {name}: non-finite statistics mapped from {affine.source} (non-finite conv3/bn3 weights or "
