@@ -8,7 +8,7 @@ CORES  ?= 2
 # Rules call the `eigpipe` command: put the venv's bin first on PATH for Snakemake and its jobs.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: demo demo-seeds test lint bench report clean-demo
+.PHONY: demo demo-seeds test lint bench report clean-demo gpu-wheels gpu-check
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,3 +44,17 @@ bench: $(STAMP)
 
 clean-demo:
 	rm -rf results/demo
+
+# The GPU check (benchmarks/gpu.py) runs on a GPU machine's own Python and torch, not in .venv: `make gpu-wheels`
+# here fetches what that Python lacks (snakemake, zarr, pycocotools, ...) into .whl/; there `make gpu-check`
+# installs them into .gpu-site/ and runs the check (at most 8 minutes; writes benchmarks/results/gpu.json).
+gpu-wheels:
+	benchmarks/gpu_wheels.sh
+
+GPU_PYTHON ?= python3
+gpu-check:
+	@if ! $(GPU_PYTHON) -c "import snakemake, zarr, pycocotools" 2>/dev/null; then \
+		test -d .whl || { echo "gpu-check: $(GPU_PYTHON) lacks snakemake/zarr/pycocotools: make gpu-wheels first"; exit 1; }; \
+		$(GPU_PYTHON) -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+			--target .gpu-site .whl/*.whl; fi
+	PYTHONPATH=$(abspath .gpu-site)$${PYTHONPATH:+:$$PYTHONPATH} PYTHONUNBUFFERED=1 $(GPU_PYTHON) benchmarks/gpu.py $(GPU_ARGS)

@@ -37,6 +37,12 @@ FULL = {"rounds": 5, "steps": 10, "train_images": 64}
 QUICK = {"rounds": 2, "steps": 3, "train_images": 8}
 
 
+METHOD = (
+    "interleaved rounds in one process, first loop alternating; a step runs from one loss computation's start to "
+    "the next; each round's first step dropped"
+)
+
+
 def stamping(loss_fn: Any, stamps: list[float]) -> Any:
     """``loss_fn`` that records when each step's loss computation starts."""
 
@@ -143,6 +149,56 @@ def step_times(stamps: list[float]) -> list[float]:
     return [b - a for a, b in zip(stamps[1:], stamps[2:], strict=False)]
 
 
+def detection_dataset(cfg: dict, folder: Path, train_images: int) -> Any:
+    """A synthetic detection training set of ``train_images`` images (data.synthetic's image size) in ``folder``."""
+    from eigpipe.data import coco, synthetic
+
+    data_cfg = copy.deepcopy(cfg["data"])
+    data_cfg["synthetic"].update(train_images=train_images, val_images=1)
+    data_cfg["synthetic"]["classification"].update(train_per_class=1, val_per_class=1)
+    synthetic.generate({"data": data_cfg, "seed": cfg["seed"]}, out=folder / "data")
+    detection = folder / "data" / "detection"
+    return coco.CocoDetection(detection / "instances_train.json", detection / "train", train=True)
+
+
+def compare_loops(cfg: dict, env: Any, dataset: Any, rounds: int, steps: int, folder: Path) -> dict:
+    """``rounds`` interleaved rounds of ``steps`` timed steps of each loop on one initial model: step times and
+    the median over rounds of eigpipe's median step / the bare loop's."""
+    from eigpipe.models import build_detector
+
+    torch.manual_seed(cfg["seed"])
+    initial = build_detector("faster_rcnn", cfg["model"], dataset.num_classes)
+    times: dict[str, list[list[float]]] = {"eigpipe": [], "bare": []}
+    eigpipe_loop(copy.deepcopy(initial), dataset, cfg, env, 3, folder / "warm-up")  # process warm-up
+    bare_loop(copy.deepcopy(initial), dataset, cfg, env, 2)
+    for r in range(rounds):
+        order = ["eigpipe", "bare"] if r % 2 == 0 else ["bare", "eigpipe"]
+        for name in order:
+            model = copy.deepcopy(initial)
+            if name == "eigpipe":  # the first step of every round is a warm-up
+                stamps = eigpipe_loop(model, dataset, cfg, env, steps + 2, folder / f"run{r}")
+            else:
+                stamps = bare_loop(model, dataset, cfg, env, steps + 1)
+            times[name].append(step_times(stamps)[:steps])
+        medians = {name: statistics.median(rounds_[-1]) for name, rounds_ in times.items()}
+        print(
+            f"round {r}: s/step eigpipe {medians['eigpipe']:.4f} bare {medians['bare']:.4f} "
+            f"ratio {medians['eigpipe'] / medians['bare']:.3f}",
+            flush=True,
+        )
+    ratios = [statistics.median(e) / statistics.median(b) for e, b in zip(times["eigpipe"], times["bare"], strict=True)]
+    best = {name: min(min(r) for r in rounds_) for name, rounds_ in times.items()}
+    return {
+        "seconds_per_step": {name: [[round(t, 4) for t in r] for r in rounds_] for name, rounds_ in times.items()},
+        "median_seconds_per_step": {
+            name: round(statistics.median([t for r in rounds_ for t in r]), 4) for name, rounds_ in times.items()
+        },
+        "round_ratios": [round(x, 3) for x in ratios],
+        "eigpipe_vs_bare_step_time": round(statistics.median(ratios), 3),
+        "eigpipe_vs_bare_best_step": round(best["eigpipe"] / best["bare"], 3),  # robust when the machine is shared
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes: check that the script runs")
@@ -151,8 +207,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     from eigpipe import config, runtime
-    from eigpipe.data import coco, synthetic
-    from eigpipe.models import build_detector
 
     sizes = QUICK if args.quick else FULL
     cfg = config.load(ROOT / "config" / "config.yaml")
@@ -161,35 +215,8 @@ def main() -> None:
     env = runtime.setup(cfg["runtime"], cfg["seed"])
     start, load_before = time.perf_counter(), os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
-        data_cfg = copy.deepcopy(cfg["data"])
-        data_cfg["synthetic"].update(train_images=sizes["train_images"], val_images=1)
-        data_cfg["synthetic"]["classification"].update(train_per_class=1, val_per_class=1)
-        synthetic.generate({"data": data_cfg, "seed": cfg["seed"]}, out=Path(tmp) / "data")
-        detection = Path(tmp) / "data" / "detection"
-        dataset = coco.CocoDetection(detection / "instances_train.json", detection / "train", train=True)
-        torch.manual_seed(cfg["seed"])
-        initial = build_detector("faster_rcnn", cfg["model"], dataset.num_classes)
-        times: dict[str, list[list[float]]] = {"eigpipe": [], "bare": []}
-        steps = sizes["steps"] + 1  # the first step of every round is a warm-up
-        eigpipe_loop(copy.deepcopy(initial), dataset, cfg, env, 3, Path(tmp) / "warm-up")  # process warm-up
-        bare_loop(copy.deepcopy(initial), dataset, cfg, env, 2)
-        for r in range(sizes["rounds"]):
-            order = ["eigpipe", "bare"] if r % 2 == 0 else ["bare", "eigpipe"]
-            for name in order:
-                model = copy.deepcopy(initial)
-                if name == "eigpipe":
-                    stamps = eigpipe_loop(model, dataset, cfg, env, steps + 1, Path(tmp) / f"run{r}")
-                else:
-                    stamps = bare_loop(model, dataset, cfg, env, steps)
-                times[name].append(step_times(stamps)[: sizes["steps"]])
-            medians = {name: statistics.median(rounds[-1]) for name, rounds in times.items()}
-            print(
-                f"round {r}: s/step eigpipe {medians['eigpipe']:.4f} bare {medians['bare']:.4f} "
-                f"ratio {medians['eigpipe'] / medians['bare']:.3f}",
-                flush=True,
-            )
-    ratios = [statistics.median(e) / statistics.median(b) for e, b in zip(times["eigpipe"], times["bare"], strict=True)]
-    best = {name: min(min(r) for r in rounds) for name, rounds in times.items()}
+        dataset = detection_dataset(cfg, Path(tmp), sizes["train_images"])
+        timing = compare_loops(cfg, env, dataset, sizes["rounds"], sizes["steps"], Path(tmp))
     report = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": {
@@ -206,16 +233,9 @@ def main() -> None:
         "amp": args.amp,
         "rounds": sizes["rounds"],
         "steps_per_round": sizes["steps"],
-        "method": "interleaved rounds in one process, first loop alternating; a step runs from one loss "
-        "computation's start to the next; each round's first step dropped",
+        "method": METHOD,
         "target": "eigpipe's step within 5% of the bare loop (ratio <= 1.05)",
-        "seconds_per_step": {name: [[round(t, 4) for t in r] for r in rounds] for name, rounds in times.items()},
-        "median_seconds_per_step": {
-            name: round(statistics.median([t for r in rounds for t in r]), 4) for name, rounds in times.items()
-        },
-        "round_ratios": [round(x, 3) for x in ratios],
-        "eigpipe_vs_bare_step_time": round(statistics.median(ratios), 3),
-        "eigpipe_vs_bare_best_step": round(best["eigpipe"] / best["bare"], 3),  # robust when the machine is shared
+        **timing,
         "wall_seconds": round(time.perf_counter() - start, 1),
     }
     from eigpipe.provenance import write_json

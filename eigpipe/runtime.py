@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,17 +67,33 @@ def setup(cfg: dict, seed: int) -> Runtime:
     if launched_by_torchrun():
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         local = int(os.environ["LOCAL_RANK"])
+    set_float32_precision("tf32" if cfg["tf32"] else "ieee")
     if use_cuda:
         # torchrun's ranks own the GPUs of their launch; a lone process claims a free GPU of its own (eigpipe.gpus)
         index = local if launched_by_torchrun() else gpus.claim_visible()
         torch.cuda.set_device(index)
         device = torch.device("cuda", index)
+        print(f"eigpipe: running on {describe_gpu(index)}", file=sys.stderr, flush=True)
     else:
         device = torch.device("cpu")
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend="nccl" if use_cuda else "gloo")
     seed_everything(seed + rank)
     return Runtime(device=device, rank=rank, world_size=world, local_rank=local)
+
+
+def set_float32_precision(precision: str) -> None:
+    """float32 convolutions and matmuls on CUDA in ``precision`` (ieee | tf32). PyTorch's own default is TF32 for
+    cuDNN convolutions and IEEE for matmuls; eigpipe sets both from runtime.tf32 (IEEE unless asked), so a study
+    computes the same numbers on a CPU and a GPU up to rounding order."""
+    torch.backends.cuda.matmul.fp32_precision = precision
+    torch.backends.cudnn.conv.fp32_precision = precision
+
+
+def describe_gpu(index: int) -> str:
+    """``cuda:<index> (<name>, <uuid>)``: the GPU a job runs on, as its log says."""
+    name = torch.cuda.get_device_name(index)
+    return f"cuda:{index} ({name}, {gpus.visible_gpus()[index]})"
 
 
 def teardown() -> None:

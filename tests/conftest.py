@@ -38,6 +38,18 @@ def _complete(section: str, partial: dict | None = None) -> dict:
     return config.validate(copy.deepcopy(partial or {}), f"test {section}", subschema=sub)
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `cuda` are skipped where no CUDA device is available."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def complete() -> Callable[..., dict]:
     """complete(section, partial) -> the validated section."""

@@ -112,7 +112,7 @@ def test_cli_threads_override_reaches_torch(monkeypatch):
             [
                 "covariance",
                 "--config-json",
-                '{"covariance": {}, "runtime": {"threads": 1, "deterministic": false}, "seed": 0}',
+                '{"covariance": {}, "runtime": {"threads": 1, "deterministic": false, "tf32": false}, "seed": 0}',
                 "--checkpoint",
                 "c.pt",
                 "--data",
@@ -164,6 +164,7 @@ def fake_cuda(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: len(props))
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: props[i])
     monkeypatch.setattr(torch.cuda, "set_device", calls.append)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: f"Fake GPU {i}")
     monkeypatch.setattr(gpus, "_HELD", {})
     monkeypatch.setenv(gpus.LOCKS_ENV, str(tmp_path / "locks"))
     for name in runtime.TORCHRUN_VARS:
@@ -173,13 +174,16 @@ def fake_cuda(monkeypatch, tmp_path):
     torch.set_num_threads(before)
 
 
-CUDA = {"device": "cuda", "threads": 1, "deterministic": False}
+CUDA = {"device": "cuda", "threads": 1, "deterministic": False, "tf32": False}
 
 
-def test_setup_claims_a_free_gpu_by_uuid(fake_cuda):
+def test_setup_claims_a_free_gpu_by_uuid(fake_cuda, capsys):
     assert gpus.visible_gpus() == [f"GPU-0000000{i}-aaaa-bbbb-cccc-dddddddddddd" for i in range(3)]
     env = runtime.setup(CUDA, seed=0)
     assert env.device == torch.device("cuda", 0) and fake_cuda.calls == [0]
+    assert capsys.readouterr().err == (
+        "eigpipe: running on cuda:0 (Fake GPU 0, GPU-00000000-aaaa-bbbb-cccc-dddddddddddd)\n"
+    )  # the job's log says which GPU it held
     assert "pid" in (fake_cuda.locks / "GPU-00000000-aaaa-bbbb-cccc-dddddddddddd.lock").read_text()
     assert runtime.setup(CUDA, seed=0).device == torch.device("cuda", 0)  # a process keeps its GPU
 
@@ -201,6 +205,21 @@ def test_torchrun_ranks_keep_their_local_rank(fake_cuda, monkeypatch):
     monkeypatch.setenv("MASTER_PORT", "29500")
     assert runtime.setup(CUDA, seed=0).device == torch.device("cuda", 2) and fake_cuda.calls == [2]
     assert not fake_cuda.locks.exists()  # no claim under torchrun
+
+
+def test_runtime_tf32_sets_the_float32_precision_of_convolutions_and_matmuls():
+    """runtime.tf32 chooses TF32 or IEEE for CUDA's float32 convolutions and matmuls (PyTorch's own default is TF32
+    for cuDNN convolutions only): a study computes the same numbers on a CPU and a GPU unless it asks."""
+    backends = (torch.backends.cudnn.conv, torch.backends.cuda.matmul)
+    saved, threads = [backend.fp32_precision for backend in backends], torch.get_num_threads()
+    try:
+        for tf32, expected in ((True, "tf32"), (False, "ieee")):
+            runtime.setup({"device": "cpu", "threads": 1, "deterministic": False, "tf32": tf32}, seed=0)
+            assert [backend.fp32_precision for backend in backends] == [expected, expected]
+    finally:
+        for backend, value in zip(backends, saved, strict=True):
+            backend.fp32_precision = value
+        torch.set_num_threads(threads)
 
 
 def test_claiming_off_uses_device_zero(fake_cuda, monkeypatch):
@@ -284,6 +303,43 @@ def test_concurrent_claims_get_distinct_gpus_and_a_killed_holders_gpu_is_free_ag
         holders.append(again)
     finally:
         _stop(*holders)
+
+
+HOLD_REAL_GPU = """
+import sys
+from eigpipe import runtime
+env = runtime.setup({"device": "cuda", "threads": 1, "deterministic": False, "tf32": False}, seed=0)
+print(env.device.index, flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.cuda
+def test_a_real_gpu_is_claimed_by_its_uuid_and_freed_by_exit(tmp_path, monkeypatch):
+    """On a real device: a job claims a GPU by its UUID; while every visible GPU is held a second claim fails
+    with the one-line error; once the holders exit the GPU is free again."""
+    monkeypatch.setenv(gpus.LOCKS_ENV, str(tmp_path / "locks"))
+    uuids = gpus.visible_gpus()
+    assert all(re.fullmatch(r"GPU-[A-Za-z0-9._-]+", uuid) for uuid in uuids), uuids
+    holders = [
+        subprocess.Popen(
+            [sys.executable, "-c", HOLD_REAL_GPU], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        for _ in uuids
+    ]
+    try:
+        assert sorted(int(_first_line(p, timeout=120)) for p in holders) == list(range(len(uuids)))
+        assert sorted(path.stem for path in (tmp_path / "locks").glob("*.lock")) == sorted(uuids)
+        late = _claimant(tmp_path / "locks", uuids, wait=0.5)
+        _, err = late.communicate(timeout=60)
+        assert late.returncode == 1 and f"all {len(uuids)} visible GPUs are held" in err, err
+    finally:
+        _stop(*holders)
+    again = _claimant(tmp_path / "locks", uuids)
+    try:
+        assert _first_line(again) == "0"
+    finally:
+        _stop(again)
 
 
 def test_wait_limit_is_read_and_checked(monkeypatch):

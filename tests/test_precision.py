@@ -31,7 +31,7 @@ def offset_features(n: int, c: int, size: int, seed: int) -> torch.Tensor:
     return (torch.randn(n, c, size, size, generator=gen) * scale + 1e3).float()
 
 
-NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+NEEDS_CUDA = pytest.mark.cuda  # skipped without a CUDA device (conftest.py)
 
 
 def both(batches: list, channels: int, device: str = "cpu") -> tuple[CovarianceAccumulator, CovarianceAccumulator]:
@@ -113,8 +113,17 @@ def randomise_norms(model: torch.nn.Module) -> None:
             norm.bias.data.copy_(torch.randn(c, generator=gen) * 0.1)
 
 
-@pytest.mark.parametrize("norm", ["gn", "frozen_bn", "bn"])
-def test_detector_layers_float32_within_budget(tiny_model: dict, norm: str) -> None:
+@pytest.mark.parametrize(
+    ("norm", "device"),
+    [
+        ("gn", "cpu"),
+        ("frozen_bn", "cpu"),
+        ("bn", "cpu"),
+        pytest.param("gn", "cuda", marks=NEEDS_CUDA),
+        pytest.param("bn", "cuda", marks=NEEDS_CUDA),
+    ],
+)
+def test_detector_layers_float32_within_budget(tiny_model: dict, norm: str, device: str) -> None:
     """Every default layer of a small detector: relative errors <= 1e-6, equal intrinsic-dimension counts
     wherever no eigenvalue lies within the measured error band of the threshold. With an eval-mode BatchNorm
     every conv3 layer's float32 statistics are mapped from its conv2 layer's (eigpipe.spectral.affine)."""
@@ -125,6 +134,7 @@ def test_detector_layers_float32_within_budget(tiny_model: dict, norm: str) -> N
     model = build_detector("faster_rcnn", model_cfg, 4).eval()
     if norm != "gn":
         randomise_norms(model)
+    model.to(device)
     meta = {"task": "detection", "model_config": model_cfg, "run": "t"}
     gen = torch.Generator().manual_seed(1)
     images = [torch.rand(3, 64, 64, generator=gen) for _ in range(8)]
@@ -132,14 +142,14 @@ def test_detector_layers_float32_within_budget(tiny_model: dict, norm: str) -> N
     results, mapped, shapes = {}, {}, {}
     for precision in ("float64", "float32"):
         layers = select_layers(model, ["default"])
-        _, accs = accumulate(model, meta, layers, batches, "cpu", precision=precision)
+        _, accs = accumulate(model, meta, layers, batches, device, precision=precision)
         mapped[precision] = {layer.name: layer.mapped_from for layer in layers if layer.mapped_from}
         shapes[precision] = {layer.name: layer.feature_shape for layer in layers}
         results[precision] = {
             name: {
-                "second_moment": acc.second_moment.numpy(),
-                "mean": acc.mean.numpy(),
-                "covariance": acc.covariance.numpy(),
+                "second_moment": acc.second_moment.cpu().numpy(),
+                "mean": acc.mean.cpu().numpy(),
+                "covariance": acc.covariance.cpu().numpy(),
             }
             for name, acc in accs.items()
         }
@@ -184,7 +194,7 @@ def test_non_finite_mapped_statistics_name_the_layer(tiny_model: dict) -> None:
 
 def test_tf32_is_off_for_the_products_and_restored_after(monkeypatch: pytest.MonkeyPatch) -> None:
     """The float32 Gram products run in IEEE precision (no TF32 / bf16); the global setting is left as it was."""
-    backends = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
+    backends = buffers.float32_backends()
     saved = [backend.fp32_precision for backend in backends]
     seen = []
     originals = {"addmm_": torch.Tensor.addmm_, "bmm": torch.bmm}
@@ -207,14 +217,33 @@ def test_tf32_is_off_for_the_products_and_restored_after(monkeypatch: pytest.Mon
         CovarianceAccumulator(16, precision="float32").update(offset_features(2, 16, 4, seed=0))
         monkeypatch.undo()
         assert {name for name, _ in seen} == {"addmm_", "bmm"}
-        assert all(state == ["ieee", "ieee"] for _, state in seen)
-        assert [backend.fp32_precision for backend in backends] == ["tf32", "tf32"]
+        assert all(state == ["ieee"] * 4 for _, state in seen)
+        assert [backend.fp32_precision for backend in backends] == ["tf32"] * 4
         with pytest.raises(RuntimeError), buffers.ieee_float32():
             raise RuntimeError
-        assert [backend.fp32_precision for backend in backends] == ["tf32", "tf32"]
+        assert [backend.fp32_precision for backend in backends] == ["tf32"] * 4
     finally:
         for backend, value in zip(backends, saved, strict=True):
             backend.fp32_precision = value
+
+
+def test_extraction_forward_runs_in_ieee_float32(tiny_model: dict) -> None:
+    """With TF32 asked for globally (runtime.tf32), the model's convolutions still run in IEEE float32 while
+    features are measured, and the global setting comes back afterwards."""
+    from eigpipe.models import build_detector
+
+    model = build_detector("faster_rcnn", tiny_model, 4)
+    meta = {"task": "detection", "model_config": tiny_model, "run": "t"}
+    conv = torch.backends.cudnn.conv
+    saved, seen = conv.fp32_precision, []
+    handle = model.backbone.body.conv1.register_forward_hook(lambda *_: seen.append(conv.fp32_precision))
+    try:
+        conv.fp32_precision = "tf32"
+        accumulate(model, meta, select_layers(model, ["*body.conv1"]), [([torch.rand(3, 64, 64)], [0])], "cpu")
+        assert seen == ["ieee"] and conv.fp32_precision == "tf32"
+    finally:
+        handle.remove()
+        conv.fp32_precision = saved
 
 
 def test_float32_state_round_trip_and_unknown_precision() -> None:

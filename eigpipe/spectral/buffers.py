@@ -9,10 +9,21 @@ from collections.abc import Iterator
 import torch
 
 
+def float32_backends() -> tuple:
+    """The settings that choose the precision of float32 matmuls and convolutions (CUDA, cuDNN, oneDNN)."""
+    return (
+        torch.backends.cuda.matmul,
+        torch.backends.cudnn.conv,
+        torch.backends.mkldnn.matmul,
+        torch.backends.mkldnn.conv,
+    )
+
+
 @contextlib.contextmanager
 def ieee_float32() -> Iterator[None]:
-    """float32 matmuls in full precision (no TF32 on CUDA, no bf16/TF32 in oneDNN) inside the block only."""
-    backends = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
+    """float32 matmuls and convolutions in full precision (no TF32 on CUDA, no bf16/TF32 in oneDNN) inside the
+    block only: the features extraction measures and the Gram products of its float32 mode."""
+    backends = float32_backends()
     saved = [backend.fp32_precision for backend in backends]  # the new API only: mixing in allow_tf32 raises
     try:
         for backend in backends:

@@ -13,7 +13,7 @@ from eigpipe.errors import EigpipeError, NumericalError
 from eigpipe.models.taps import is_detector, runner_path
 from eigpipe.spectral.accumulator import CovarianceAccumulator, FeatureBatch, NonFiniteFeature
 from eigpipe.spectral.affine import affine_maps, mapped_accumulator
-from eigpipe.spectral.buffers import Workspace
+from eigpipe.spectral.buffers import Workspace, ieee_float32
 from eigpipe.spectral.layers import Layer
 
 
@@ -177,9 +177,11 @@ def accumulate(
     progress: Any = None,
     precision: str = "float64",
 ) -> tuple[list[Layer], dict[str, CovarianceAccumulator]]:
-    """Run every batch of (images, image ids) through the model; layers come back in forward order."""
+    """Run every batch of (images, image ids) through the model; layers come back in forward order. The model's
+    float32 convolutions and matmuls run in IEEE precision whatever runtime.tf32 says: TF32's ~1e-3 relative
+    error in the features would move small eigenvalues across the paper's absolute threshold."""
     model.eval()
-    with torch.inference_mode(), Extractor(model, meta, layers, device, precision) as extractor:
+    with torch.inference_mode(), ieee_float32(), Extractor(model, meta, layers, device, precision) as extractor:
         for images, ids in batches:
             extractor.run(images, ids)
             if progress is not None:

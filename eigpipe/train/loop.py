@@ -116,6 +116,7 @@ def run(job: Job) -> None:
         ),
         collate_fn=job.collate,
         num_workers=schedule["workers"],
+        pin_memory=env.device.type == "cuda",  # the batches' copies to the GPU overlap its work
         generator=torch.Generator().manual_seed(job.seed),  # keeps the global RNG untouched (resume)
     )
     model.train()
@@ -191,8 +192,10 @@ def _base_meta(
 
 def _detection_loss(model: nn.Module, batch: Any, device: torch.device) -> tuple[torch.Tensor, dict[str, float]]:
     images, targets = batch
-    images = [image.to(device) for image in images]
-    targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
+    images = [image.to(device, non_blocking=True) for image in images]
+    targets = [
+        {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets
+    ]
     losses = model(images, targets)
     return sum(losses.values()), {k: v.item() for k, v in losses.items()}
 
