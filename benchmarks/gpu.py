@@ -52,7 +52,7 @@ SIZES = {
     },
     "dry": {
         "extraction": {"size": 64, "batch": 2, "images": 4, "rounds": 1, "width": 0.0625, "error_images": 2},
-        "training": {"size": 64, "batch": 2, "rounds": 1, "steps": 2, "train_images": 4},
+        "training": {"size": 64, "batch": 2, "rounds": 1, "steps": 1, "train_images": 4},
         "dag_cores": 1,
     },
 }

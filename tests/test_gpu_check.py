@@ -49,6 +49,19 @@ def test_dry_gpu_check_runs_every_section(tmp_path):
     assert tests["tests"] == tests["skipped"] >= 4 and tests["failed"] == []
 
 
+KINDS_OF_ARTIFACT = [
+    "pretrain/metrics.jsonl",
+    "train/faster_rcnn-scratch/final.pt",
+    "covariance/mask_rcnn-scratch/final.zarr",
+    "spectrum/mask_rcnn-scratch/final.parquet",
+    "spectrum/mask_rcnn-scratch/final.zarr",
+    "widths/mask_rcnn-derived.yaml",
+    "eval/mask_rcnn-derived.json",
+    "eval/faster_rcnn-derived.json",
+    "dimensions/mask_rcnn-derived.parquet",
+]
+
+
 def test_tree_comparison_finds_each_kind_of_difference(smoke_run, tmp_path):
     """The comparison the GPU check makes, on the session's smoke study against a copy changed in places."""
     import shutil
@@ -56,11 +69,15 @@ def test_tree_comparison_finds_each_kind_of_difference(smoke_run, tmp_path):
     import torch
     import zarr
 
-    reference = smoke_run / "results" / "smoke"
-    other = tmp_path / "smoke"
-    shutil.copytree(reference, other, ignore=shutil.ignore_patterns("data", "logs", "report", "benchmarks"))
+    study = smoke_run / "results" / "smoke"
+    reference, other = tmp_path / "reference", tmp_path / "other"
+    for part in KINDS_OF_ARTIFACT:  # one of each kind (the whole tree takes half a minute to compare)
+        for root in (reference, other):
+            copy = shutil.copytree if (study / part).is_dir() else shutil.copyfile
+            (root / part).parent.mkdir(parents=True, exist_ok=True)
+            copy(study / part, root / part)
     same = compare_trees(reference, other)
-    assert same["agree"] and same["equal"] == same["artifacts"] > 50
+    assert same["agree"] and same["equal"] == same["artifacts"] == len(KINDS_OF_ARTIFACT)
 
     checkpoint = other / "train" / "faster_rcnn-scratch" / "final.pt"
     state = torch.load(checkpoint, weights_only=False)
