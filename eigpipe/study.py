@@ -1,0 +1,47 @@
+"""A whole study, checked at DAG start: the schema and every section's own rules (eigpipe.config), the rules
+that span sections, and the files the config names, so that a value a stage would refuse fails before any job
+is planned, in one line naming the file and the key."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from eigpipe import config as cfg
+from eigpipe.errors import ConfigError
+
+
+def _violations(study: dict) -> Iterator[tuple[str, str]]:
+    widths, inits = study["widths"], study["train"]["inits"]
+    if widths["enabled"] and widths["source_init"] not in inits:
+        yield (
+            "widths.source_init",
+            (
+                f"{widths['source_init']} is not in train.inits {inits}, so no widths can be derived "
+                "(add it, or set widths.enabled: false)"
+            ),
+        )
+    snapshots = study["train"]["schedule"]["snapshots"]
+    if widths["enabled"] and widths["source_iteration"] is not None and widths["source_iteration"] not in snapshots:
+        yield (
+            "widths.source_iteration",
+            (
+                f"{widths['source_iteration']} is not one of train.schedule.snapshots {sorted(snapshots)} "
+                "(null takes the final model)"
+            ),
+        )
+
+
+def check(study: dict, files: Sequence[str | Path], command_line: bool = False) -> dict:
+    """Validate the merged study config in place (defaults filled) and return it. ``files`` are the config files
+    Snakemake merged (each is re-read to refuse what its loader lets through, such as a key given twice);
+    ``command_line``: ``--config`` values were merged too. Raises ConfigError (one line)."""
+    for path in files:
+        cfg.read_yaml(path, "config file")
+    source = " + ".join([*map(str, files), *(["--config"] if command_line else [])]) or "config"
+    cfg.validate(study, source)
+    for where, message in _violations(study):
+        raise ConfigError(f"{source}: {where}: {message}")
+    if study["model"]["widths"]:
+        cfg.widths_spec(study["model"]["widths"], study["model"]["depths"])
+    return study
