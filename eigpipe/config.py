@@ -56,8 +56,12 @@ _Validator = _validator_with_defaults(jsonschema.Draft202012Validator)
 
 
 def _format_error(error: jsonschema.ValidationError, source: str, prefix: str) -> str:
-    where = ".".join([prefix, *map(str, error.absolute_path)] if prefix else map(str, error.absolute_path))
-    return f"{source}: {where or '<top>'}: {error.message}"
+    path, message = [*([prefix] if prefix else []), *map(str, error.absolute_path)], error.message
+    if error.validator == "additionalProperties" and isinstance(error.instance, dict):
+        known = error.schema.get("properties", {})
+        unknown = [key for key in error.instance if key not in known]
+        path, message = [*path, str(unknown[0])], f"unknown key (known: {', '.join(known)})"
+    return f"{source}: {'.'.join(path) or '<top>'}: {message}"
 
 
 def validate(config: Any, source: str = "config", subschema: dict | None = None, prefix: str = "") -> Any:
@@ -132,18 +136,18 @@ class _StrictLoader(yaml.SafeLoader):
     """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last silently)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        first: dict[Any, int] = {}
+        first: dict[Any, yaml.Mark] = {}
         for key_node, _ in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` merges, later keys override on purpose
                 continue
             key = self.construct_object(key_node, deep=deep)
             try:
-                seen = first.setdefault(key, key_node.start_mark.line)
+                seen = first.setdefault(key, key_node.start_mark)
             except TypeError:  # an unhashable key: PyYAML's own error follows
                 continue
-            if seen != key_node.start_mark.line:
+            if seen is not key_node.start_mark:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} given twice (first on line {seen + 1})", key_node.start_mark
+                    None, None, f"key {key!r} given twice (first on line {seen.line + 1})", key_node.start_mark
                 )
         return super().construct_mapping(node, deep=deep)
 
