@@ -61,6 +61,9 @@ def _format_error(error: jsonschema.ValidationError, source: str, prefix: str) -
         known = error.schema.get("properties", {})
         unknown = [key for key in error.instance if key not in known]
         path, message = [*path, str(unknown[0])], f"unknown key (known: {', '.join(known)})"
+    elif error.validator == "required" and isinstance(error.instance, dict):
+        missing = [key for key in error.validator_value if error.instance.get(key) is None] or error.validator_value
+        path, message = [*path, str(missing[0])], "missing (required)"
     return f"{source}: {'.'.join(path) or '<top>'}: {message}"
 
 

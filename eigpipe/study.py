@@ -4,8 +4,10 @@ is planned, in one line naming the file and the key."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from eigpipe import config as cfg
 from eigpipe.errors import ConfigError
@@ -45,3 +47,27 @@ def check(study: dict, files: Sequence[str | Path], command_line: bool = False) 
     if study["model"]["widths"]:
         cfg.widths_spec(study["model"]["widths"], study["model"]["depths"])
     return study
+
+
+def _merge(into: dict, update: dict) -> None:
+    """Nested mappings merged key by key, later files winning (how Snakemake merges several --configfile)."""
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
+
+
+def check_files(_sections: dict[str, Any], files: Sequence[Path]) -> dict:
+    """The `eigpipe check-config` command: the study files (a study, then overlays) merged and checked as at DAG
+    start. Snakemake parses --configfile itself before the workflow starts, and its message for a file it cannot
+    parse names no file; this names the file, line and column."""
+    merged: dict = {}
+    for path in files:
+        data = cfg.read_yaml(path, "config file")
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: a study file is a mapping of sections")
+        _merge(merged, data)
+    check(merged, files)
+    print(f"{' + '.join(map(str, files))}: a valid study", file=sys.stderr)
+    return merged

@@ -323,3 +323,30 @@ def test_deeply_nested_config_json_is_one_line(capsys, argv, fragment):
     code = cli.main(argv)
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1 and fragment in err, err
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        ("study: x\ndata: {source: synthetic\nmodel: [\n", "not valid YAML (line 3, column 6"),  # what Snakemake
+        ("seed: 0\nseed: 1\n", "not valid YAML (line 2, column 1: key 'seed' given twice"),  # cannot name
+        ("- study: x\n", "a study file is a mapping of sections"),
+        ("study: x\n", "data: missing (required)"),
+    ],
+)
+def test_check_config_names_file_line_and_key(tmp_path, capsys, content, fragment):
+    path = tmp_path / "study.yaml"
+    path.write_text(content)
+    assert cli.main(["check-config", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{path}: {fragment}" in err, err
+
+
+def test_check_config_merges_overlays_as_snakemake_does(tmp_path, capsys):
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text("train: {seeds: [0, 1]}\nspectrum: {threshold: .nan}\n")
+    assert cli.main(["check-config", str(ROOT / "config" / "smoke.yaml")]) == 0
+    assert cli.main(["check-config", str(ROOT / "config" / "smoke.yaml"), str(overlay)]) == 1
+    assert "spectrum.threshold: nan is not a finite number" in capsys.readouterr().err
+    overlay.write_text("train: {seeds: [0, 1]}\n")  # merged into train, keeping its models, inits and schedule
+    assert cli.main(["check-config", str(ROOT / "config" / "smoke.yaml"), str(overlay)]) == 0

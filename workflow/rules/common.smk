@@ -125,10 +125,16 @@ def classifier_checkpoint(wildcards):
     return f"results/{wildcards.study}/pretrain/final.pt"
 
 
+def configured_widths(wildcards):
+    """The widths spec file `model.widths` names (none when unset): an input, so editing it reruns its readers."""
+    return [config["model"]["widths"]] if config["model"]["widths"] else []
+
+
 def detector_inputs(wildcards):
-    """What a detector run reads besides the data: the classifier (pretrained init), its widths spec (derived)."""
+    """What a detector run reads besides the data: the classifier (pretrained init), its widths spec (derived, or
+    the configured one)."""
     run = RUNS[wildcards.detector]
-    found = {"init": []}  # none for scratch: `{input.init}` in the shell formats to nothing
+    found = {"init": [], "widths": configured_widths(wildcards)}  # `{input.init}` formats to nothing for scratch
     if run.init == "pretrained":
         found["init"] = classifier_checkpoint(wildcards)
     if run.widths:
