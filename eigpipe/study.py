@@ -34,6 +34,39 @@ def _violations(study: dict) -> Iterator[tuple[str, str]]:
         )
 
 
+def _layer_violations(study: dict) -> Iterator[tuple[str, str]]:
+    """Layer selectors and report layers against the models the study builds (on torch's meta device: no
+    memory). Only for a study that sets its own, since importing torch costs seconds at every DAG start."""
+    selectors, wanted = study["covariance"]["layers"], study["report"]["layers"]
+    if selectors == ["default"] and not wanted:
+        return
+    import torch
+
+    from eigpipe.errors import EigpipeError
+    from eigpipe.layer_paths import canonical
+    from eigpipe.models import Classifier, build_body, build_detector
+    from eigpipe.spectral.layers import select_layers
+
+    with torch.device("meta"):
+        models = {"the classifier": Classifier(build_body(study["model"]), 2)}
+        models.update(
+            {f"the {name} detectors": build_detector(name, study["model"], 2) for name in study["train"]["models"]}
+        )
+    names: set[str] = set()
+    for what, model in models.items():
+        try:
+            names.update(canonical(layer.name) for layer in select_layers(model, selectors))
+        except EigpipeError as exc:
+            yield "covariance.layers", f"{str(exc).removeprefix('covariance.layers: ')} ({what})"
+            return
+    for name in wanted:
+        if name not in names:
+            yield (
+                "report.layers",
+                f"{name} is not a layer covariance.layers selects (e.g. {', '.join(sorted(names)[:4])})",
+            )
+
+
 def check(study: dict, files: Sequence[str | Path], command_line: bool = False) -> dict:
     """Validate the merged study config in place (defaults filled) and return it. ``files`` are the config files
     Snakemake merged (each is re-read to refuse what its loader lets through, such as a key given twice);
@@ -46,6 +79,8 @@ def check(study: dict, files: Sequence[str | Path], command_line: bool = False) 
         raise ConfigError(f"{source}: {where}: {message}")
     if study["model"]["widths"]:
         cfg.widths_spec(study["model"]["widths"], study["model"]["depths"])
+    for where, message in _layer_violations(study):
+        raise ConfigError(f"{source}: {where}: {message}")
     return study
 
 

@@ -350,3 +350,26 @@ def test_check_config_merges_overlays_as_snakemake_does(tmp_path, capsys):
     assert "spectrum.threshold: nan is not a finite number" in capsys.readouterr().err
     overlay.write_text("train: {seeds: [0, 1]}\n")  # merged into train, keeping its models, inits and schedule
     assert cli.main(["check-config", str(ROOT / "config" / "smoke.yaml"), str(overlay)]) == 0
+
+
+@pytest.mark.parametrize(
+    ("changes", "fragment"),
+    [
+        ({"covariance.layers": ["backbone.body.layer9.*"]}, "covariance.layers: selector 'backbone.body.layer9.*'"),
+        ({"covariance.layers": ["*fpn.inner_blocks.*"]}, "matches no module of the model (the classifier)"),
+        ({"report.layers": ["layer1.0.conv3", "layer5.0.conv1"]}, "report.layers: layer5.0.conv1 is not a layer"),
+        ({"covariance.layers": ["Bottleneck:*"], "report.layers": ["conv1"]}, "report.layers: conv1 is not a layer"),
+        ({"widths.source_iteration": 2}, "widths.source_iteration: 2 is not one of train.schedule.snapshots"),
+        ({"train.inits": ["pretrained"]}, "widths.source_init: scratch is not in train.inits"),
+    ],
+)
+def test_the_whole_study_is_checked_as_at_dag_start(tmp_path, changes, fragment):
+    from eigpipe import study
+
+    path = _smoke_with(tmp_path, **changes)
+    with pytest.raises(ConfigError) as info:
+        study.check(yaml.safe_load(path.read_text()), [path])
+    assert str(info.value).startswith(f"{path}: ") and fragment in str(info.value), str(info.value)
+    assert "\n" not in str(info.value)
+    fine = {"covariance.layers": ["default", "*body.conv1"], "report.layers": ["conv1"], "train.inits": ["scratch"]}
+    assert study.check(yaml.safe_load(_smoke_with(tmp_path, **fine).read_text()), [])["report"]["layers"] == ["conv1"]
