@@ -14,24 +14,17 @@ from eigpipe.errors import ConfigError
 
 
 def _violations(study: dict) -> Iterator[tuple[str, str]]:
+    """Rules that span sections: the derived widths need their source run, and a source snapshot that exists."""
     widths, inits = study["widths"], study["train"]["inits"]
-    if widths["enabled"] and widths["source_init"] not in inits:
-        yield (
-            "widths.source_init",
-            (
-                f"{widths['source_init']} is not in train.inits {inits}, so no widths can be derived "
-                "(add it, or set widths.enabled: false)"
-            ),
-        )
-    snapshots = study["train"]["schedule"]["snapshots"]
-    if widths["enabled"] and widths["source_iteration"] is not None and widths["source_iteration"] not in snapshots:
-        yield (
-            "widths.source_iteration",
-            (
-                f"{widths['source_iteration']} is not one of train.schedule.snapshots {sorted(snapshots)} "
-                "(null takes the final model)"
-            ),
-        )
+    if not widths["enabled"]:
+        return
+    if widths["source_init"] not in inits:
+        hint = "add it, or set widths.enabled: false"
+        yield "widths.source_init", f"{widths['source_init']} is not in train.inits {inits}, so no widths ({hint})"
+    snapshots, iteration = sorted(study["train"]["schedule"]["snapshots"]), widths["source_iteration"]
+    if iteration is not None and iteration not in snapshots:
+        hint = "null takes the final model"
+        yield "widths.source_iteration", f"{iteration} is not one of train.schedule.snapshots {snapshots} ({hint})"
 
 
 def _layer_violations(study: dict) -> Iterator[tuple[str, str]]:
@@ -78,7 +71,10 @@ def check(study: dict, files: Sequence[str | Path], command_line: bool = False) 
     for where, message in _violations(study):
         raise ConfigError(f"{source}: {where}: {message}")
     if study["model"]["widths"]:
-        cfg.widths_spec(study["model"]["widths"], study["model"]["depths"])
+        try:
+            cfg.widths_spec(study["model"]["widths"], study["model"]["depths"])
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: model.widths: {exc}") from None
     for where, message in _layer_violations(study):
         raise ConfigError(f"{source}: {where}: {message}")
     return study

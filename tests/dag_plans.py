@@ -24,7 +24,8 @@ from snakemake.settings.types import ConfigSettings, DAGSettings, OutputSettings
 
 def plan(workdir: Path, configfile: Path) -> list[dict]:
     """Every job of the study's DAG: rule, stage, outputs, inputs, and whether it is planned to run."""
-    with contextlib.redirect_stdout(io.StringIO()), SnakemakeApi(OutputSettings(quiet={Quietness.ALL})) as api:
+    quiet = OutputSettings(quiet={Quietness.ALL}, enable_file_logging=False)  # no log file per study
+    with contextlib.redirect_stdout(io.StringIO()), SnakemakeApi(quiet) as api:
         workflow = api.workflow(
             ResourceSettings(cores=1),
             ConfigSettings(configfiles=[configfile]),

@@ -210,13 +210,13 @@ def _describe(jobs: list[dict], indices: set[int]) -> list[str]:
     return sorted(f"{jobs[i]['rule']}:{(jobs[i]['outputs'] or ['-'])[0]}" for i in indices)
 
 
-def plans(root: Path, configs: list[Path], pythonpath: Path) -> dict[str, list[dict]]:
+def plans(root: Path, configs: list[Path], pythonpath: Path, scratch: Path) -> dict[str, list[dict]]:
     """tests/dag_plans.py over the configs, split across the CPU cores (at most two processes)."""
     workers = max(1, min(2, os.cpu_count() or 1))
     chunks = [configs[i::workers] for i in range(workers)]
     procs = []
     for i, chunk in enumerate(chunks):
-        out = root / f"plans-{i}.json"
+        out = scratch / f"plans-{i}.json"
         command = [sys.executable, str(REPO / "tests/dag_plans.py"), str(root), str(out), *map(str, chunk)]
         proc = subprocess.Popen(
             command, cwd=root, env=env(PYTHONPATH=str(pythonpath)), stderr=subprocess.PIPE, text=True
@@ -227,7 +227,6 @@ def plans(root: Path, configs: list[Path], pythonpath: Path) -> dict[str, list[d
         _, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err[-3000:]
         found.update(json.loads(out.read_text()))
-        out.unlink()
     return found
 
 
@@ -247,7 +246,7 @@ def test_every_config_key_reruns_exactly_the_jobs_that_read_it(smoke_run, frozen
         path.write_text(yaml.safe_dump(_with(raw, changes[key])))
     (tmp_path / "unchanged.yaml").write_text(yaml.safe_dump(raw))
     start = time.monotonic()
-    found = plans(smoke_run, [*configs.values(), tmp_path / "unchanged.yaml"], frozen_src)
+    found = plans(smoke_run, [*configs.values(), tmp_path / "unchanged.yaml"], frozen_src, tmp_path)
     print(f"\nrerun sweep: {len(configs)} keys in {time.monotonic() - start:.1f} s")
     assert not [job for job in found[str(tmp_path / "unchanged.yaml")] if job["planned"]]
     wrong = []
