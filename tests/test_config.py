@@ -361,6 +361,8 @@ def test_check_config_merges_overlays_as_snakemake_does(tmp_path, capsys):
         ({"covariance.layers": ["Bottleneck:*"], "report.layers": ["conv1"]}, "report.layers: conv1 is not a layer"),
         ({"widths.source_iteration": 2}, "widths.source_iteration: 2 is not one of train.schedule.snapshots"),
         ({"train.inits": ["pretrained"]}, "widths.source_init: scratch is not in train.inits"),
+        ({"model.widths": "none.yaml"}, "model.widths: none.yaml: widths spec not found"),
+        ({"spectrum.treshold": 0.01}, "spectrum.treshold: unknown key (known: threshold,"),
     ],
 )
 def test_the_whole_study_is_checked_as_at_dag_start(tmp_path, changes, fragment):
