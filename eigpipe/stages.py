@@ -77,6 +77,13 @@ STAGES: dict[str, Stage] = {
             ),
         ),
         Stage(
+            "check-config",
+            "check a study file (then any overlays, merged) as the workflow does at DAG start",
+            (),
+            "eigpipe.study:check_files",
+            (Arg(("files",), {"type": Path, "nargs": "+", "metavar": "STUDY", "help": "study YAML, then overlays"}),),
+        ),
+        Stage(
             "complexity",
             "params and MACs of backbone body, FPN and detector",
             ("model",),

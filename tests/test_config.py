@@ -116,3 +116,262 @@ def test_detector_schedule_takes_the_steps_of_its_init():
     train["steps_by_init"] = {"pretrained": 7}
     assert config.detector_schedule(train, "pretrained") == {**train["schedule"], "steps": 7}
     assert config.detector_schedule(train, "scratch") == train["schedule"]
+
+
+# ---- values the schema alone lets through, and files that are no config: one line naming the key or file ----
+
+NAN, INF = float("nan"), float("inf")
+
+
+def _smoke_with(tmp_path: Path, **changes) -> Path:
+    """config/smoke.yaml with dotted keys changed (a list index may be a key: "model.anchor_sizes.2")."""
+    data = yaml.safe_load((ROOT / "config" / "smoke.yaml").read_text())
+    for dotted, value in changes.items():
+        *parents, last = dotted.split(".")
+        node = data
+        for name in parents:
+            node = node[int(name)] if isinstance(node, list) else node.setdefault(name, {})
+        node[int(last) if isinstance(node, list) else last] = value
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _refused(path: Path, key: str) -> str:
+    with pytest.raises(ConfigError) as info:
+        config.load(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ") and key in message and "\n" not in message, message
+    return message
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("spectrum.threshold", NAN),
+        ("train.schedule.lr", NAN),
+        ("widths.macs_budget", INF),
+        ("model.width_multiplier", INF),
+        ("model.box_score_thresh", -INF),
+        ("train.schedule.clip_grad_norm", NAN),
+        ("model.anchor_sizes.2", INF),
+        ("data.synthetic.min_visible_share", NAN),
+        ("pretrain.schedule.momentum", NAN),
+    ],
+)
+def test_non_finite_numbers_are_refused(tmp_path, key, value):
+    assert "not a finite number" in _refused(_smoke_with(tmp_path, **{key: value}), key)
+
+
+@pytest.mark.parametrize(
+    ("section", "text"),
+    [
+        ("spectrum", '{"spectrum": {"threshold": NaN}}'),
+        ("spectrum", '{"spectrum": {"soft_lambda": Infinity}}'),
+        ("widths", '{"widths": {"min_ratio": -Infinity}}'),
+    ],
+)
+def test_non_finite_numbers_in_config_json_are_refused(section, text):
+    with pytest.raises(ConfigError, match=rf"--config-json: {section}\.\w+: .* is not a finite number"):
+        config.sections(config_json=text, names=(section,))
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("train.schedule.steps", 6.0),
+        ("covariance.images", 8.0),
+        ("model.depths.0", 3.0),
+        ("seed", 1.0),
+        ("widths.multiple", 4.0),
+        ("runtime.threads", 1.0),
+        ("data.synthetic.image_size", 64.0),
+        ("train.seeds", [0, 1.0]),
+    ],
+)
+def test_whole_floats_are_refused_in_integer_keys(tmp_path, key, value):
+    assert "is not of type 'integer'" in _refused(_smoke_with(tmp_path, **{key: value}), key)
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "model.aspect_ratios",
+        "model.mask_head_layers",
+        "model.box_head.conv_layers",
+        "covariance.layers",
+        "train.models",
+        "widths.measures",
+        "train.seeds",
+        "data.synthetic.categories",
+    ],
+)
+def test_empty_lists_are_refused_where_they_mean_nothing(tmp_path, key):
+    _refused(_smoke_with(tmp_path, **{key: []}), key)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("widths.macs_budget", 1e6),
+        ("model.width_multiplier", 1e3),
+        ("model.fpn_channels", 2_000_000_000),
+        ("data.synthetic.image_size", 10**6),
+        ("train.schedule.momentum", 1.5),
+        ("model.depths.2", 10_000),
+        ("widths.measure", "intrinsic_dimension"),
+        ("model.widths", ""),
+    ],
+)
+def test_values_beyond_sensible_bounds_are_refused(tmp_path, key, value):
+    _refused(_smoke_with(tmp_path, **{key: value}), key)
+
+
+@pytest.mark.parametrize(
+    ("changes", "key"),
+    [
+        ({"train.schedule.snapshots": [0, 6]}, "train.schedule.snapshots"),  # 6 steps: the final model, no snapshot
+        ({"train.schedule.snapshots": [0, 3, 50]}, "train.schedule.snapshots"),
+        ({"train.steps_by_init": {"pretrained": 2}}, "train.schedule.snapshots"),  # 3 is past the pretrained runs
+        ({"pretrain.schedule.snapshots": [4]}, "pretrain.schedule.snapshots"),
+        ({"train.schedule.lr_steps": [100]}, "train.schedule.lr_steps"),
+        ({"train.schedule.lr_steps": [2.5]}, "train.schedule.lr_steps"),
+        ({"train.schedule.warmup_steps": 6}, "train.schedule.warmup_steps"),
+        ({"data.synthetic.min_objects": 4}, "data.synthetic.min_objects"),
+    ],
+)
+def test_iterations_and_ranges_that_cannot_happen_are_refused(tmp_path, changes, key):
+    _refused(_smoke_with(tmp_path, **changes), key)
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        ("seed: 0\nseed: 1\n", 2),
+        ("train:\n  schedule:\n    lr: 0.1\n    steps: 3\n    lr: 0.2\n", 5),
+        ("spectrum: {threshold: 0.1, threshold: 0.2}\n", 1),
+    ],
+)
+def test_a_key_given_twice_is_refused(tmp_path, text, line):
+    path = tmp_path / "study.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=rf"^{path}: not valid YAML \(line {line}, .*given twice"):
+        config.read_yaml(path)
+
+
+def test_anchors_and_merge_keys_still_work(tmp_path):
+    path = tmp_path / "study.yaml"
+    path.write_text("base: &b {lr: 0.1, steps: 3}\nother:\n  <<: *b\n  lr: 0.2\n")
+    assert config.read_yaml(path)["other"] == {"lr": 0.2, "steps": 3}
+
+
+WIDTHS = {"stem": 8, "stages": [{"out": 16, "blocks": [[4, 4]]} for _ in range(4)]}
+
+
+@pytest.mark.parametrize(
+    ("edit", "key"),
+    [
+        (lambda w: w.update(stages=None), "stages"),
+        (lambda w: w["stages"][1].update(out=2_000_000_000), "stages.1.out"),
+        (lambda w: w.update(stems=8), "stems"),
+        (lambda w: w["stages"][0]["blocks"][0].__setitem__(1, 4.0), "stages.0.blocks.0.1"),
+        (lambda w: w["stages"].pop(), "stages"),
+        (lambda w: w["stages"][2]["blocks"][0].append(4), "stages.2.blocks.0"),
+        (lambda w: w["stages"][3].update(blocks=[]), "stages.3.blocks"),
+        (lambda w: w.update(stem=NAN), "stem"),
+    ],
+)
+def test_bad_widths_specs_are_one_line_naming_the_key(tmp_path, edit, key):
+    from eigpipe.models.widths import WidthSpec
+
+    spec = json.loads(json.dumps(WIDTHS))
+    edit(spec)
+    path = tmp_path / "widths.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ConfigError) as info:
+        WidthSpec.load(path)
+    assert str(info.value).startswith(f"{path}: {key}") and "\n" not in str(info.value)
+    assert WidthSpec.from_dict({**WIDTHS, "derivation": {"alpha": 1.0}}).stem == 8  # the record it writes
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe", "not a text file"),
+        ("study: x\n".encode("utf-16"), "not a text file"),
+        (b"\x00\x01\x02\x03", "not valid YAML"),
+        (b"[" * 5000 + b"]" * 5000, "nested too deeply"),
+        (b"a:\n" + b"".join(b"  " * i + b"- \n" for i in range(1, 2000)), "nested too deeply"),
+    ],
+)
+def test_files_that_are_no_config_are_one_line(tmp_path, capsys, content, fragment):
+    path = tmp_path / "study.yaml"
+    path.write_bytes(content)
+    code = cli.main(["complexity", "--config", str(path)])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and f"{path}: " in err and fragment in err, err
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["complexity", "--config-json", '{"model": ' * 3000 + "1" + "}" * 3000], "--config-json: nested too deeply"),
+        (["complexity", "--config-json", '{"model": ' + "[" * 900 + "]" * 900 + "}"], "--config-json: model"),
+    ],
+)
+def test_deeply_nested_config_json_is_one_line(capsys, argv, fragment):
+    code = cli.main(argv)
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and fragment in err, err
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        ("study: x\ndata: {source: synthetic\nmodel: [\n", "not valid YAML (line 3, column 6"),  # what Snakemake
+        ("seed: 0\nseed: 1\n", "not valid YAML (line 2, column 1: key 'seed' given twice"),  # cannot name
+        ("- study: x\n", "a study file is a mapping of sections"),
+        ("study: x\n", "data: missing (required)"),
+    ],
+)
+def test_check_config_names_file_line_and_key(tmp_path, capsys, content, fragment):
+    path = tmp_path / "study.yaml"
+    path.write_text(content)
+    assert cli.main(["check-config", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{path}: {fragment}" in err, err
+
+
+def test_check_config_merges_overlays_as_snakemake_does(tmp_path, capsys):
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text("train: {seeds: [0, 1]}\nspectrum: {threshold: .nan}\n")
+    assert cli.main(["check-config", str(ROOT / "config" / "smoke.yaml")]) == 0
+    assert cli.main(["check-config", str(ROOT / "config" / "smoke.yaml"), str(overlay)]) == 1
+    assert "spectrum.threshold: nan is not a finite number" in capsys.readouterr().err
+    overlay.write_text("train: {seeds: [0, 1]}\n")  # merged into train, keeping its models, inits and schedule
+    assert cli.main(["check-config", str(ROOT / "config" / "smoke.yaml"), str(overlay)]) == 0
+
+
+@pytest.mark.parametrize(
+    ("changes", "fragment"),
+    [
+        ({"covariance.layers": ["backbone.body.layer9.*"]}, "covariance.layers: selector 'backbone.body.layer9.*'"),
+        ({"covariance.layers": ["*fpn.inner_blocks.*"]}, "matches no module of the model (the classifier)"),
+        ({"report.layers": ["layer1.0.conv3", "layer5.0.conv1"]}, "report.layers: layer5.0.conv1 is not a layer"),
+        ({"covariance.layers": ["Bottleneck:*"], "report.layers": ["conv1"]}, "report.layers: conv1 is not a layer"),
+        ({"widths.source_iteration": 2}, "widths.source_iteration: 2 is not one of train.schedule.snapshots"),
+        ({"train.inits": ["pretrained"]}, "widths.source_init: scratch is not in train.inits"),
+        ({"model.widths": "none.yaml"}, "model.widths: none.yaml: widths spec not found"),
+        ({"spectrum.treshold": 0.01}, "spectrum.treshold: unknown key (known: threshold,"),
+    ],
+)
+def test_the_whole_study_is_checked_as_at_dag_start(tmp_path, changes, fragment):
+    from eigpipe import study
+
+    path = _smoke_with(tmp_path, **changes)
+    with pytest.raises(ConfigError) as info:
+        study.check(yaml.safe_load(path.read_text()), [path])
+    assert str(info.value).startswith(f"{path}: ") and fragment in str(info.value), str(info.value)
+    assert "\n" not in str(info.value)
+    fine = {"covariance.layers": ["default", "*body.conv1"], "report.layers": ["conv1"], "train.inits": ["scratch"]}
+    assert study.check(yaml.safe_load(_smoke_with(tmp_path, **fine).read_text()), [])["report"]["layers"] == ["conv1"]

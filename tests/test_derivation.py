@@ -251,6 +251,38 @@ def test_mapping_aggregate_and_tie_source(aggregate, tied_from, expected):
     assert [layer["name"] for layer in result.layers] == [c[0] for c in convs(spec, 64, 64)]
 
 
+# alpha 1.25 x d / multiple 4, by hand: the nearest multiple, halves up, never below the floor (4 here)
+HAND_ROUNDED = {
+    "conv1": (8, 12),  # 10 -> 2.5 multiples: half up to 12
+    "layer1.0.conv1": (7, 8),  # 8.75 -> 2.19: 8
+    "layer1.0.conv2": (10, 12),  # 12.5 -> 3.13: 12
+    "layer1.0": (30, 36),  # 37.5 -> 9.38: 36 (the stage's tied out width)
+    "layer2.0.conv1": (11, 12),  # 13.75 -> 3.44: 12
+    "layer2.0.conv2": (12, 16),  # 15 -> 3.75: 16
+    "layer2.0": (56, 72),  # 70 -> 17.5: half up to 72
+    "layer3.0.conv1": (0.5, 4),  # 0.625 -> 0: the floor, 4
+    "layer3.0.conv2": (26, 32),  # 32.5 -> 8.13: 32
+    "layer3.0": (100, 124),  # 125 -> 31.25: 124
+    "layer4.0.conv1": (5, 8),  # 6.25 -> 1.56: 8
+    "layer4.0.conv2": (50, 64),  # 62.5 -> 15.6: 64
+    "layer4.0": (200, 252),  # 250 -> 62.5: half up to 252
+}
+
+
+def test_alpha_times_d_rounds_to_the_nearest_multiple_by_hand():
+    spec = standard((1, 1, 1, 1), 0.25)
+    table = make_table(spec, lambda name, channels: HAND_ROUNDED.get(name, (channels, 0))[0])
+    got = widths_at(table, spec, 1.25, multiple=4, min_width=1)
+    w = {name: width for name, (_, width) in HAND_ROUNDED.items()}
+    assert got.stem == w["conv1"]
+    for i, stage in enumerate(got.stages, start=1):
+        assert stage.out == w[f"layer{i}.0"] and stage.blocks == ((w[f"layer{i}.0.conv1"], w[f"layer{i}.0.conv2"]),)
+    # floors round up to the multiple: min_width 5 -> 8, min_ratio 0.3 x 64 = 19.2 -> 20 (layer3.0.conv1)
+    floored = widths_at(table, spec, 1.25, multiple=4, min_width=5, min_ratio=0.3)
+    assert floored.stages[2].blocks[0][0] == 20 and floored.stages[3].blocks[0][0] == 40  # 0.3 x 128 = 38.4
+    assert floored.stem == 12 and floored.stages[0].blocks[0][0] == 8  # 0.3 x 16 = 4.8 -> 8 = the min_width floor
+
+
 def test_zero_measure_gets_floor_and_one_warning(capsys):
     spec = standard((1, 1, 1, 1), 0.25)
     zeros = {"layer1.0.conv1", "layer2.0.conv2"}
@@ -390,6 +422,9 @@ def test_derive_stage_end_to_end(source, tmp_path, capsys):
     assert "alpha" in capsys.readouterr().err
     earlier = derive(widths_cfg(multiple=4, min_width=4, source_iteration=0), dimensions, checkpoint, out)
     assert earlier["source"]["iteration"] == 0
+    first = table[table["iteration"] == 0].set_index("canonical")["intrinsic_dim"]
+    assert (first != final).any()  # the two snapshots' measures differ, so the test tells them apart
+    assert all(layer["d"] == first[layer["source"]] for layer in earlier["layers"] if "," not in layer["source"])
 
 
 def test_widths_that_split_groupnorm_groups_are_named_in_one_warning(source, tmp_path, capsys):
@@ -407,7 +442,6 @@ def test_widths_that_split_groupnorm_groups_are_named_in_one_warning(source, tmp
 @pytest.mark.parametrize(
     ("widths", "change", "words"),
     [
-        ({"measure": "bogus"}, None, ["bogus", "intrinsic_dim"]),
         ({"macs_budget": 0.01}, None, ["cannot be met"]),
         ({"source_iteration": 5}, None, ["iteration 5", "0, 8"]),
         ({}, lambda t: t[t["canonical"] != "layer1.0"], ["layer1.0", "missing"]),

@@ -28,8 +28,8 @@ def data(tmp_path_factory):
     return root / "detection"
 
 
-def ground_truth_as_predictions(dataset, with_masks):
-    """What a perfect detector would output for every val image, in torchvision's output format."""
+def ground_truth_as_predictions(dataset, with_masks, category_ids=None):
+    """What a perfect detector would output for every image of ``dataset``, in torchvision's output format."""
     results = []
     for index in range(len(dataset)):
         image, target = dataset[index]
@@ -37,7 +37,7 @@ def ground_truth_as_predictions(dataset, with_masks):
         output = {"boxes": target["boxes"].clone(), "labels": target["labels"], "scores": torch.linspace(1, 0.5, n)}
         if with_masks:
             output["masks"] = target["masks"][:, None].float()
-        results.extend(to_coco_results(output, int(target["image_id"]), dataset.category_ids))
+        results.extend(to_coco_results(output, int(target["image_id"]), category_ids or dataset.category_ids))
     return results
 
 
@@ -119,3 +119,54 @@ def test_category_mismatch_is_refused(tmp_path, data, capsys, tiny_model):
     code = cli.main(["evaluate", "--config-json", "{}", "--checkpoint", str(ckpt), *split, *out])
     assert code == 1 and "differ from the checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "e.json").exists()
+
+
+@pytest.fixture(scope="module")
+def gapped(tmp_path_factory, data):
+    """The val split with COCO-like gapped category ids (1, 2, 3 -> 5, 9, 17), images shared."""
+    record = json.loads((data / "instances_val.json").read_text())
+    new_id = {1: 5, 2: 9, 3: 17}
+    for category in record["categories"]:
+        category["id"] = new_id[category["id"]]
+    for annotation in record["annotations"]:
+        annotation["category_id"] = new_id[annotation["category_id"]]
+    path = tmp_path_factory.mktemp("gapped") / "instances_val.json"
+    path.write_text(json.dumps(record))
+    return path
+
+
+def test_labels_map_to_gapped_category_ids(data, gapped):
+    output = {"boxes": torch.tensor([[0.0, 0, 4, 4]] * 3), "labels": torch.tensor([3, 1, 2]), "scores": torch.ones(3)}
+    assert [r["category_id"] for r in to_coco_results(output, 7, [5, 9, 17])] == [17, 5, 9]
+    dataset = CocoDetection(gapped, data / "val", train=False)
+    assert dataset.category_ids == [5, 9, 17]
+    results = ground_truth_as_predictions(dataset, with_masks=False)
+    assert coco_stats(dataset.coco, results, "bbox", list(dataset.ids))["AP"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("subset", [slice(0, 2), slice(1, 4), slice(3, 4)])
+def test_only_the_evaluated_images_count(data, subset):
+    """Perfect predictions on some of the images score 1.0 on exactly those images (the others are not misses)."""
+    dataset = CocoDetection(data / "instances_val.json", data / "val", train=False)
+    ids = list(dataset.ids)[subset]
+    results = [r for r in ground_truth_as_predictions(dataset, with_masks=False) if r["image_id"] in ids]
+    assert coco_stats(dataset.coco, results, "bbox", ids)["AP"] == pytest.approx(1.0)
+    assert coco_stats(dataset.coco, results, "bbox", list(dataset.ids))["AP"] < 1.0  # all images: the rest missed
+
+
+@pytest.mark.parametrize("max_images", [1, 3])
+def test_max_images_evaluates_the_images_it_predicts(tmp_path, data, gapped, tiny_model, monkeypatch, max_images):
+    """The stage's predictions and the image ids it scores are the same subset (a perfect stand-in model)."""
+    import eigpipe.evaluate as evaluate
+
+    def perfect(model, subset, category_ids, *args):
+        assert list(category_ids) == [5, 9, 17]
+        return ground_truth_as_predictions(subset, with_masks=False, category_ids=category_ids)
+
+    monkeypatch.setattr(evaluate, "predict", perfect)
+    dataset = CocoDetection(gapped, data / "val", train=False)
+    runtime = {"device": "cpu", "threads": 1, "deterministic": True, "tf32": False}
+    cfg = {"evaluate": {"batch_size": 2, "max_images": max_images, "workers": 0}, "runtime": runtime}
+    ckpt = checkpoint(tmp_path, "faster_rcnn", dataset, tiny_model)
+    report = evaluate.evaluate_checkpoint(cfg, ckpt, gapped, data / "val", tmp_path / "e.json")
+    assert report["n_images"] == max_images and report["bbox"]["AP"] == pytest.approx(1.0)

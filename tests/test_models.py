@@ -164,7 +164,7 @@ def test_complexity_of_standard_resnet50(tmp_path, capsys):
     ("model", "args", "fragment"),
     [
         ({"width_multiplier": -1}, [], "width_multiplier"),
-        (None, [], "'model' is a required property"),
+        (None, [], "model: missing (required)"),
         ({"norm": "gn"}, ["--input-size", "0", "224"], "--input-size"),
         ({"norm": "gn"}, ["--num-classes", "1"], "--num-classes"),
     ],

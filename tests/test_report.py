@@ -234,3 +234,21 @@ def test_comparison_table_means_spreads_and_deltas(tmp_path: Path) -> None:
     assert table.loc["mask_rcnn-derived", "APm"] == pytest.approx(0.45 + 0.04)  # every COCO size column is kept
     text = comparison.markdown(table.reset_index())
     assert "| faster_rcnn-derived |" in text and "+0.000" in text and "0.714x" in text
+
+
+@pytest.mark.parametrize("order", [(0, 1, 2), (2, 0, 1)])
+def test_three_skewed_seeds_give_their_mean_not_their_median(tmp_path: Path, order) -> None:
+    """AP 0.60, 0.61, 0.71: the mean 0.64 is not the median 0.61 (two seeds cannot tell them apart)."""
+    aps = {0: 0.60, 1: 0.61, 2: 0.71}
+    paths = [evaluation(tmp_path, "faster_rcnn-scratch", 0.5)]
+    for seed in order:
+        run = "mask_rcnn-scratch" + (f"-s{seed}" if seed else "")
+        paths.append(evaluation(tmp_path, run, aps[seed], seed, segm=aps[seed] - 0.1))
+    paths.append(evaluation(tmp_path, "mask_rcnn-derived", 0.70, 0, 1_000_000, "mask_rcnn-derived.yaml", 0.58))
+    table = comparison.comparison_table(paths).set_index("model")
+    row = table.loc["mask_rcnn-scratch"]
+    assert row["seeds"] == "0 1 2" and row["AP"] == pytest.approx(0.64) and row["segm_AP"] == pytest.approx(0.54)
+    assert row["AP50"] == pytest.approx(0.65) and row["APl"] == pytest.approx(0.69)  # every metric: the mean
+    assert row["AP_min"] == pytest.approx(0.60) and row["AP_max"] == pytest.approx(0.71)
+    assert table.loc["mask_rcnn-derived", "delta_AP"] == pytest.approx(0.70 - 0.64)  # against the mean
+    assert table.loc["mask_rcnn-derived", "delta_segm_AP"] == pytest.approx(0.58 - 0.54)

@@ -60,6 +60,24 @@ def test_planted_spectrum_gives_known_measures() -> None:
     assert spectrum.measures(small, CFG)["relative_dim"] == 4 and spectrum.measures(small, CFG)["intrinsic_dim"] == 2
 
 
+@pytest.mark.parametrize("scale", [1.0, 4.0, 2.0**-10])
+def test_measures_at_their_boundaries_by_hand(scale) -> None:
+    """Powers of two, so every product is exact: a value equal to a threshold does not count (strictly above)."""
+    values = np.array([1.0, 0.5, 0.25, 0.125, 0.0]) * scale
+    cfg = {"threshold": 0.25 * scale, "relative_threshold": 0.25, "soft_lambda": 0.5 * scale}
+    m = spectrum.measures(values, cfg)
+    assert m["intrinsic_dim"] == 2 and m["intrinsic_dim_ratio"] == 2 / 5  # 0.25 is not above 0.25
+    assert m["relative_dim"] == 2  # 0.25 x top is not above 0.25 x top
+    assert spectrum.measures(values, {**cfg, "relative_threshold": 0.125})["relative_dim"] == 3
+    assert spectrum.measures(values, {**cfg, "relative_threshold": 1.0})["relative_dim"] == 0  # not even the top
+    assert spectrum.measures(values, {**cfg, "threshold": 0.125 * scale})["intrinsic_dim"] == 3
+    # soft: 1/1.5 + 0.5/1 + 0.25/0.75 + 0.125/0.625 + 0 = 2/3 + 1/2 + 1/3 + 1/5
+    assert m["soft_dof"] == pytest.approx(1.7, rel=1e-12)
+    p = np.array([8, 4, 2, 1]) / 15  # the shares of the trace 1.875 (x scale)
+    assert m["effective_rank"] == pytest.approx(float(np.exp(-(p * np.log(p)).sum())), rel=1e-12)
+    assert m["top_eigenvalue"] == scale and m["trace"] == 1.875 * scale
+
+
 def test_round_off_negatives_are_clipped_and_counted_real_ones_raise() -> None:
     values, clipped = spectrum.eigenvalues(planted([1.0, 0.5, -1e-15, -3e-16]))
     assert clipped == 2 and values.min() == 0.0 and list(values) == sorted(values, reverse=True)

@@ -57,6 +57,19 @@ def test_same_seed_gives_identical_bytes_and_another_seed_differs(dataset, tmp_p
     assert first["detection/train/000000.png"] != other["detection/train/000000.png"]
 
 
+def test_splits_are_disjoint_and_every_image_follows_the_seed(dataset, tmp_path):
+    """Each split draws from its own generators: no image repeats within or across the four splits, and another
+    seed changes every image (validation and classification included)."""
+    images = {name: data for name, data in files(dataset).items() if name.endswith(".png")}
+    assert len(set(images.values())) == len(images) == 12 + 6 + 8 * (3 + 2)
+    train, val = load(dataset, "train"), load(dataset, "val")
+    boxes = {json.dumps(a["bbox"]) for a in train["annotations"]}
+    assert not boxes & {json.dumps(a["bbox"]) for a in val["annotations"]}
+    synthetic.generate({"data": {"source": "synthetic", "synthetic": SMALL}, "seed": 8}, out=tmp_path / "other")
+    other = files(tmp_path / "other")
+    assert all(other[name] != data for name, data in images.items())
+
+
 def test_boxes_and_areas_are_those_of_the_visible_masks(dataset):
     for split in ("train", "val"):
         data = load(dataset, split)

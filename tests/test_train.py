@@ -128,6 +128,39 @@ def test_classifier_resume_equals_uninterrupted(tmp_path, image_folder, monkeypa
     assert meta["run"] == "classifier" and meta["task"] == "classification"
 
 
+@pytest.fixture(scope="module")
+def detection_split(tmp_path_factory):
+    from eigpipe.data import synthetic
+
+    root = tmp_path_factory.mktemp("detection") / "data"
+    small = {"image_size": 64, "train_images": 6, "val_images": 1, "max_objects": 3}
+    small["classification"] = {"image_size": 16, "train_per_class": 1, "val_per_class": 1}
+    synthetic.generate({"data": {"source": "synthetic", "synthetic": small}, "seed": 0}, out=root)
+    return root / "detection"
+
+
+def test_detector_resume_equals_uninterrupted(tmp_path, detection_split, monkeypatch, study):
+    """Detector training draws from torch's RNG (the RPN and box samplers): a resume must restore it. The kill
+    lands after metrics lines newer than the saved state (state at 2, lines up to 3): the rerun drops them."""
+    config = yaml.safe_load(study(steps=5, snapshots=(0, 2)).read_text())
+    config["train"]["schedule"].update(batch_size=1, warmup_steps=0, checkpoint_every=2, log_every=1)
+    config["train"]["steps_by_init"] = {}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    args = ["train", "--config", str(tmp_path / "c.yaml"), "--data", str(detection_split / "instances_train.json")]
+    args += ["--image-dir", str(detection_split / "train")]
+    assert cli.main([*args, "--out", str(tmp_path / "whole")]) == 0
+    crash_at(monkeypatch, "_detection_loss", 3)
+    assert cli.main([*args, "--out", str(tmp_path / "killed")]) == 130
+    logged = metrics(tmp_path / "killed" / "resume" / "metrics.jsonl")
+    assert [line["iteration"] for line in logged] == [1, 2, 3]  # 3 is newer than the saved state
+    shutil.rmtree(tmp_path / "killed" / "snapshots")
+    monkeypatch.undo()
+    assert cli.main([*args, "--out", str(tmp_path / "killed")]) == 0
+    for name in ("final.pt", "snapshots/0.pt", "snapshots/2.pt"):
+        assert states_equal(tmp_path / "whole" / name, tmp_path / "killed" / name), name
+    assert metrics(tmp_path / "whole" / "metrics.jsonl") == metrics(tmp_path / "killed" / "metrics.jsonl")
+
+
 def test_resume_state_of_another_config_is_not_used(tmp_path, image_folder, monkeypatch, capsys, study):
     crash_at(monkeypatch, "_classification_loss", 7)
     assert train_classifier(study(), image_folder, tmp_path / "run") == 130

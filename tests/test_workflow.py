@@ -199,20 +199,25 @@ def test_editing_the_demo_config_schedules_nothing_in_other_studies(tmp_path, fa
 
 
 @pytest.mark.parametrize(
-    "key, value, named",
+    "changes, named",
     [
-        ("train.schedule.lr", -1, "On instance['train']['schedule']['lr']"),
-        ("spectrum.treshold", 0.01, "('treshold' was unexpected)"),
-        ("model.norm", "layernorm", "On instance['model']['norm']"),
+        ({"train.schedule.lr": -1}, "train.schedule.lr: -1 is less than or equal to the minimum of 0"),
+        ({"spectrum.threshold": float("nan")}, "spectrum.threshold: nan is not a finite number"),
+        ({"train.schedule.snapshots": [0, 9]}, "train.schedule.snapshots: 9 is not before the last step"),
+        ({"train.inits": ["pretrained"]}, "widths.source_init: scratch is not in train.inits"),  # derived runs
+        ({"seed": "twice"}, "key 'seed' given twice"),
     ],
 )
-def test_bad_config_fails_at_dag_start_naming_the_key(workdir, tmp_path, key, value, named):
-    bad = write_config(tmp_path / "bad.yaml", SMOKE, **{key: value})
+def test_a_bad_study_fails_at_dag_start_in_one_line(workdir, tmp_path, changes, named):
+    """One case per kind of check (eigpipe.study; test_config.py has the instances of each class)."""
+    bad = write_config(tmp_path / "bad.yaml", SMOKE, **{k: v for k, v in changes.items() if v != "twice"})
+    if changes.get("seed") == "twice":
+        bad.write_text(bad.read_text() + "seed: 1\n")
     proc = snakemake(workdir, "--dry-run", "--configfile", str(bad))
-    assert proc.returncode != 0
-    assert "Error validating config file" in proc.output
-    assert "Building DAG of jobs" not in proc.output  # refused before any job is planned
-    assert named in proc.output, proc.output[-3000:]
+    assert proc.returncode != 0 and proc.stdout == ""
+    lines = [line for line in proc.stderr.splitlines() if not line.startswith("Using workflow specific profile")]
+    assert len(lines) == 1 and lines[0].startswith("eigpipe: error: "), proc.stderr[-3000:]
+    assert named in lines[0] and f"error: {bad}: " in lines[0], lines[0]
 
 
 def test_every_rule_runs_one_eigpipe_command(workdir, smoke_dry_run, fake_coco):

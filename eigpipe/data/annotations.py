@@ -94,6 +94,8 @@ def load_json(path: Path) -> dict:
         raise DataError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
     except UnicodeDecodeError:
         raise DataError(f"{path}: not valid JSON (not UTF-8 text)") from None
+    except RecursionError:
+        raise DataError(f"{path}: not an annotation file (JSON nested too deeply)") from None
     if not isinstance(data, dict):
         raise DataError(
             f"{path}: the top level must be an object with images, annotations and categories, "

@@ -41,15 +41,7 @@ PNG_COMPRESSION = 1  # fast; PNG stays lossless and the bytes deterministic
 def settings(cfg: dict | None) -> dict:
     """The ``data.synthetic`` section with the schema's defaults filled in (a copy)."""
     section_schema = config.schema()["properties"]["data"]["properties"]["synthetic"]
-    filled = config.validate(copy.deepcopy(cfg or {}), "data.synthetic", subschema=section_schema)
-    if filled["min_objects"] > filled["max_objects"]:
-        raise ConfigError(
-            f"data.synthetic: min_objects ({filled['min_objects']}) exceeds max_objects ({filled['max_objects']})"
-        )
-    low, high = filled["object_size"]
-    if low > high:
-        raise ConfigError(f"data.synthetic.object_size: minimum {low} exceeds maximum {high}")
-    return filled
+    return config.validate(copy.deepcopy(cfg or {}), "config", subschema=section_schema, prefix="data.synthetic")
 
 
 # ---- drawing ------------------------------------------------------------------------------------------

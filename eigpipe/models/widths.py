@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from eigpipe.errors import ConfigError
+from eigpipe import config
 from eigpipe.provenance import publish
 
 STANDARD_DEPTHS = (3, 4, 6, 3)
@@ -45,29 +45,12 @@ class WidthSpec:
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "widths") -> WidthSpec:
-        def positive(value: object, where: str) -> int:
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"{source}: {where}: width must be a positive integer, got {value!r}")
-            return value
-
-        if not isinstance(data, dict) or "stem" not in data or "stages" not in data:
-            raise ConfigError(f"{source}: a widths spec needs the keys 'stem' and 'stages'")
-        stages = []
-        for i, stage in enumerate(data["stages"]):
-            where = f"stages.{i}"
-            if not isinstance(stage, dict) or "out" not in stage or "blocks" not in stage:
-                raise ConfigError(f"{source}: {where}: a stage needs the keys 'out' and 'blocks'")
-            blocks = []
-            for j, block in enumerate(stage["blocks"]):
-                if not isinstance(block, list | tuple) or len(block) != 2:
-                    raise ConfigError(f"{source}: {where}.blocks.{j}: give [conv1, conv2] widths")
-                blocks.append(tuple(positive(w, f"{where}.blocks.{j}.{k}") for k, w in enumerate(block)))
-            if not blocks:
-                raise ConfigError(f"{source}: {where}.blocks: a stage needs at least one block")
-            stages.append(Stage(out=positive(stage["out"], f"{where}.out"), blocks=tuple(blocks)))
-        if len(stages) != 4:
-            raise ConfigError(f"{source}: stages: a ResNet with FPN needs 4 stages, got {len(stages)}")
-        return cls(stem=positive(data["stem"], "stem"), stages=tuple(stages))
+        """A spec from its mapping, checked against the schema's ``$defs/widths_spec`` (one line naming the key)."""
+        config.validate(data, source, subschema=config.schema()["$defs"]["widths_spec"])
+        stages = tuple(
+            Stage(out=stage["out"], blocks=tuple(tuple(block) for block in stage["blocks"])) for stage in data["stages"]
+        )
+        return cls(stem=data["stem"], stages=stages)
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
@@ -80,10 +63,9 @@ class WidthSpec:
             tmp.write_text(text)
 
     @classmethod
-    def load(cls, path: str | Path) -> WidthSpec:
-        from eigpipe.config import read_yaml
-
-        return cls.from_dict(read_yaml(path, "widths spec"), source=str(path))
+    def load(cls, path: str | Path, depths: list[int] | None = None) -> WidthSpec:
+        """The spec of a widths file (with ``depths``: checked against ``model.depths``)."""
+        return cls.from_dict(config.widths_spec(path, depths), source=str(path))
 
 
 def standard(depths: list[int] | tuple[int, ...] = STANDARD_DEPTHS, multiplier: float = 1.0) -> WidthSpec:
@@ -102,11 +84,5 @@ def standard(depths: list[int] | tuple[int, ...] = STANDARD_DEPTHS, multiplier: 
 def from_model_config(model_cfg: dict) -> WidthSpec:
     """The spec a model section asks for: its widths file, else the standard widths times the multiplier."""
     if model_cfg["widths"]:
-        spec = WidthSpec.load(model_cfg["widths"])
-        if spec.depths != list(model_cfg["depths"]):
-            raise ConfigError(
-                f"{model_cfg['widths']}: blocks per stage {spec.depths} differ from model.depths "
-                f"{list(model_cfg['depths'])}"
-            )
-        return spec
+        return WidthSpec.load(model_cfg["widths"], model_cfg["depths"])
     return standard(model_cfg["depths"], model_cfg["width_multiplier"])

@@ -48,7 +48,14 @@ def stage_config(stage):
     return lambda wildcards: text
 
 
-def detector_config(wildcards, input):
+# Snakemake records in a job's metadata, and compares on the next run (the "params" rerun trigger), only the
+# params it can compute when the DAG is built: a param function taking `input`, `output`, `threads` or
+# `resources` is "derived" and left out (snakemake/rules.py, Rule._is_deriving_function and expand_params;
+# snakemake/persistence/__init__.py, Persistence._params and params_changed). So every config param here is a
+# function of the wildcards alone.
+
+
+def detector_config(wildcards):
     """train_detector's sections, narrowed to the job's own run: its model, init, schedule and seed, and
     for a derived run the widths file. Adding a model, an init or a seed to a study, or changing another
     init's steps, must not rerun the runs that exist."""
@@ -56,8 +63,13 @@ def detector_config(wildcards, input):
     schedule = detector_schedule(config["train"], run.init)
     train = {"models": [run.model], "inits": [run.init], "schedule": schedule}
     sections = {name: config[name] for name in STAGES["train"].sections}
-    model = {**config["model"], "widths": input.widths} if run.widths else config["model"]
+    model = {**config["model"], "widths": widths_file(wildcards.study, run.widths)} if run.widths else config["model"]
     return dumps({**sections, "model": model, "train": train, "seed": run.seed})
+
+
+def widths_file(study, spec):
+    """The widths spec YAML of a derived spec (derive_widths' output)."""
+    return f"results/{study}/widths/{spec}.yaml"
 
 
 def derivation_config(wildcards):
@@ -113,14 +125,20 @@ def classifier_checkpoint(wildcards):
     return f"results/{wildcards.study}/pretrain/final.pt"
 
 
+def configured_widths(wildcards):
+    """The widths spec file `model.widths` names (none when unset): an input, so editing it reruns its readers."""
+    return [config["model"]["widths"]] if config["model"]["widths"] else []
+
+
 def detector_inputs(wildcards):
-    """What a detector run reads besides the data: the classifier (pretrained init), its widths spec (derived)."""
+    """What a detector run reads besides the data: the classifier (pretrained init), its widths spec (derived, or
+    the configured one)."""
     run = RUNS[wildcards.detector]
-    found = {"init": []}  # none for scratch: `{input.init}` in the shell formats to nothing
+    found = {"init": [], "widths": configured_widths(wildcards)}  # `{input.init}` formats to nothing for scratch
     if run.init == "pretrained":
         found["init"] = classifier_checkpoint(wildcards)
     if run.widths:
-        found["widths"] = f"results/{wildcards.study}/widths/{run.widths}.yaml"
+        found["widths"] = widths_file(wildcards.study, run.widths)
     return found
 
 

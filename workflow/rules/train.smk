@@ -3,6 +3,7 @@
 rule pretrain:
     input:
         data="results/{study}/data",
+        widths=configured_widths,
     output:
         final="results/{study}/pretrain/final.pt",
         metrics="results/{study}/pretrain/metrics.jsonl",

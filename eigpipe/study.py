@@ -1,0 +1,104 @@
+"""A whole study, checked at DAG start: the schema and every section's own rules (eigpipe.config), the rules
+that span sections, and the files the config names, so that a value a stage would refuse fails before any job
+is planned, in one line naming the file and the key."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from eigpipe import config as cfg
+from eigpipe.errors import ConfigError
+
+
+def _violations(study: dict) -> Iterator[tuple[str, str]]:
+    """Rules that span sections: the derived widths need their source run, and a source snapshot that exists."""
+    widths, inits = study["widths"], study["train"]["inits"]
+    if not widths["enabled"]:
+        return
+    if widths["source_init"] not in inits:
+        hint = "add it, or set widths.enabled: false"
+        yield "widths.source_init", f"{widths['source_init']} is not in train.inits {inits}, so no widths ({hint})"
+    snapshots, iteration = sorted(study["train"]["schedule"]["snapshots"]), widths["source_iteration"]
+    if iteration is not None and iteration not in snapshots:
+        hint = "null takes the final model"
+        yield "widths.source_iteration", f"{iteration} is not one of train.schedule.snapshots {snapshots} ({hint})"
+
+
+def _layer_violations(study: dict) -> Iterator[tuple[str, str]]:
+    """Layer selectors and report layers against the models the study builds (on torch's meta device: no
+    memory). Only for a study that sets its own, since importing torch costs seconds at every DAG start."""
+    selectors, wanted = study["covariance"]["layers"], study["report"]["layers"]
+    if selectors == ["default"] and not wanted:
+        return
+    import torch
+
+    from eigpipe.errors import EigpipeError
+    from eigpipe.layer_paths import canonical
+    from eigpipe.models import Classifier, build_body, build_detector
+    from eigpipe.spectral.layers import select_layers
+
+    with torch.device("meta"):
+        models = {"the classifier": Classifier(build_body(study["model"]), 2)}
+        models.update(
+            {f"the {name} detectors": build_detector(name, study["model"], 2) for name in study["train"]["models"]}
+        )
+    names: set[str] = set()
+    for what, model in models.items():
+        try:
+            names.update(canonical(layer.name) for layer in select_layers(model, selectors))
+        except EigpipeError as exc:
+            yield "covariance.layers", f"{str(exc).removeprefix('covariance.layers: ')} ({what})"
+            return
+    for name in wanted:
+        if name not in names:
+            yield (
+                "report.layers",
+                f"{name} is not a layer covariance.layers selects (e.g. {', '.join(sorted(names)[:4])})",
+            )
+
+
+def check(study: dict, files: Sequence[str | Path], command_line: bool = False) -> dict:
+    """Validate the merged study config in place (defaults filled) and return it. ``files`` are the config files
+    Snakemake merged (each is re-read to refuse what its loader lets through, such as a key given twice);
+    ``command_line``: ``--config`` values were merged too. Raises ConfigError (one line)."""
+    for path in files:
+        cfg.read_yaml(path, "config file")
+    source = " + ".join([*map(str, files), *(["--config"] if command_line else [])]) or "config"
+    cfg.validate(study, source)
+    for where, message in _violations(study):
+        raise ConfigError(f"{source}: {where}: {message}")
+    if study["model"]["widths"]:
+        try:
+            cfg.widths_spec(study["model"]["widths"], study["model"]["depths"])
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: model.widths: {exc}") from None
+    for where, message in _layer_violations(study):
+        raise ConfigError(f"{source}: {where}: {message}")
+    return study
+
+
+def _merge(into: dict, update: dict) -> None:
+    """Nested mappings merged key by key, later files winning (how Snakemake merges several --configfile)."""
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
+
+
+def check_files(_sections: dict[str, Any], files: Sequence[Path]) -> dict:
+    """The `eigpipe check-config` command: the study files (a study, then overlays) merged and checked as at DAG
+    start. Snakemake parses --configfile itself before the workflow starts, and its message for a file it cannot
+    parse names no file; this names the file, line and column."""
+    merged: dict = {}
+    for path in files:
+        data = cfg.read_yaml(path, "config file")
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: a study file is a mapping of sections")
+        _merge(merged, data)
+    check(merged, files)
+    print(f"{' + '.join(map(str, files))}: a valid study", file=sys.stderr)
+    return merged
