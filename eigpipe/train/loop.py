@@ -236,7 +236,7 @@ def train_detector(cfg: dict, model_name: str, init: str, annotations: Path, ima
     )
     model = build_detector(model_name, cfg["model"], dataset.num_classes)
     if init_path is not None:
-        unused = load_pretrained_body(model.backbone.body, init_path)
+        unused = load_pretrained_body(model.backbone.body, init_path, cfg["train"]["init_gn_from_bn"])
         print(f"initialised body from {init_path} ({len(unused)} source tensors unused)", file=sys.stderr)
     out = Path(out)
     meta = _base_meta(cfg, "detection", model_name, out, init_kind, [annotations, init_path], seed, env)

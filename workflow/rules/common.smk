@@ -55,6 +55,8 @@ def detector_config(wildcards, input):
     run = RUNS[wildcards.detector]
     schedule = detector_schedule(config["train"], run.init)
     train = {"models": [run.model], "inits": [run.init], "schedule": schedule}
+    if run.init == "pretrained":
+        train["init_gn_from_bn"] = config["train"]["init_gn_from_bn"]
     sections = {name: config[name] for name in STAGES["train"].sections}
     model = {**config["model"], "widths": input.widths} if run.widths else config["model"]
     return dumps({**sections, "model": model, "train": train, "seed": run.seed})
@@ -110,7 +112,16 @@ def coco_split(wildcards):
 def classifier_checkpoint(wildcards):
     if config["pretrain"]["source"] == "torchvision":
         return config["pretrain"]["weights"]
+    if config["pretrain"]["source"] == "detectron2":  # imported (rules/import.smk)
+        return f"results/{wildcards.study}/import/classifier.pt"
     return f"results/{wildcards.study}/pretrain/final.pt"
+
+
+def final_checkpoint(study, run):
+    """A detector run's final checkpoint: trained (train/<run>/final.pt) or imported (import/<run>.pt)."""
+    if RUNS[run].imported:
+        return f"results/{study}/import/{run}.pt"
+    return f"results/{study}/train/{run}/final.pt"
 
 
 def detector_inputs(wildcards):
@@ -154,7 +165,7 @@ def model_arg(wildcards):
 
 
 def iterations(run):
-    if run == "classifier" or RUNS[run].widths:  # derived runs: is each layer's width used (final model)
+    if run == "classifier" or RUNS[run].widths or RUNS[run].imported:  # one final model (derived: is each width used)
         return ["final"]
     return [*map(str, SNAPSHOTS), "final"]
 
@@ -167,7 +178,7 @@ def derivation_inputs(wildcards):
     snapshot = str(iteration) if iteration in SNAPSHOTS else "final"
     return {
         "dimensions": f"results/{wildcards.study}/spectrum/{source}/{snapshot}.parquet",
-        "checkpoint": f"results/{wildcards.study}/train/{source}/final.pt",
+        "checkpoint": final_checkpoint(wildcards.study, source),
     }
 
 
@@ -175,7 +186,7 @@ def covariance_checkpoint(wildcards):
     if wildcards.run == "classifier":
         return classifier_checkpoint(wildcards)
     if wildcards.iteration == "final":
-        return f"results/{wildcards.study}/train/{wildcards.run}/final.pt"
+        return final_checkpoint(wildcards.study, wildcards.run)
     return f"results/{wildcards.study}/train/{wildcards.run}/snapshots/{wildcards.iteration}.pt"
 
 

@@ -125,6 +125,13 @@ def _categories(request: Request, classes: int, path: Path, upstream_key: str) -
     )
 
 
+def _published(chosen: Preset | None) -> dict[str, Any] | None:
+    """The published AP as COCOeval reports it (a fraction, like the evaluation's own ``AP``), and its source."""
+    if chosen is None or not chosen.published:
+        return None
+    return {k: round(v / 100, 4) if k.endswith("_AP") else v for k, v in chosen.published.items()}
+
+
 def _build(task: str, model_name: str, model_cfg: dict, classes: int, widths: Any) -> nn.Module:
     from eigpipe.models import Classifier, build_body, build_detector
 
@@ -226,7 +233,7 @@ def import_checkpoint(
         "init": init or (chosen.init if chosen else None),
         "schedule": chosen.schedule if chosen else None,
         "seed": None,
-        "published": dict(chosen.published) if chosen and chosen.published else None,
+        "published": _published(chosen),
         "provenance": record,
     }
     save_checkpoint(out, model, meta)
