@@ -115,6 +115,15 @@ def body_state(path: str | Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if not k.startswith("fc.")}
 
 
+def pretrained_input(path: str | Path) -> tuple[list[float], list[float]]:
+    """(image mean, image std) the weights of a classifier/detector checkpoint or torchvision state dict expect."""
+    from eigpipe.models.detector import IMAGENET_MEAN, IMAGENET_STD
+
+    raw = read_checkpoint(path)
+    model_cfg = raw.get("model_config", {}) if raw.get("format") == FORMAT else {}
+    return list(model_cfg.get("image_mean", IMAGENET_MEAN)), list(model_cfg.get("image_std", IMAGENET_STD))
+
+
 def load_pretrained_body(body: nn.Module, path: str | Path, bn_into_gn: bool = False) -> list[str]:
     """Copy pre-trained weights into a detector's body; return the source keys that were not used.
 

@@ -105,7 +105,8 @@ def read(path: Path) -> tuple[dict[str, torch.Tensor], str]:
         with open(path, "rb") as f:
             data = _ArraysOnly(f, encoding="latin1").load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError) as exc:
-        raise EigpipeError(f"{path}: not a detectron2 .pkl (a pickle of numpy arrays: {exc})") from None
+        reason = " ".join(str(exc).split())  # one line
+        raise EigpipeError(f"{path}: not a detectron2 .pkl (a pickle of numpy arrays: {reason})") from None
     if not isinstance(data, dict):
         raise EigpipeError(f"{path}: not a detectron2 .pkl (a pickle of a dict, got {type(data).__name__})")
     if "model" in data and "__author__" in data:

@@ -34,6 +34,23 @@ class Request:
     category_ids: list[int] | None = None
 
 
+def make_request(
+    preset: str | None = None,
+    family: str | None = None,
+    pixel_mean: list[float] | None = None,
+    pixel_std: list[float] | None = None,
+    channel_order: str | None = None,
+    category_ids: list[int] | None = None,
+    min_size: int | None = None,
+    max_size: int | None = None,
+) -> Request:
+    """What the command line asks to import."""
+    request = _request(preset, family, pixel_mean, pixel_std, channel_order)
+    request.category_ids = category_ids
+    request.model = {k: v for k, v in (("min_size", min_size), ("max_size", max_size)) if v is not None}
+    return request
+
+
 def _request(
     preset: str | None,
     family: str | None,
@@ -140,30 +157,14 @@ def _build(task: str, model_name: str, model_cfg: dict, classes: int, widths: An
     return build_detector(model_name, model_cfg, classes, widths)
 
 
-def import_checkpoint(
-    cfg: dict,
-    weights: Path,
-    out: Path,
-    preset: str | None = None,
-    family: str | None = None,
-    run: str | None = None,
-    init: str | None = None,
-    pixel_mean: list[float] | None = None,
-    pixel_std: list[float] | None = None,
-    channel_order: str | None = None,
-    category_ids: list[int] | None = None,
-    min_size: int | None = None,
-    max_size: int | None = None,
-) -> dict[str, Any]:
-    """The ``eigpipe import`` stage (no config sections): write an eigpipe checkpoint; return its meta."""
-    from eigpipe.models import save_checkpoint, standard
+def convert(
+    weights: Path, request: Request, run: str | None = None, init: str | None = None
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The eigpipe model (eval mode) and checkpoint meta of a published weights file."""
+    from eigpipe.models import standard
     from eigpipe.models.checkpoint import widths_from_state_dict
 
-    request = _request(preset, family, pixel_mean, pixel_std, channel_order)
-    request.category_ids = category_ids
-    request.model = {k: v for k, v in (("min_size", min_size), ("max_size", max_size)) if v is not None}
-    weights, out = Path(weights), Path(out)
-    provenance.check_writable(out)
+    weights = Path(weights)
     if not weights.is_file():
         raise EigpipeError(f"{weights}: weights file not found")
     mapped, kind, upstream_meta = _read(request, weights)
@@ -206,6 +207,7 @@ def import_checkpoint(
     model = _build(task, model_name, model_cfg, classes, widths)
     mapping.fill(model, mapped, weights)
 
+    relabelled = FAMILY_MODULES[request.family].BACKGROUND_LAST and task == "detection"
     source = {
         "file": weights.name,
         "sha256": provenance.sha256_file(weights),
@@ -213,8 +215,7 @@ def import_checkpoint(
         "family": request.family,
         "config": chosen.config if chosen else None,
         "preprocessing": request.preprocessing.to_dict(),
-        "class_layout": "background moved from last to label 0" if FAMILY_MODULES[request.family].BACKGROUND_LAST
-        and task == "detection" else "as in the file",
+        "class_layout": "background moved from last to label 0" if relabelled else "as in the file",
         "dropped": mapped.dropped,
         "upstream_versions": upstream_meta,
     }
@@ -236,10 +237,35 @@ def import_checkpoint(
         "published": _published(chosen),
         "provenance": record,
     }
+    return model.eval(), meta
+
+
+def import_checkpoint(
+    cfg: dict,
+    weights: Path,
+    out: Path,
+    preset: str | None = None,
+    family: str | None = None,
+    run: str | None = None,
+    init: str | None = None,
+    pixel_mean: list[float] | None = None,
+    pixel_std: list[float] | None = None,
+    channel_order: str | None = None,
+    category_ids: list[int] | None = None,
+    min_size: int | None = None,
+    max_size: int | None = None,
+) -> dict[str, Any]:
+    """The ``eigpipe import`` stage (no config sections): write an eigpipe checkpoint; return its meta."""
+    from eigpipe.models import save_checkpoint
+
+    request = make_request(preset, family, pixel_mean, pixel_std, channel_order, category_ids, min_size, max_size)
+    provenance.check_writable(out)
+    model, meta = convert(Path(weights), request, run, init)
     save_checkpoint(out, model, meta)
     print(
-        f"import: {weights.name} ({source['preset'] or request.family}) -> {out}: {model_name}, {classes} outputs, "
-        f"{len(mapped.state)} tensors, {len(mapped.dropped)} entries dropped ({', '.join(mapped.dropped[:3])})",
+        f"import: {Path(weights).name} ({meta['provenance']['source']['preset'] or request.family}) -> {out}: "
+        f"{meta['model_name']}, {meta['num_classes']} outputs, {len(meta['provenance']['source']['dropped'])} "
+        "entries dropped",
         file=sys.stderr,
     )
     return meta
