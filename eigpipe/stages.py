@@ -99,8 +99,10 @@ STAGES: dict[str, Stage] = {
                 Arg(("--pixel-std",), {"type": float, "nargs": 3, "metavar": "V", "help": "with --from"}),
                 Arg(("--channel-order",), {"choices": ["RGB", "BGR"], "help": "with --from: what the stem conv reads"}),
                 Arg(("--category-ids",), {"type": int, "nargs": "+", "help": "dataset category id of each class"}),
-                Arg(("--min-size",), {"type": int, "help": "the transform's shorter side (default 800)"}),
-                Arg(("--max-size",), {"type": int, "help": "the transform's longer-side bound (default 1333)"}),
+                Arg(
+                    ("--model-json",),
+                    {"metavar": "JSON", "help": "test-time model keys, e.g. '{\"min_size\": 600}' (README)"},
+                ),
             ),
         ),
         Stage(

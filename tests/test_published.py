@@ -10,6 +10,7 @@ tensors give on the upstream preprocessing (computed here with torch.nn.function
 
 from __future__ import annotations
 
+import json
 import pickle
 import re
 from pathlib import Path
@@ -55,7 +56,7 @@ def files(tmp_path_factory) -> dict[str, tuple[Path, dict[str, np.ndarray], list
 
 def _convert(path: Path, preset: str) -> tuple[nn.Module, dict]:
     small = {} if PRESETS[preset].model_name == "classifier" else SMALL
-    return convert(path, make_request(preset, **small))
+    return convert(path, make_request(preset, model=small))
 
 
 def expected(array: np.ndarray, how: str, target: torch.Tensor, bgr: bool) -> torch.Tensor:
@@ -197,7 +198,7 @@ def test_torchvision_detectors_compute_what_torchvision_computes(tmp_path, name)
     path = tmp_path / f"{name}.pth"
     torch.save(reference.state_dict(), path)
     out = tmp_path / "imported.pt"
-    import_checkpoint({}, path, out, preset=f"torchvision/{name}", **SMALL)
+    import_checkpoint({}, path, out, preset=f"torchvision/{name}", model_json=json.dumps(SMALL))
     model, meta = load_checkpoint(out)
     assert meta["provenance"]["source"]["file"] == path.name and meta["provenance"]["source"]["preset"].endswith(name)
     assert meta["category_ids"][11] is None and meta["category_ids"][12] == 13  # torchvision's "N/A" at label 12
@@ -310,7 +311,7 @@ def test_a_user_file_imports_with_its_preprocessing_stated(tmp_path, files):
     weights = _pickle(tmp_path / "mine.pkl", arrays)
     request = make_request(
         family="detectron2", pixel_mean=[103.53, 116.28, 123.675], pixel_std=[57.375, 57.12, 58.395],
-        channel_order="BGR", category_ids=[1, 2, 3], **SMALL,
+        channel_order="BGR", category_ids=[1, 2, 3], model=SMALL,
     )  # fmt: skip
     model, meta = convert(weights, request, run="mine", init="scratch")
     cfg = meta["model_config"]

@@ -1,6 +1,8 @@
 # Published checkpoints imported instead of trained (the study's `imports`), and Detectron's GroupNorm ImageNet
 # classifier when pretrain.source is detectron2: `eigpipe import` folds each file's preprocessing into an ordinary
 # eigpipe checkpoint, which every later rule reads like a trained one (README, "Published checkpoints").
+import json
+import shlex
 
 
 def import_entries():
@@ -27,9 +29,8 @@ def import_args(wildcards):
         args += ["--init", entry["init"]]
     if entry.get("category_ids"):
         args += ["--category-ids", *map(str, entry["category_ids"])]
-    for key in ("min_size", "max_size"):
-        if entry.get(key):
-            args += [f"--{key.replace('_', '-')}", str(entry[key])]
+    if entry.get("model"):
+        args += ["--model-json", shlex.quote(json.dumps(entry["model"], sort_keys=True))]
     return " ".join(args)
 
 

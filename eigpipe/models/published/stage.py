@@ -34,6 +34,17 @@ class Request:
     category_ids: list[int] | None = None
 
 
+# model-section keys an import may set: how the imported detector runs, not what its weights are
+TEST_TIME_KEYS = (
+    "min_size",
+    "max_size",
+    "rpn_pre_nms_top_n_test",
+    "rpn_post_nms_top_n_test",
+    "box_detections_per_img",
+    "box_score_thresh",
+)
+
+
 def make_request(
     preset: str | None = None,
     family: str | None = None,
@@ -41,13 +52,15 @@ def make_request(
     pixel_std: list[float] | None = None,
     channel_order: str | None = None,
     category_ids: list[int] | None = None,
-    min_size: int | None = None,
-    max_size: int | None = None,
+    model: dict[str, Any] | None = None,
 ) -> Request:
-    """What the command line asks to import."""
+    """What the command line asks to import; ``model`` sets test-time keys of the model section."""
     request = _request(preset, family, pixel_mean, pixel_std, channel_order)
     request.category_ids = category_ids
-    request.model = {k: v for k, v in (("min_size", min_size), ("max_size", max_size)) if v is not None}
+    unknown = sorted(set(model or {}) - set(TEST_TIME_KEYS))
+    if unknown:
+        raise EigpipeError(f"--model-json: {unknown[0]} is set by the weights; an import sets only {', '.join(TEST_TIME_KEYS)}")
+    request.model = dict(model or {})
     return request
 
 
@@ -252,13 +265,20 @@ def import_checkpoint(
     pixel_std: list[float] | None = None,
     channel_order: str | None = None,
     category_ids: list[int] | None = None,
-    min_size: int | None = None,
-    max_size: int | None = None,
+    model_json: str | None = None,
 ) -> dict[str, Any]:
     """The ``eigpipe import`` stage (no config sections): write an eigpipe checkpoint; return its meta."""
+    import json
+
     from eigpipe.models import save_checkpoint
 
-    request = make_request(preset, family, pixel_mean, pixel_std, channel_order, category_ids, min_size, max_size)
+    try:
+        model = json.loads(model_json) if model_json else {}
+    except json.JSONDecodeError as exc:
+        raise EigpipeError(f"--model-json: not valid JSON ({exc})") from None
+    if not isinstance(model, dict):
+        raise EigpipeError("--model-json: give an object of model-section keys")
+    request = make_request(preset, family, pixel_mean, pixel_std, channel_order, category_ids, model)
     provenance.check_writable(out)
     model, meta = convert(Path(weights), request, run, init)
     save_checkpoint(out, model, meta)
