@@ -8,8 +8,9 @@ import shlex
 def import_entries():
     """{run: import entry} of the study, the classifier (pretrain.source detectron2) included."""
     entries = dict(config["imports"])
-    if config["pretrain"]["source"] == "detectron2":
-        entries["classifier"] = {"preset": "detectron2/R-50-GN", "weights": config["pretrain"]["weights"]}
+    if config["pretrain"]["source"] == "detectron2":  # it sees images at the study's detector sizes
+        sizes = {key: config["model"][key] for key in ("min_size", "max_size")}
+        entries["classifier"] = {"preset": "detectron2/R-50-GN", "weights": config["pretrain"]["weights"], "model": sizes}
     return entries
 
 
