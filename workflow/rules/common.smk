@@ -1,7 +1,9 @@
 # Helpers for the rules in this folder: config sections as params, code hashes, paths, input functions.
 # Which sections a stage reads and which code it runs come from the package's stage table
 # (eigpipe.stages.STAGES); nothing here repeats it.
+import json
 import re
+import shlex
 from pathlib import Path
 
 from eigpipe import runs
@@ -205,3 +207,36 @@ REPORT_FILES = ["eigenvalues.png", "dimensions.png", "dynamics.png", "spectra.cs
 
 def report_outputs():
     return expand("results/{study}/report/{name}", study=config["study"], name=REPORT_FILES)
+
+
+# ---- imported checkpoints (rules/import.smk) ----
+
+
+def import_entries():
+    """{run: import entry} of the study, the classifier (pretrain.source detectron2) included."""
+    entries = dict(config["imports"])
+    if config["pretrain"]["source"] == "detectron2":  # it sees images at the study's detector sizes
+        sizes = {key: config["model"][key] for key in ("min_size", "max_size")}
+        entries["classifier"] = {"preset": "detectron2/R-50-GN", "weights": config["pretrain"]["weights"], "model": sizes}
+    return entries
+
+
+IMPORTS = import_entries()
+
+
+def import_args(wildcards):
+    """The command-line arguments of one import: its preset (or family and preprocessing), run name and init."""
+    entry = IMPORTS[wildcards.imported]
+    if entry.get("preset"):
+        args = ["--preset", entry["preset"]]
+    else:
+        args = ["--from", entry["from"], "--channel-order", entry["channel_order"]]
+        args += ["--pixel-mean", *map(str, entry["pixel_mean"]), "--pixel-std", *map(str, entry["pixel_std"])]
+    args += ["--run", wildcards.imported]
+    if entry.get("init"):
+        args += ["--init", entry["init"]]
+    if entry.get("category_ids"):
+        args += ["--category-ids", *map(str, entry["category_ids"])]
+    if entry.get("model"):
+        args += ["--model-json", shlex.quote(json.dumps(entry["model"], sort_keys=True))]
+    return " ".join(args)
