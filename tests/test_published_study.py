@@ -68,8 +68,9 @@ def test_published_study_plans_import_to_report(tmp_path):
 # ---- the smoke version, end to end ----
 
 
-def _coco_split(root: Path, split: str, images: int, seed: int) -> tuple[Path, Path]:
-    """A COCO-format split with COCO's 80 categories: small images with one or two filled rectangles."""
+def coco_split(root: Path, split: str, images: int, seed: int, size: tuple[int, int] = (80, 64)) -> tuple[Path, Path]:
+    """A COCO-format split with COCO's 80 categories: images of ``size`` (width, height) with one or two filled
+    rectangles."""
     from torchvision.models._meta import _COCO_CATEGORIES
 
     categories = [{"id": i, "name": n} for i, n in enumerate(_COCO_CATEGORIES) if i and n != "N/A"]
@@ -78,11 +79,12 @@ def _coco_split(root: Path, split: str, images: int, seed: int) -> tuple[Path, P
     folder.mkdir(parents=True)
     records, annotations = [], []
     for image_id in range(1, images + 1):
-        picture = Image.new("RGB", (80, 64), tuple(int(v) for v in rng.integers(0, 255, 3)))
+        picture = Image.new("RGB", size, tuple(int(v) for v in rng.integers(0, 255, 3)))
         draw = ImageDraw.Draw(picture)
+        width, height = size
         for _ in range(int(rng.integers(1, 3))):
-            x, y = int(rng.integers(0, 40)), int(rng.integers(0, 30))
-            w, h = int(rng.integers(12, 36)), int(rng.integers(12, 30))
+            x, y = int(rng.integers(0, width // 2)), int(rng.integers(0, height // 2))
+            w, h = int(rng.integers(width // 7, width // 2)), int(rng.integers(height // 5, height // 2))
             draw.rectangle([x, y, x + w, y + h], fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
             polygon = [x, y, x + w, y, x + w, y + h, x, y + h]
             annotations.append(
@@ -90,7 +92,7 @@ def _coco_split(root: Path, split: str, images: int, seed: int) -> tuple[Path, P
                  "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0, "segmentation": [polygon]}
             )  # fmt: skip
         picture.save(folder / f"{image_id:012d}.png")
-        records.append({"id": image_id, "file_name": f"{image_id:012d}.png", "width": 80, "height": 64})
+        records.append({"id": image_id, "file_name": f"{image_id:012d}.png", "width": width, "height": height})
     path = root / f"instances_{split}2017.json"
     path.write_text(json.dumps({"images": records, "annotations": annotations, "categories": categories}))
     return path, folder
@@ -116,8 +118,8 @@ def smoke_config(root: Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     detector = write_detectron2(root / "model_final.pkl", random_arrays(upstream_keys.detectron2_mask_rcnn_gn()))
     classifier = write_caffe2(root / "R-50-GN.pkl", random_arrays(upstream_keys.caffe2_r50_gn(), seed=1))
-    val, val_images = _coco_split(root, "val", 3, seed=0)
-    train, train_images = _coco_split(root, "train", 2, seed=1)
+    val, val_images = coco_split(root, "val", 3, seed=0)
+    train, train_images = coco_split(root, "train", 2, seed=1)
     imports = {
         "mask_rcnn-scratch": {
             "preset": "detectron2/scratch_mask_rcnn_R_50_FPN_9x_gn",
