@@ -39,7 +39,10 @@ def _sections(**given: dict) -> dict[str, Any]:
 
     return {
         "seed": 0,
-        **{name: config.validate(dict(v), "benchmark", config.schema()["properties"][name]) for name, v in given.items()},
+        **{
+            name: config.validate(dict(v), "benchmark", config.schema()["properties"][name])
+            for name, v in given.items()
+        },
     }
 
 
@@ -68,7 +71,9 @@ def _derivation(checkpoint: Path, store: Path, root: Path, size: int) -> dict[st
     dims = root / "dimensions.parquet"
     dimensions({}, [table], dims)
     spec_path = root / "derived.yaml"
-    record = derive(_sections(widths={"multiple": 8, "min_width": 16, "input_size": [size, size]}), dims, checkpoint, spec_path)
+    record = derive(
+        _sections(widths={"multiple": 8, "min_width": 16, "input_size": [size, size]}), dims, checkpoint, spec_path
+    )
     _, meta = load_checkpoint(checkpoint)
     derived = build_detector(meta["model_name"], meta["model_config"], meta["num_classes"], WidthSpec.load(spec_path))
     image = torch.zeros(1, 3, size, size)
@@ -124,12 +129,18 @@ def main() -> None:
     report = {
         "preset": PRESET,
         "weights": "random, the preset's architecture (tests/upstream_keys.py)",
-        "image": {"file_size": list(image), "resized_to": "800x1066 (min_size 800, max_size 1333)" if not args.quick else "64"},
+        "image": {
+            "file_size": list(image),
+            "resized_to": "800x1066 (min_size 800, max_size 1333)" if not args.quick else "64",
+        },
         "images": images,
         "threads": args.threads,
         "import_s": import_seconds,
         "extraction_per_image": per_image,
-        "extraction_runs": {"one_image": {"wall_s": one[0], "cpu_s": one[1]}, "n_images": {"wall_s": many[0], "cpu_s": many[1]}},
+        "extraction_runs": {
+            "one_image": {"wall_s": one[0], "cpu_s": one[1]},
+            "n_images": {"wall_s": many[0], "cpu_s": many[1]},
+        },
         "derivation": derivation,
         "quick": args.quick,
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": torch.get_num_threads()},

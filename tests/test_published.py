@@ -27,7 +27,6 @@ from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.ops import FrozenBatchNorm2d
 
 from eigpipe import cli
-from eigpipe.errors import EigpipeError
 from eigpipe.models import build_transform, load_checkpoint
 from eigpipe.models.published.presets import PRESETS
 from eigpipe.models.published.stage import convert, import_checkpoint, make_request
@@ -99,7 +98,9 @@ def _stem_and_first_block(tensors: dict[str, torch.Tensor], x: torch.Tensor) -> 
     """ResNet-50 GN(32) stem and first bottleneck, as the upstream modules compute them (stride in the 3x3)."""
 
     def conv_gn(y, conv, norm, **kw):
-        return F.group_norm(F.conv2d(y, tensors[f"{conv}.weight"], **kw), 32, tensors[f"{norm}.weight"], tensors[f"{norm}.bias"])
+        return F.group_norm(
+            F.conv2d(y, tensors[f"{conv}.weight"], **kw), 32, tensors[f"{norm}.weight"], tensors[f"{norm}.bias"]
+        )
 
     y = F.max_pool2d(F.relu(conv_gn(x, "conv1", "bn1", stride=2, padding=3)), 3, 2, 1)
     shortcut = conv_gn(y, "layer1.0.downsample.0", "layer1.0.downsample.1")
@@ -189,7 +190,8 @@ def _outputs(model: nn.Module, images: list[torch.Tensor]) -> tuple[dict[str, li
 
 
 @pytest.mark.parametrize(
-    "name", ["fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2", "maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2"]
+    "name",
+    ["fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2", "maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2"],
 )
 def test_torchvision_detectors_compute_what_torchvision_computes(tmp_path, name):
     torch.manual_seed(0)
@@ -247,20 +249,39 @@ def _assert_refused(capsys, tmp_path, weights: Path, preset: str, pattern: str, 
 def test_a_file_of_an_unknown_format_is_refused(capsys, tmp_path, files):
     text = tmp_path / "notes.pkl"
     text.write_text("not a pickle")
-    _assert_refused(capsys, tmp_path, text, "detectron2/mask_rcnn_R_50_FPN_3x_gn", r"notes\.pkl: not a detectron2 \.pkl")
+    _assert_refused(
+        capsys, tmp_path, text, "detectron2/mask_rcnn_R_50_FPN_3x_gn", r"notes\.pkl: not a detectron2 \.pkl"
+    )
     mmdet_file = files["mmdet"][0]
-    _assert_refused(capsys, tmp_path, mmdet_file, "detectron2/mask_rcnn_R_50_FPN_3x_gn", r"mmdet\.file: not a detectron2 \.pkl")
-    _assert_refused(capsys, tmp_path, files["detectron2"][0], "mmdet/mask_rcnn_r50_fpn_gn-all_2x_coco", r"not an mmdetection checkpoint")
-    _assert_refused(capsys, tmp_path, files["caffe2"][0], "detectron2/mask_rcnn_R_50_FPN_3x_gn", r"imports a detector; this file holds a caffe2")
+    _assert_refused(
+        capsys, tmp_path, mmdet_file, "detectron2/mask_rcnn_R_50_FPN_3x_gn", r"mmdet\.file: not a detectron2 \.pkl"
+    )
+    _assert_refused(
+        capsys,
+        tmp_path,
+        files["detectron2"][0],
+        "mmdet/mask_rcnn_r50_fpn_gn-all_2x_coco",
+        r"not an mmdetection checkpoint",
+    )
+    _assert_refused(
+        capsys,
+        tmp_path,
+        files["caffe2"][0],
+        "detectron2/mask_rcnn_R_50_FPN_3x_gn",
+        r"imports a detector; this file holds a caffe2",
+    )
 
 
 def test_a_key_that_lands_nowhere_is_named(capsys, tmp_path, files):
     arrays = {**files["detectron2"][1], "roi_heads.keypoint_head.conv_fcn1.weight": np.zeros((2, 2), np.float32)}
     weights = _pickle(tmp_path / "extra.pkl", arrays)
     _assert_refused(
-        capsys, tmp_path, weights, "detectron2/mask_rcnn_R_50_FPN_3x_gn",
+        capsys,
+        tmp_path,
+        weights,
+        "detectron2/mask_rcnn_R_50_FPN_3x_gn",
         r"extra\.pkl: key roi_heads\.keypoint_head\.conv_fcn1\.weight lands nowhere",
-    )  # fmt: skip
+    )
 
 
 def test_a_parameter_no_key_fills_is_named(capsys, tmp_path, files):
@@ -268,19 +289,25 @@ def test_a_parameter_no_key_fills_is_named(capsys, tmp_path, files):
     del arrays["roi_heads.mask_head.mask_fcn2.norm.weight"]
     weights = _pickle(tmp_path / "short.pkl", arrays)
     _assert_refused(
-        capsys, tmp_path, weights, "detectron2/mask_rcnn_R_50_FPN_3x_gn",
+        capsys,
+        tmp_path,
+        weights,
+        "detectron2/mask_rcnn_R_50_FPN_3x_gn",
         r"short\.pkl: the model's roi_heads\.mask_head\.1\.1\.weight is filled by no key of the file",
-    )  # fmt: skip
+    )
 
 
 def test_a_shape_that_differs_names_the_key_and_both_shapes(capsys, tmp_path, files):
     arrays = {**files["detectron2"][1], "backbone.bottom_up.res3.0.conv2.weight": np.zeros((96, 128, 3, 3), np.float32)}
     weights = _pickle(tmp_path / "wide.pkl", arrays)
     _assert_refused(
-        capsys, tmp_path, weights, "detectron2/mask_rcnn_R_50_FPN_3x_gn",
+        capsys,
+        tmp_path,
+        weights,
+        "detectron2/mask_rcnn_R_50_FPN_3x_gn",
         r"wide\.pkl: key backbone\.bottom_up\.res3\.0\.conv2\.weight has shape \[96, 128, 3, 3\], "
         r"the model's backbone\.body\.layer2\.0\.conv2\.weight takes \[128, 128, 3, 3\]",
-    )  # fmt: skip
+    )
 
 
 def test_a_class_count_the_model_cannot_take_is_refused(capsys, tmp_path, files):
@@ -294,10 +321,29 @@ def test_a_class_count_the_model_cannot_take_is_refused(capsys, tmp_path, files)
     weights = _pickle(tmp_path / "three.pkl", arrays)
     preset = "detectron2/mask_rcnn_R_50_FPN_3x_gn"
     _assert_refused(
-        capsys, tmp_path, weights, preset, rf"roi_heads\.box_predictor\.cls_score\.weight has 4 outputs; preset {preset} takes 81"
+        capsys,
+        tmp_path,
+        weights,
+        preset,
+        rf"roi_heads\.box_predictor\.cls_score\.weight has 4 outputs; preset {preset} takes 81",
     )
-    from_args = ["--from", "detectron2", "--pixel-mean", "1", "2", "3", "--pixel-std", "1", "1", "1", "--channel-order", "BGR"]
-    _assert_refused(capsys, tmp_path, weights, None, r"has 4 outputs \(3 classes and background\), not COCO's 80", *from_args)
+    from_args = [
+        "--from",
+        "detectron2",
+        "--pixel-mean",
+        "1",
+        "2",
+        "3",
+        "--pixel-std",
+        "1",
+        "1",
+        "1",
+        "--channel-order",
+        "BGR",
+    ]
+    _assert_refused(
+        capsys, tmp_path, weights, None, r"has 4 outputs \(3 classes and background\), not COCO's 80", *from_args
+    )
 
 
 def test_a_user_file_imports_with_its_preprocessing_stated(tmp_path, files):
@@ -310,9 +356,13 @@ def test_a_user_file_imports_with_its_preprocessing_stated(tmp_path, files):
     arrays["roi_heads.mask_head.predictor.bias"] = np.zeros(3, np.float32)
     weights = _pickle(tmp_path / "mine.pkl", arrays)
     request = make_request(
-        family="detectron2", pixel_mean=[103.53, 116.28, 123.675], pixel_std=[57.375, 57.12, 58.395],
-        channel_order="BGR", category_ids=[1, 2, 3], model=SMALL,
-    )  # fmt: skip
+        family="detectron2",
+        pixel_mean=[103.53, 116.28, 123.675],
+        pixel_std=[57.375, 57.12, 58.395],
+        channel_order="BGR",
+        category_ids=[1, 2, 3],
+        model=SMALL,
+    )
     model, meta = convert(weights, request, run="mine", init="scratch")
     cfg = meta["model_config"]
     assert meta["model_name"] == "mask_rcnn" and meta["category_ids"] == [1, 2, 3] and meta["num_classes"] == 4
@@ -325,7 +375,9 @@ def test_a_user_file_imports_with_its_preprocessing_stated(tmp_path, files):
 def test_pixel_statistics_a_file_stores_must_agree(capsys, tmp_path, files):
     arrays = {**files["detectron2"][1], "pixel_mean": np.array([[[1.0]], [[2.0]], [[3.0]]], np.float32)}
     weights = _pickle(tmp_path / "mean.pkl", arrays)
-    _assert_refused(capsys, tmp_path, weights, "detectron2/mask_rcnn_R_50_FPN_3x_gn", r"pixel_mean is \[1\.0, 2\.0, 3\.0\]")
+    _assert_refused(
+        capsys, tmp_path, weights, "detectron2/mask_rcnn_R_50_FPN_3x_gn", r"pixel_mean is \[1\.0, 2\.0, 3\.0\]"
+    )
 
 
 def test_the_restricted_unpickler_runs_no_code(capsys, tmp_path):

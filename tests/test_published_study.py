@@ -37,7 +37,7 @@ def _placeholders(root: Path) -> dict:
     (root / "R-50-GN.pkl").write_text("")
     changes["pretrain.weights"] = str(root / "R-50-GN.pkl")
     imports = config["imports"]
-    for name, entry in imports.items():
+    for entry in imports.values():
         placeholder = root / Path(entry["weights"]).name
         placeholder.write_text("")
         entry["weights"] = str(placeholder)
@@ -62,7 +62,9 @@ def test_published_study_plans_import_to_report(tmp_path):
     assert "--dimensions results/published/spectrum/mask_rcnn-scratch/final.parquet" in output  # widths
     assert "--checkpoint results/published/import/mask_rcnn-scratch.pt --out results/published/widths" in output
     assert "--preset detectron2/R-50-GN --run classifier" in output
-    assert "--evaluations results/published/eval/" in output and "results/published/eval/mask_rcnn-derived.json" in output
+    assert (
+        "--evaluations results/published/eval/" in output and "results/published/eval/mask_rcnn-derived.json" in output
+    )
 
 
 # ---- the smoke version, end to end ----
@@ -88,9 +90,16 @@ def coco_split(root: Path, split: str, images: int, seed: int, size: tuple[int, 
             draw.rectangle([x, y, x + w, y + h], fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
             polygon = [x, y, x + w, y, x + w, y + h, x, y + h]
             annotations.append(
-                {"id": len(annotations) + 1, "image_id": image_id, "category_id": int(rng.choice([1, 3, 18])),
-                 "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0, "segmentation": [polygon]}
-            )  # fmt: skip
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": int(rng.choice([1, 3, 18])),
+                    "bbox": [x, y, w, h],
+                    "area": w * h,
+                    "iscrowd": 0,
+                    "segmentation": [polygon],
+                }
+            )
         picture.save(folder / f"{image_id:012d}.png")
         records.append({"id": image_id, "file_name": f"{image_id:012d}.png", "width": width, "height": height})
     path = root / f"instances_{split}2017.json"
@@ -128,16 +137,29 @@ def smoke_config(root: Path) -> Path:
             "model": IMPORTED_MODEL,
         }
     }
-    schedule = {"steps": 1, "batch_size": 1, "lr": 0.001, "warmup_steps": 0, "lr_steps": [0.8],
-                "snapshots": [], "checkpoint_every": 1, "workers": 0, "log_every": 1}  # fmt: skip
+    schedule = {
+        "steps": 1,
+        "batch_size": 1,
+        "lr": 0.001,
+        "warmup_steps": 0,
+        "lr_steps": [0.8],
+        "snapshots": [],
+        "checkpoint_every": 1,
+        "workers": 0,
+        "log_every": 1,
+    }
     return write_config(
         root / "published-smoke.yaml",
         PUBLISHED,
         **{
             "study": "published-smoke",
             "runtime": {"device": "cpu", "threads": 1, "deterministic": True},
-            "data.coco": {"train_annotations": str(train), "train_images": str(train_images),
-                          "val_annotations": str(val), "val_images": str(val_images)},  # fmt: skip
+            "data.coco": {
+                "train_annotations": str(train),
+                "train_images": str(train_images),
+                "val_annotations": str(val),
+                "val_images": str(val_images),
+            },
             "pretrain.weights": str(classifier),
             "imports": imports,
             "train.schedule": schedule,
@@ -182,7 +204,9 @@ def test_derived_widths_of_an_imported_model_measure_as_recorded(published_smoke
     """The derived spec of the imported full-width scratch model: the retrained model's measured params and MACs
     (its evaluation) are the derivation record's (at the smoke's 64 px; benchmarks/published.py checks 800 px)."""
     record = yaml.safe_load((published_smoke / "widths" / "mask_rcnn-derived.yaml").read_text())["derivation"]
-    assert record["source"]["run"] == "mask_rcnn-scratch" and record["source"]["checkpoint"].endswith("import/mask_rcnn-scratch.pt")
+    assert record["source"]["run"] == "mask_rcnn-scratch" and record["source"]["checkpoint"].endswith(
+        "import/mask_rcnn-scratch.pt"
+    )
     assert record["body"]["original"]["params"] == 23_508_032  # ResNet-50 with GN affine terms, no fc
     measured = json.loads((published_smoke / "eval" / "mask_rcnn-derived.json").read_text())["complexity"]
     assert measured["input_size"] == record["input_size"] == [64, 64]

@@ -74,9 +74,23 @@ def detectron2_mask_rcnn_gn() -> list[Entry]:
     )
     for level, (_, _, out) in enumerate(RESNET50):
         stage = level + 2
-        entries.append((f"backbone.fpn_lateral{stage}.weight", (FPN, out, 1, 1), f"backbone.fpn.inner_blocks.{level}.0.weight", "same"))
+        entries.append(
+            (
+                f"backbone.fpn_lateral{stage}.weight",
+                (FPN, out, 1, 1),
+                f"backbone.fpn.inner_blocks.{level}.0.weight",
+                "same",
+            )
+        )
         entries += _norm_pair(f"backbone.fpn_lateral{stage}.norm.", f"backbone.fpn.inner_blocks.{level}.1.", FPN)
-        entries.append((f"backbone.fpn_output{stage}.weight", (FPN, FPN, 3, 3), f"backbone.fpn.layer_blocks.{level}.0.weight", "same"))
+        entries.append(
+            (
+                f"backbone.fpn_output{stage}.weight",
+                (FPN, FPN, 3, 3),
+                f"backbone.fpn.layer_blocks.{level}.0.weight",
+                "same",
+            )
+        )
         entries += _norm_pair(f"backbone.fpn_output{stage}.norm.", f"backbone.fpn.layer_blocks.{level}.1.", FPN)
     rpn = "proposal_generator.rpn_head"
     entries += [
@@ -88,7 +102,9 @@ def detectron2_mask_rcnn_gn() -> list[Entry]:
         (f"{rpn}.anchor_deltas.bias", (4 * ANCHORS,), "rpn.head.bbox_pred.bias", "same"),
     ]
     for k in range(4):
-        entries.append((f"roi_heads.box_head.conv{k + 1}.weight", (FPN, FPN, 3, 3), f"roi_heads.box_head.{k}.0.weight", "same"))
+        entries.append(
+            (f"roi_heads.box_head.conv{k + 1}.weight", (FPN, FPN, 3, 3), f"roi_heads.box_head.{k}.0.weight", "same")
+        )
         entries += _norm_pair(f"roi_heads.box_head.conv{k + 1}.norm.", f"roi_heads.box_head.{k}.1.", FPN)
     entries += [
         ("roi_heads.box_head.fc1.weight", (1024, FPN * 7 * 7), "roi_heads.box_head.5.weight", "same"),
@@ -96,7 +112,14 @@ def detectron2_mask_rcnn_gn() -> list[Entry]:
         *_predictor("roi_heads.box_predictor.cls_score.", "roi_heads.box_predictor.bbox_pred."),
     ]
     for k in range(4):
-        entries.append((f"roi_heads.mask_head.mask_fcn{k + 1}.weight", (FPN, FPN, 3, 3), f"roi_heads.mask_head.{k}.0.weight", "same"))
+        entries.append(
+            (
+                f"roi_heads.mask_head.mask_fcn{k + 1}.weight",
+                (FPN, FPN, 3, 3),
+                f"roi_heads.mask_head.{k}.0.weight",
+                "same",
+            )
+        )
         entries += _norm_pair(f"roi_heads.mask_head.mask_fcn{k + 1}.norm.", f"roi_heads.mask_head.{k}.1.", FPN)
     entries += _mask_predictor("roi_heads.mask_head.deconv.", "roi_heads.mask_head.predictor.")
     return entries
@@ -115,7 +138,12 @@ def _mask_predictor(deconv: str, logits: str) -> list[Entry]:
     return [
         (f"{deconv}weight", (FPN, FPN, 2, 2), "roi_heads.mask_predictor.conv5_mask.weight", "same"),
         (f"{deconv}bias", (FPN,), "roi_heads.mask_predictor.conv5_mask.bias", "same"),
-        (f"{logits}weight", (CLASSES, FPN, 1, 1), "roi_heads.mask_predictor.mask_fcn_logits.weight", "after_background"),
+        (
+            f"{logits}weight",
+            (CLASSES, FPN, 1, 1),
+            "roi_heads.mask_predictor.mask_fcn_logits.weight",
+            "after_background",
+        ),
         (f"{logits}bias", (CLASSES,), "roi_heads.mask_predictor.mask_fcn_logits.bias", "after_background"),
     ]
 
@@ -151,9 +179,23 @@ def mmdet_gn_all(masks: bool, head_prefix: str = "roi_head.") -> list[Entry]:
         lambda s: (f"backbone.layer{s}.0.downsample.0.", f"backbone.layer{s}.0.downsample.1."),
     )
     for level, (_, _, out) in enumerate(RESNET50):
-        entries.append((f"neck.lateral_convs.{level}.conv.weight", (FPN, out, 1, 1), f"backbone.fpn.inner_blocks.{level}.0.weight", "same"))
+        entries.append(
+            (
+                f"neck.lateral_convs.{level}.conv.weight",
+                (FPN, out, 1, 1),
+                f"backbone.fpn.inner_blocks.{level}.0.weight",
+                "same",
+            )
+        )
         entries += _norm_pair(f"neck.lateral_convs.{level}.gn.", f"backbone.fpn.inner_blocks.{level}.1.", FPN)
-        entries.append((f"neck.fpn_convs.{level}.conv.weight", (FPN, FPN, 3, 3), f"backbone.fpn.layer_blocks.{level}.0.weight", "same"))
+        entries.append(
+            (
+                f"neck.fpn_convs.{level}.conv.weight",
+                (FPN, FPN, 3, 3),
+                f"backbone.fpn.layer_blocks.{level}.0.weight",
+                "same",
+            )
+        )
         entries += _norm_pair(f"neck.fpn_convs.{level}.gn.", f"backbone.fpn.layer_blocks.{level}.1.", FPN)
     entries += [
         ("rpn_head.rpn_conv.weight", (FPN, FPN, 3, 3), "rpn.head.conv.0.0.weight", "same"),
@@ -165,7 +207,9 @@ def mmdet_gn_all(masks: bool, head_prefix: str = "roi_head.") -> list[Entry]:
     ]
     box = f"{head_prefix}bbox_head"
     for k in range(4):
-        entries.append((f"{box}.shared_convs.{k}.conv.weight", (FPN, FPN, 3, 3), f"roi_heads.box_head.{k}.0.weight", "same"))
+        entries.append(
+            (f"{box}.shared_convs.{k}.conv.weight", (FPN, FPN, 3, 3), f"roi_heads.box_head.{k}.0.weight", "same")
+        )
         entries += _norm_pair(f"{box}.shared_convs.{k}.gn.", f"roi_heads.box_head.{k}.1.", FPN)
     entries += [
         (f"{box}.shared_fcs.0.weight", (1024, FPN * 7 * 7), "roi_heads.box_head.5.weight", "same"),
@@ -175,7 +219,9 @@ def mmdet_gn_all(masks: bool, head_prefix: str = "roi_head.") -> list[Entry]:
     if masks:
         mask = f"{head_prefix}mask_head"
         for k in range(4):
-            entries.append((f"{mask}.convs.{k}.conv.weight", (FPN, FPN, 3, 3), f"roi_heads.mask_head.{k}.0.weight", "same"))
+            entries.append(
+                (f"{mask}.convs.{k}.conv.weight", (FPN, FPN, 3, 3), f"roi_heads.mask_head.{k}.0.weight", "same")
+            )
             entries += _norm_pair(f"{mask}.convs.{k}.gn.", f"roi_heads.mask_head.{k}.1.", FPN)
         entries += _mask_predictor(f"{mask}.upsample.", f"{mask}.conv_logits.")
     return entries

@@ -30,7 +30,11 @@ class AlignedMultiScaleRoIAlign(MultiScaleRoIAlign):
         for level, (feature, scale) in enumerate(zip(features, self.scales, strict=True)):
             index = torch.where(levels == level)[0]
             pooled = roi_align(
-                feature, rois[index], self.output_size, spatial_scale=scale, sampling_ratio=self.sampling_ratio,
+                feature,
+                rois[index],
+                self.output_size,
+                spatial_scale=scale,
+                sampling_ratio=self.sampling_ratio,
                 aligned=True,
             )
             result[index] = pooled.to(result.dtype)

@@ -43,10 +43,16 @@ RULES = (
     rule(r"proposal_generator\.rpn_head\.anchor_deltas\.(weight|bias)", r"rpn.head.bbox_pred.\1"),
     rule(r"roi_heads\.box_head\.conv(\d+)\.(weight|bias)", lambda m: f"roi_heads.box_head.{int(m[1]) - 1}.0.{m[2]}"),
     rule(r"roi_heads\.box_head\.conv(\d+)\.norm\.(\w+)", lambda m: f"roi_heads.box_head.{int(m[1]) - 1}.1.{m[2]}"),
-    rule(r"roi_heads\.box_head\.fc(\d+)\.(weight|bias)", r"roi_heads.box_head.upstream_fc\1.\2"),  # placed by place_box_fcs
+    rule(
+        r"roi_heads\.box_head\.fc(\d+)\.(weight|bias)", r"roi_heads.box_head.upstream_fc\1.\2"
+    ),  # placed by place_box_fcs
     rule(r"roi_heads\.box_predictor\.(cls_score|bbox_pred)\.(weight|bias)", r"roi_heads.box_predictor.\1.\2"),
-    rule(r"roi_heads\.mask_head\.mask_fcn(\d+)\.(weight|bias)", lambda m: f"roi_heads.mask_head.{int(m[1]) - 1}.0.{m[2]}"),
-    rule(r"roi_heads\.mask_head\.mask_fcn(\d+)\.norm\.(\w+)", lambda m: f"roi_heads.mask_head.{int(m[1]) - 1}.1.{m[2]}"),
+    rule(
+        r"roi_heads\.mask_head\.mask_fcn(\d+)\.(weight|bias)", lambda m: f"roi_heads.mask_head.{int(m[1]) - 1}.0.{m[2]}"
+    ),
+    rule(
+        r"roi_heads\.mask_head\.mask_fcn(\d+)\.norm\.(\w+)", lambda m: f"roi_heads.mask_head.{int(m[1]) - 1}.1.{m[2]}"
+    ),
     rule(r"roi_heads\.mask_head\.deconv\.(weight|bias)", r"roi_heads.mask_predictor.conv5_mask.\1"),
     rule(r"roi_heads\.mask_head\.predictor\.(weight|bias)", r"roi_heads.mask_predictor.mask_fcn_logits.\1"),
 )

@@ -38,7 +38,10 @@ RULES = (
     rule(r"rpn_head\.rpn_reg\.(weight|bias)", r"rpn.head.bbox_pred.\1"),
     rule(rf"{HEAD}bbox_head\.shared_convs\.(\d+)\.conv\.(weight|bias)", r"roi_heads.box_head.\1.0.\2"),
     rule(rf"{HEAD}bbox_head\.shared_convs\.(\d+)\.{NORM}\.(\w+)", r"roi_heads.box_head.\1.1.\2"),
-    rule(rf"{HEAD}bbox_head\.shared_fcs\.(\d+)\.(weight|bias)", lambda m: f"roi_heads.box_head.upstream_fc{int(m[1]) + 1}.{m[2]}"),
+    rule(
+        rf"{HEAD}bbox_head\.shared_fcs\.(\d+)\.(weight|bias)",
+        lambda m: f"roi_heads.box_head.upstream_fc{int(m[1]) + 1}.{m[2]}",
+    ),
     rule(rf"{HEAD}bbox_head\.fc_cls\.(weight|bias)", r"roi_heads.box_predictor.cls_score.\1"),
     rule(rf"{HEAD}bbox_head\.fc_reg\.(weight|bias)", r"roi_heads.box_predictor.bbox_pred.\1"),
     rule(rf"{HEAD}mask_head\.convs\.(\d+)\.conv\.(weight|bias)", r"roi_heads.mask_head.\1.0.\2"),
@@ -55,7 +58,9 @@ def read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for files it cannot read
-        raise EigpipeError(f"{path}: not an mmdetection checkpoint (torch cannot read it: {type(exc).__name__})") from None
+        raise EigpipeError(
+            f"{path}: not an mmdetection checkpoint (torch cannot read it: {type(exc).__name__})"
+        ) from None
     if not isinstance(raw, dict) or not isinstance(raw.get("state_dict"), dict):
         raise EigpipeError(f"{path}: not an mmdetection checkpoint (no 'state_dict')")
     state = raw["state_dict"]

@@ -19,7 +19,9 @@ from eigpipe.models.published.mapping import Mapped, rename, rule
 
 RULES = (
     rule(r"rpn\.head\.conv\.(weight|bias)", r"rpn.head.conv.0.0.\1"),
-    rule(r"roi_heads\.mask_head\.mask_fcn(\d+)\.(weight|bias)", lambda m: f"roi_heads.mask_head.{int(m[1]) - 1}.0.{m[2]}"),
+    rule(
+        r"roi_heads\.mask_head\.mask_fcn(\d+)\.(weight|bias)", lambda m: f"roi_heads.mask_head.{int(m[1]) - 1}.0.{m[2]}"
+    ),
     rule(r"backbone\.fpn\.(inner|layer)_blocks\.(\d+)\.(weight|bias)", r"backbone.fpn.\1_blocks.\2.0.\3"),
     rule(r"(backbone|rpn|roi_heads)\..+", r"\g<0>"),
 )
@@ -32,7 +34,9 @@ def read(path: Path) -> dict[str, torch.Tensor]:
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for files it cannot read
-        raise EigpipeError(f"{path}: not a torchvision checkpoint (torch cannot read it: {type(exc).__name__})") from None
+        raise EigpipeError(
+            f"{path}: not a torchvision checkpoint (torch cannot read it: {type(exc).__name__})"
+        ) from None
     if isinstance(raw, dict) and isinstance(raw.get("model"), dict):
         raw = raw["model"]  # references/detection/train.py checkpoints
     if not isinstance(raw, dict) or not raw or not all(isinstance(v, torch.Tensor) for v in raw.values()):

@@ -62,8 +62,8 @@ def rename(
 
 
 def place_box_fcs(mapped: Mapped) -> None:
-    """Box-head fc layers, renamed ``roi_heads.box_head.upstream_fc<k>`` (k from 1), go where torchvision's heads keep them: after the
-    convs and a flatten in FastRCNNConvFCHead (a Sequential), or as fc6/fc7 of TwoMLPHead."""
+    """Box-head fc layers, renamed ``roi_heads.box_head.upstream_fc<k>`` (k from 1), go where torchvision's heads
+    keep them: after the convs and a flatten in FastRCNNConvFCHead (a Sequential), or as fc6/fc7 of TwoMLPHead."""
     convs = sum(1 for key in mapped.state if BOX_CONV.fullmatch(key))
     for key in [k for k in mapped.state if BOX_FC.fullmatch(k)]:
         k, kind = BOX_FC.fullmatch(key).groups()  # type: ignore[union-attr]

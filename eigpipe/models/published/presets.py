@@ -89,7 +89,11 @@ MMDET_SCRATCH_INPUT = Preprocessing(
     "RGB", (123.675, 116.28, 103.53), (58.395, 57.12, 57.375), 255.0, "mmdetection configs/_base_/models"
 )
 MMDET_GN_INPUT = Preprocessing(
-    "BGR", (103.530, 116.280, 123.675), (1.0, 1.0, 1.0), 255.0, "mmdetection configs/gn/mask_rcnn_r50_fpn_gn-all_2x_coco.py"
+    "BGR",
+    (103.530, 116.280, 123.675),
+    (1.0, 1.0, 1.0),
+    255.0,
+    "mmdetection configs/gn/mask_rcnn_r50_fpn_gn-all_2x_coco.py",
 )
 
 TORCHVISION_V1 = {
@@ -132,29 +136,51 @@ def _torchvision(name: str, model: dict, bbox: float, segm: float | None = None)
     # v2: the weights meta names only the pull request of its recipe
     init, schedule = ("unknown", "recipe of the weights meta") if "v2" in name else ("pretrained", "26 epochs")
     return Preset(
-        f"torchvision/{name}", model_name, init, schedule, TORCHVISION_INPUT, model, 91,
-        f"torchvision/models/detection/{builder}", published,
-    )  # fmt: skip
+        f"torchvision/{name}",
+        model_name,
+        init,
+        schedule,
+        TORCHVISION_INPUT,
+        model,
+        91,
+        f"torchvision/models/detection/{builder}",
+        published,
+    )
 
 
 def _detectron2(name: str, init: str, schedule: str, preprocessing: Preprocessing, bbox: float, segm: float) -> Preset:
     return Preset(
-        f"detectron2/{name}", "mask_rcnn", init, schedule, preprocessing, DETECTRON2_GN, 81,
+        f"detectron2/{name}",
+        "mask_rcnn",
+        init,
+        schedule,
+        preprocessing,
+        DETECTRON2_GN,
+        81,
         f"detectron2 configs/Misc/{name}.yaml",
         {"bbox_AP": bbox, "segm_AP": segm, "source": "detectron2 MODEL_ZOO.md"},
-    )  # fmt: skip
+    )
 
 
-def _mmdet(name: str, init: str, schedule: str, preprocessing: Preprocessing, bbox: float, segm: float | None) -> Preset:
+def _mmdet(
+    name: str, init: str, schedule: str, preprocessing: Preprocessing, bbox: float, segm: float | None
+) -> Preset:
     folder = "scratch" if "scratch" in name else "gn"
     published = {"bbox_AP": bbox, "source": f"mmdetection configs/{folder}/metafile.yml"}
     if segm is not None:
         published["segm_AP"] = segm
     model_name = "mask_rcnn" if name.startswith("mask") else "faster_rcnn"
     return Preset(
-        f"mmdet/{name}", model_name, init, schedule, preprocessing, GN_ALL, 81,
-        f"mmdetection configs/{folder}/{name}.py", published,
-    )  # fmt: skip
+        f"mmdet/{name}",
+        model_name,
+        init,
+        schedule,
+        preprocessing,
+        GN_ALL,
+        81,
+        f"mmdetection configs/{folder}/{name}.py",
+        published,
+    )
 
 
 CLASSIFIER = Preset(

@@ -59,7 +59,9 @@ def make_request(
     request.category_ids = category_ids
     unknown = sorted(set(model or {}) - set(TEST_TIME_KEYS))
     if unknown:
-        raise EigpipeError(f"--model-json: {unknown[0]} is set by the weights; an import sets only {', '.join(TEST_TIME_KEYS)}")
+        raise EigpipeError(
+            f"--model-json: {unknown[0]} is set by the weights; an import sets only {', '.join(TEST_TIME_KEYS)}"
+        )
     request.model = dict(model or {})
     return request
 
@@ -72,10 +74,14 @@ def _request(
     channel_order: str | None,
 ) -> Request:
     if (preset is None) == (family is None):
-        raise EigpipeError("give either --preset NAME or --from FAMILY (with --pixel-mean, --pixel-std, --channel-order)")
+        raise EigpipeError(
+            "give either --preset NAME or --from FAMILY (with --pixel-mean, --pixel-std, --channel-order)"
+        )
     if preset is not None:
         if pixel_mean or pixel_std or channel_order:
-            raise EigpipeError(f"--preset {preset} fixes the preprocessing; --pixel-mean/--pixel-std/--channel-order go with --from")
+            raise EigpipeError(
+                f"--preset {preset} fixes the preprocessing; --pixel-mean/--pixel-std/--channel-order go with --from"
+            )
         chosen = find(preset)
         return Request(chosen.family, chosen.preprocessing, chosen)
     if not (pixel_mean and pixel_std and channel_order):
@@ -192,7 +198,9 @@ def convert(
             mapping.background_first(mapped, weights)
     prefix = "backbone.body." if task == "detection" else "body."
     if prefix + mapping.STEM not in mapped.state:
-        raise EigpipeError(f"{weights}: the model's {prefix}{mapping.STEM} (the stem conv) is filled by no key of the file")
+        raise EigpipeError(
+            f"{weights}: the model's {prefix}{mapping.STEM} (the stem conv) is filled by no key of the file"
+        )
     mapping.fold_channel_order(mapped, prefix, request.preprocessing.channel_order)
 
     if chosen is not None:
@@ -216,7 +224,9 @@ def convert(
         raise EigpipeError(
             f"{weights}: {mapped.origin[cls_key]} has {classes} outputs; preset {chosen.name} takes {chosen.classes}"
         )
-    ids, names = ([], []) if task == "classification" else _categories(request, classes, weights, mapped.origin[cls_key])
+    ids, names = (
+        ([], []) if task == "classification" else _categories(request, classes, weights, mapped.origin[cls_key])
+    )
     model = _build(task, model_name, model_cfg, classes, widths)
     mapping.fill(model, mapped, weights)
 
