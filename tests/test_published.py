@@ -384,3 +384,9 @@ def test_the_restricted_unpickler_runs_no_code(capsys, tmp_path):
     path = tmp_path / "evil.pkl"
     path.write_bytes(pickle.dumps({"model": {"x": Path("/")}, "__author__": "x"}))
     _assert_refused(capsys, tmp_path, path, "detectron2/mask_rcnn_R_50_FPN_3x_gn", r"is not a numpy array")
+
+
+def test_an_import_sets_only_test_time_model_keys(capsys, tmp_path, files):
+    weights, preset = files["detectron2"][0], "detectron2/mask_rcnn_R_50_FPN_3x_gn"
+    pattern = r"--model-json: norm is set by the weights"
+    _assert_refused(capsys, tmp_path, weights, preset, pattern, "--model-json", '{"norm": "bn"}')

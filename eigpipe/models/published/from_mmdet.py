@@ -17,8 +17,7 @@ from typing import Any
 
 import torch
 
-from eigpipe.errors import EigpipeError
-from eigpipe.models.published.mapping import Mapped, rename, rule
+from eigpipe.models.published.mapping import Mapped, rename, rule, torch_file
 
 BODY = "backbone.body"
 HEAD = r"(?:roi_head\.)?"
@@ -55,19 +54,8 @@ BACKGROUND_LAST = True
 
 def read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(state dict, meta) of an mmdetection checkpoint."""
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for files it cannot read
-        raise EigpipeError(
-            f"{path}: not an mmdetection checkpoint (torch cannot read it: {type(exc).__name__})"
-        ) from None
-    if not isinstance(raw, dict) or not isinstance(raw.get("state_dict"), dict):
-        raise EigpipeError(f"{path}: not an mmdetection checkpoint (no 'state_dict')")
-    state = raw["state_dict"]
-    if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise EigpipeError(f"{path}: not an mmdetection checkpoint ('state_dict' holds no tensors)")
-    meta = raw.get("meta") if isinstance(raw.get("meta"), dict) else {}
-    return dict(state), meta
+    state, raw = torch_file(path, "an mmdetection checkpoint", "state_dict")
+    return state, raw["meta"] if isinstance(raw.get("meta"), dict) else {}
 
 
 def to_eigpipe(state: dict[str, torch.Tensor], path: Path) -> Mapped:

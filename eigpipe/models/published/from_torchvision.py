@@ -14,8 +14,7 @@ from pathlib import Path
 
 import torch
 
-from eigpipe.errors import EigpipeError
-from eigpipe.models.published.mapping import Mapped, rename, rule
+from eigpipe.models.published.mapping import Mapped, rename, rule, torch_file
 
 RULES = (
     rule(r"rpn\.head\.conv\.(weight|bias)", r"rpn.head.conv.0.0.\1"),
@@ -30,18 +29,8 @@ BACKGROUND_LAST = False
 
 
 def read(path: Path) -> dict[str, torch.Tensor]:
-    """The state dict of a torchvision detector file."""
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for files it cannot read
-        raise EigpipeError(
-            f"{path}: not a torchvision checkpoint (torch cannot read it: {type(exc).__name__})"
-        ) from None
-    if isinstance(raw, dict) and isinstance(raw.get("model"), dict):
-        raw = raw["model"]  # references/detection/train.py checkpoints
-    if not isinstance(raw, dict) or not raw or not all(isinstance(v, torch.Tensor) for v in raw.values()):
-        raise EigpipeError(f"{path}: not a torchvision checkpoint (expected a state dict of tensors)")
-    return dict(raw)
+    """The state dict of a torchvision detector file (or of references/detection/train.py's ``{"model": ...}``)."""
+    return torch_file(path, "a torchvision checkpoint", "model", required=False)[0]
 
 
 def to_eigpipe(state: dict[str, torch.Tensor], path: Path) -> Mapped:

@@ -31,6 +31,21 @@ class Mapped:
     dropped: list[str] = field(default_factory=list)
 
 
+def torch_file(path: Path, what: str, key: str, required: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+    """(state dict, whole file) of a torch file holding a state dict of tensors under ``key`` (or, unless
+    ``required``, at its top level); read without running code (``weights_only``). ``what`` names the format."""
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for files it cannot read
+        raise EigpipeError(f"{path}: not {what} (torch cannot read it: {type(exc).__name__})") from None
+    nested = isinstance(raw, dict) and isinstance(raw.get(key), dict)
+    state = raw[key] if nested else (None if required else raw)
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        where = f"under '{key}'" if required else f"at its top level or under '{key}'"
+        raise EigpipeError(f"{path}: not {what} (no state dict of tensors {where})")
+    return dict(state), raw
+
+
 def rule(pattern: str, target: str | Rename) -> tuple[re.Pattern, Rename]:
     """An upstream-key pattern and the eigpipe key it lands on (a template with \\1, ... or a function)."""
     return re.compile(pattern), (target if callable(target) else lambda m: m.expand(target))
