@@ -121,6 +121,8 @@ def evaluate_checkpoint(cfg: dict, checkpoint: Path, annotations: Path, images: 
         "n_images": count,
         "n_detections": len(results),
         "published": meta.get("published"),  # an imported checkpoint's published AP, beside the measured one
+        "schedule": meta.get("schedule"),
+        "imported_from": meta.get("imported_from"),
         "bbox": coco_stats(dataset.coco, results, "bbox", image_ids),
         "complexity": {"input_size": [size, size], **model_complexity(model, size, size)},
         "provenance": provenance.record(config=cfg, inputs=[annotations], seed=None, device=str(env.device)),

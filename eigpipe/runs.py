@@ -61,6 +61,8 @@ def derived_specs(config: dict) -> dict[str, tuple[str, str]]:
         return {}
     if widths["source_run"] is None and widths["source_init"] not in config["train"]["inits"]:
         return {}
+    if widths["source_run"] is not None and widths["source_run"] not in base_runs(config):
+        raise ConfigError(f"widths.source_run: {widths['source_run']} is no trained or imported run of the study")
     measures = widths["measures"] or [widths["measure"]]
     several = len(measures) > 1
     return {
@@ -102,15 +104,10 @@ def snapshots(config: dict) -> list[int]:
 def source_run(config: dict, model: str) -> str:
     """The run whose eigenspectrum sets a derived spec's widths: ``widths.source_run`` (a trained or imported
     run), else the study seed's ``<model>-<widths.source_init>``."""
-    named = config["widths"]["source_run"]
-    if named is not None:
-        if named not in detector_runs_without_derived(config):
-            raise ConfigError(f"widths.source_run: {named} is no trained or imported run of the study")
-        return named
-    return f"{model}-{config['widths']['source_init']}"
+    return config["widths"]["source_run"] or f"{model}-{config['widths']['source_init']}"
 
 
-def detector_runs_without_derived(config: dict) -> list[str]:
+def base_runs(config: dict) -> list[str]:
     """Names of the base runs (trained at the study seed, or imported) that may be the source of widths."""
     runs = [f"{model}-{init}" for model in config["train"]["models"] for init in config["train"]["inits"]]
     return runs + list(imported_runs(config))

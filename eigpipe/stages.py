@@ -95,6 +95,8 @@ STAGES: dict[str, Stage] = {
                 _path("--out", help="eigpipe checkpoint to write"),
                 Arg(("--run",), {"help": "run name (default: the preset's config name or the file's stem)"}),
                 Arg(("--init",), {"help": "how the upstream training started (default: the preset's)"}),
+                Arg(("--schedule",), {"help": "label: the upstream schedule (default: the preset's)"}),
+                Arg(("--source",), {"dest": "source_label", "help": "label: where the file comes from"}),
                 Arg(("--pixel-mean",), {"type": float, "nargs": 3, "metavar": "V", "help": "with --from"}),
                 Arg(("--pixel-std",), {"type": float, "nargs": 3, "metavar": "V", "help": "with --from"}),
                 Arg(("--channel-order",), {"choices": ["RGB", "BGR"], "help": "with --from: what the stem conv reads"}),

@@ -17,6 +17,8 @@ import pytest
 import yaml
 from PIL import Image, ImageDraw
 
+from eigpipe import config, runs
+from eigpipe.errors import ConfigError
 from tests import upstream_keys
 from tests.upstream_files import random_arrays, write_caffe2, write_detectron2
 from tests.workflow_helpers import REPO, dry_run, failure, make_workdir, snakemake, write_config
@@ -62,9 +64,19 @@ def test_published_study_plans_import_to_report(tmp_path):
     assert "--dimensions results/published/spectrum/mask_rcnn-scratch/final.parquet" in output  # widths
     assert "--checkpoint results/published/import/mask_rcnn-scratch.pt --out results/published/widths" in output
     assert "--preset detectron2/R-50-GN --run classifier" in output
+    assert "--run mask_rcnn-scratch --init scratch --schedule 9x --source 'detectron2 model zoo'" in output
     assert (
         "--evaluations results/published/eval/" in output and "results/published/eval/mask_rcnn-derived.json" in output
     )
+
+
+def test_the_source_of_the_widths_must_be_a_run_of_the_study():
+    study = config.load(REPO / PUBLISHED)
+    assert runs.source_run(study, "mask_rcnn") == "mask_rcnn-scratch" and study["imports"]["mask_rcnn-scratch"]
+    assert [r.name for r in runs.detector_runs(study).values() if r.imported] == list(study["imports"])
+    study["widths"]["source_run"] = "mask_rcnn-scratch-12x"
+    with pytest.raises(ConfigError, match=r"widths\.source_run: mask_rcnn-scratch-12x is no trained or imported run"):
+        runs.detector_runs(study)
 
 
 # ---- the smoke version, end to end ----
@@ -193,6 +205,7 @@ def test_published_smoke_study_runs_end_to_end(published_smoke):
     assert evaluation.loc["mask_rcnn-scratch", "published_bbox_AP"] == pytest.approx(0.437)  # beside the measured
     assert evaluation.loc["mask_rcnn-scratch", "published_segm_AP"] == pytest.approx(0.396)
     assert "bbox_AP" in evaluation.columns and pd.isna(evaluation.loc["mask_rcnn-derived", "published_bbox_AP"])
+    assert evaluation.loc["mask_rcnn-scratch", ["init", "schedule"]].tolist() == ["scratch", "9x"]
     spectra = pd.read_csv(results / "report" / "spectra.csv").set_index("run")
     assert set(spectra.index) == {"classifier", "mask_rcnn-scratch", "mask_rcnn-derived"}
     full_width = {"classifier": 41_664, "mask_rcnn-scratch": 42_688}  # the body's channels (+ FPN's for a detector)

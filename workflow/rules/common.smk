@@ -233,8 +233,9 @@ def import_args(wildcards):
         args = ["--from", entry["from"], "--channel-order", entry["channel_order"]]
         args += ["--pixel-mean", *map(str, entry["pixel_mean"]), "--pixel-std", *map(str, entry["pixel_std"])]
     args += ["--run", wildcards.imported]
-    if entry.get("init"):
-        args += ["--init", entry["init"]]
+    for key in ("init", "schedule", "source"):
+        if entry.get(key):
+            args += [f"--{key}", shlex.quote(entry[key])]
     if entry.get("category_ids"):
         args += ["--category-ids", *map(str, entry["category_ids"])]
     if entry.get("model"):

@@ -177,7 +177,7 @@ def _build(task: str, model_name: str, model_cfg: dict, classes: int, widths: An
 
 
 def convert(
-    weights: Path, request: Request, run: str | None = None, init: str | None = None
+    weights: Path, request: Request, run: str | None = None, init: str | None = None, labels: dict | None = None
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The eigpipe model (eval mode) and checkpoint meta of a published weights file."""
     from eigpipe.models import standard
@@ -255,7 +255,8 @@ def convert(
         "iteration": 0,
         "run": run or (chosen.name.partition("/")[2] if chosen else weights.stem),
         "init": init or (chosen.init if chosen else None),
-        "schedule": chosen.schedule if chosen else None,
+        "schedule": (labels or {}).get("schedule") or (chosen.schedule if chosen else None),
+        "imported_from": (labels or {}).get("source") or (chosen.config if chosen else weights.name),
         "seed": None,
         "published": _published(chosen),
         "provenance": record,
@@ -276,6 +277,8 @@ def import_checkpoint(
     channel_order: str | None = None,
     category_ids: list[int] | None = None,
     model_json: str | None = None,
+    schedule: str | None = None,
+    source_label: str | None = None,
 ) -> dict[str, Any]:
     """The ``eigpipe import`` stage (no config sections): write an eigpipe checkpoint; return its meta."""
     import json
@@ -290,7 +293,7 @@ def import_checkpoint(
         raise EigpipeError("--model-json: give an object of model-section keys")
     request = make_request(preset, family, pixel_mean, pixel_std, channel_order, category_ids, model)
     provenance.check_writable(out)
-    model, meta = convert(Path(weights), request, run, init)
+    model, meta = convert(Path(weights), request, run, init, {"schedule": schedule, "source": source_label})
     save_checkpoint(out, model, meta)
     print(
         f"import: {Path(weights).name} ({meta['provenance']['source']['preset'] or request.family}) -> {out}: "
