@@ -146,7 +146,8 @@ def test_imported_stem_and_first_block_see_rgb_as_upstream_sees_its_input(files,
 
 def _torchvision_reference(name: str) -> nn.Module:
     """torchvision's detector as `torchvision.models.detection.<name>(weights=COCO_V1)` builds it, random weights:
-    v1 with FrozenBatchNorm and eps 0 (overwrite_eps), v2 as its builder makes it."""
+    v1 with FrozenBatchNorm and eps 0 (overwrite_eps), v2 as its builder makes it. v1 files are written with the
+    key names of 2019 (before version 2 of the RPN head, FPN and mask head), as its published files have them."""
     builders = torchvision.models.detection
     if name.endswith("_v2"):
         return getattr(builders, name)(weights=None, weights_backbone=None)
@@ -154,6 +155,26 @@ def _torchvision_reference(name: str) -> nn.Module:
     model = (MaskRCNN if name.startswith("mask") else FasterRCNN)(backbone, num_classes=91)
     overwrite_eps(model, 0.0)
     return model
+
+
+def _before_version_2(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The key names of torchvision's first COCO files (2019), which predate version 2 of its RPN head, FPN and
+    mask head: the renames their ``_load_from_state_dict`` undo, in reverse."""
+    renames = (
+        (re.compile(r"rpn\.head\.conv\.0\.0\.(weight|bias)"), r"rpn.head.conv.\1"),
+        (re.compile(r"backbone\.fpn\.(inner|layer)_blocks\.(\d)\.0\.(weight|bias)"), r"backbone.fpn.\1_blocks.\2.\3"),
+        (
+            re.compile(r"roi_heads\.mask_head\.(\d)\.0\.(weight|bias)"),
+            lambda m: f"roi_heads.mask_head.mask_fcn{int(m[1]) + 1}.{m[2]}",
+        ),
+    )
+    old = {}
+    for key, value in state.items():
+        for pattern, replacement in renames:
+            key = pattern.sub(replacement, key)
+        old[key] = value
+    assert "rpn.head.conv.weight" in old and "backbone.fpn.inner_blocks.0.weight" in old
+    return old
 
 
 def _randomise(model: nn.Module, seed: int) -> None:
@@ -198,7 +219,8 @@ def test_torchvision_detectors_compute_what_torchvision_computes(tmp_path, name)
     reference = _torchvision_reference(name)
     _randomise(reference, seed=1)
     path = tmp_path / f"{name}.pth"
-    torch.save(reference.state_dict(), path)
+    state = reference.state_dict()
+    torch.save(state if name.endswith("_v2") else _before_version_2(state), path)
     out = tmp_path / "imported.pt"
     import_checkpoint({}, path, out, preset=f"torchvision/{name}", model_json=json.dumps(SMALL))
     model, meta = load_checkpoint(out)
