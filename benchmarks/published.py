@@ -18,6 +18,7 @@ Writes benchmarks/results/published.json.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 import tempfile
@@ -97,6 +98,13 @@ def _derivation(checkpoint: Path, store: Path, root: Path, size: int) -> dict[st
     }
 
 
+def _cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.partition(":")[2].strip()
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small images, 2 images: checks the script only")
@@ -112,6 +120,7 @@ def main() -> None:
     from tests.upstream_files import random_arrays, write_detectron2
 
     torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0]  # other processes on the machine: the wall times below share its cores
     size, image, images = (64, (80, 64), 2) if args.quick else (800, (640, 480), args.images)
     with tempfile.TemporaryDirectory(prefix="eigpipe-published-") as tmp:
         root = Path(tmp)
@@ -143,7 +152,11 @@ def main() -> None:
         },
         "derivation": derivation,
         "quick": args.quick,
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": torch.get_num_threads()},
+        "machine": {
+            "cpu": _cpu_model(),
+            "cores": os.cpu_count(),
+            "load_average_1min": [load_before, os.getloadavg()[0]],
+        },
         "versions": versions(),
         "command": "benchmarks/published.py" + (" --quick" if args.quick else ""),
     }
