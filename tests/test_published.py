@@ -27,6 +27,7 @@ from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.ops import FrozenBatchNorm2d
 
 from eigpipe import cli
+from eigpipe.errors import EigpipeError
 from eigpipe.models import build_transform, load_checkpoint
 from eigpipe.models.published.presets import PRESETS
 from eigpipe.models.published.stage import convert, import_checkpoint, make_request
@@ -412,3 +413,17 @@ def test_an_import_sets_only_test_time_model_keys(capsys, tmp_path, files):
     weights, preset = files["detectron2"][0], "detectron2/mask_rcnn_R_50_FPN_3x_gn"
     pattern = r"--model-json: norm is set by the weights"
     _assert_refused(capsys, tmp_path, weights, preset, pattern, "--model-json", '{"norm": "bn"}')
+
+
+def test_a_detector_normalises_its_images_as_its_init_expects(tmp_path, tiny_model, complete):
+    """A GN classifier imported with BGR 0-255 preprocessing folded in (image_std 1/255) is the init of a detector
+    only with the same image_mean and image_std."""
+    from eigpipe.models import Classifier, build_body, save_checkpoint
+    from eigpipe.train.loop import _check_pretrained_input
+
+    folded = {**tiny_model, "image_std": [1 / 255] * 3}
+    path = tmp_path / "classifier.pt"
+    save_checkpoint(path, Classifier(build_body(folded), 10), {"task": "classification", "model_config": folded})
+    _check_pretrained_input(folded, path)
+    with pytest.raises(EigpipeError, match=r"its weights expect image_mean .* image_std \[0\.0039"):
+        _check_pretrained_input(tiny_model, path)
