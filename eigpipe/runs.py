@@ -43,13 +43,12 @@ def seeds(config: dict) -> list[int]:
 
 
 def imported_runs(config: dict) -> dict[str, Run]:
-    """Runs imported from published checkpoints, by name (their model from the preset, when one is named)."""
-    from eigpipe.models.published.presets import PRESETS
-
+    """Runs imported from published checkpoints, by name. Their model is a label read off the preset's name
+    (the presets live beside the importers, which need torch; the Snakefile does not)."""
     found = {}
     for name, entry in config.get("imports", {}).items():
-        preset = PRESETS.get(entry.get("preset") or "")
-        model = preset.model_name if preset else "imported"
+        preset = entry.get("preset") or ""
+        model = "mask_rcnn" if "mask" in preset else "faster_rcnn" if preset else "imported"
         found[name] = Run(name, model, entry["init"], config["seed"], imported=True)
     return found
 

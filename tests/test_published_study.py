@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw
 
 from eigpipe import config, runs
 from eigpipe.errors import ConfigError
+from eigpipe.models.published.presets import PRESETS
 from tests import upstream_keys
 from tests.upstream_files import random_arrays, write_caffe2, write_detectron2
 from tests.workflow_helpers import REPO, dry_run, failure, make_workdir, snakemake, write_config
@@ -74,6 +75,10 @@ def test_the_source_of_the_widths_must_be_a_run_of_the_study():
     study = config.load(REPO / PUBLISHED)
     assert runs.source_run(study, "mask_rcnn") == "mask_rcnn-scratch" and study["imports"]["mask_rcnn-scratch"]
     assert [r.name for r in runs.detector_runs(study).values() if r.imported] == list(study["imports"])
+    for name, preset in PRESETS.items():  # the run's model label, read off a preset's name without torch
+        if preset.model_name != "classifier":
+            imported = runs.imported_runs({"seed": 0, "imports": {"r": {"preset": name, "init": "scratch"}}})
+            assert imported["r"].model == preset.model_name, name
     study["widths"]["source_run"] = "mask_rcnn-scratch-12x"
     with pytest.raises(ConfigError, match=r"widths\.source_run: mask_rcnn-scratch-12x is no trained or imported run"):
         runs.detector_runs(study)
