@@ -133,12 +133,6 @@ def load_pretrained_body(body: nn.Module, path: str | Path, bn_into_gn: bool = F
     """
     source = body_state(path)
     target = body.state_dict()
-    statistics = next((k for k in source if k.endswith("running_var")), None)
-    if statistics and any(isinstance(m, nn.GroupNorm) for m in body.modules()) and not bn_into_gn:
-        raise EigpipeError(
-            f"{path}: BatchNorm-trained weights ({statistics}) cannot initialise a GroupNorm body; use GroupNorm-"
-            "trained ImageNet weights (eigpipe import --preset detectron2/R-50-GN) or set train.init_gn_from_bn"
-        )
     for key, value in target.items():
         if key not in source:
             if key.endswith("num_batches_tracked"):
@@ -149,5 +143,11 @@ def load_pretrained_body(body: nn.Module, path: str | Path, bn_into_gn: bool = F
                 f"{path}: {key} has shape {list(source[key].shape)}, the model expects {list(value.shape)}"
                 " (widths differ)"
             )
+    statistics = next((k for k in source if k.endswith("running_var")), None)
+    if statistics and any(isinstance(m, nn.GroupNorm) for m in body.modules()) and not bn_into_gn:
+        raise EigpipeError(
+            f"{path}: BatchNorm-trained weights ({statistics}) cannot initialise a GroupNorm body; use GroupNorm-"
+            "trained ImageNet weights (eigpipe import --preset detectron2/R-50-GN) or set train.init_gn_from_bn"
+        )
     body.load_state_dict({k: source[k] for k in target if k in source}, strict=False)
     return sorted(k for k in set(source) - set(target) if not k.endswith("num_batches_tracked"))
