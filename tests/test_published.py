@@ -427,3 +427,26 @@ def test_a_detector_normalises_its_images_as_its_init_expects(tmp_path, tiny_mod
     _check_pretrained_input(folded, path)
     with pytest.raises(EigpipeError, match=r"its weights expect image_mean .* image_std \[0\.0039"):
         _check_pretrained_input(tiny_model, path)
+
+
+def test_aligned_roi_align_pools_each_box_from_its_level_with_half_pixel_alignment():
+    from collections import OrderedDict
+
+    from torchvision.ops import MultiScaleRoIAlign, roi_align
+
+    from eigpipe.models.poolers import AlignedMultiScaleRoIAlign
+
+    g = torch.Generator().manual_seed(0)
+    features = OrderedDict((str(i), torch.randn(2, 3, 64 >> i, 64 >> i, generator=g)) for i in range(4))
+    boxes = [torch.tensor([[2.0, 3.0, 20.0, 30.0], [0.0, 0.0, 250.0, 250.0]]), torch.tensor([[10.0, 5.0, 130.0, 90.0]])]
+    aligned = AlignedMultiScaleRoIAlign(list(features), 7, 0)
+    pooled = aligned(features, boxes, [(256, 256)] * 2)
+    levels = aligned.map_levels(boxes)
+    rois = torch.cat([torch.cat([torch.full((len(b), 1), float(i)), b], 1) for i, b in enumerate(boxes)])
+    assert sorted(set(levels.tolist())) == [0, 2]  # the boxes fall on two levels
+    for k, level in enumerate(levels.tolist()):
+        scale = 1 / 4 / 2**level
+        want = roi_align(features[str(level)], rois[k : k + 1], 7, scale, sampling_ratio=0, aligned=True)
+        torch.testing.assert_close(pooled[k : k + 1], want)
+    unaligned = MultiScaleRoIAlign(list(features), 7, 0)(features, boxes, [(256, 256)] * 2)
+    assert not torch.allclose(pooled, unaligned)
