@@ -23,14 +23,17 @@ from eigpipe.models import load_checkpoint
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
 
-def to_coco_results(output: dict[str, torch.Tensor], image_id: int, category_ids: list[int]) -> list[dict]:
-    """One image's predictions as COCO result records (xywh boxes, category ids, RLE masks)."""
+def to_coco_results(output: dict[str, torch.Tensor], image_id: int, category_ids: list[int | None]) -> list[dict]:
+    """One image's predictions as COCO result records (xywh boxes, category ids, RLE masks); labels whose
+    category id is None (torchvision's "N/A" outputs of an imported COCO model) are no category."""
     boxes = box_convert(output["boxes"].cpu(), in_fmt="xyxy", out_fmt="xywh")
     records = []
     masks = output.get("masks")
     for k, (box, label, score) in enumerate(
         zip(boxes.tolist(), output["labels"].tolist(), output["scores"].tolist(), strict=True)
     ):
+        if category_ids[label - 1] is None:
+            continue
         record = {"image_id": image_id, "category_id": category_ids[label - 1], "bbox": box, "score": score}
         if masks is not None:
             binary = (masks[k, 0] > 0.5).cpu().numpy().astype(np.uint8)
@@ -91,7 +94,7 @@ def evaluate_checkpoint(cfg: dict, checkpoint: Path, annotations: Path, images: 
     if meta["task"] != "detection":
         raise EigpipeError(f"{checkpoint}: a {meta['task']} checkpoint cannot be evaluated as a detector")
     dataset = CocoDetection(annotations, images, train=False)
-    if list(dataset.category_ids) != list(meta["category_ids"]):
+    if list(dataset.category_ids) != [c for c in meta["category_ids"] if c is not None]:
         raise EigpipeError(
             f"{annotations}: categories {dataset.category_ids} differ from the checkpoint's {meta['category_ids']}"
         )
@@ -117,6 +120,9 @@ def evaluate_checkpoint(cfg: dict, checkpoint: Path, annotations: Path, images: 
         "checkpoint_sha256": meta["sha256"],
         "n_images": count,
         "n_detections": len(results),
+        "published": meta.get("published"),  # an imported checkpoint's published AP, beside the measured one
+        "schedule": meta.get("schedule"),
+        "imported_from": meta.get("imported_from"),
         "bbox": coco_stats(dataset.coco, results, "bbox", image_ids),
         "complexity": {"input_size": [size, size], **model_complexity(model, size, size)},
         "provenance": provenance.record(config=cfg, inputs=[annotations], seed=None, device=str(env.device)),

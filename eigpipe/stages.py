@@ -84,6 +84,37 @@ STAGES: dict[str, Stage] = {
             (Arg(("files",), {"type": Path, "nargs": "+", "metavar": "STUDY", "help": "study YAML, then overlays"}),),
         ),
         Stage(
+            "import",
+            "a published checkpoint (torchvision, detectron2, mmdetection) as an eigpipe checkpoint",
+            (),
+            "eigpipe.models.published.stage:import_checkpoint",
+            (
+                Arg(("--preset",), {"metavar": "NAME", "help": "<family>/<upstream config name> (README)"}),
+                Arg(
+                    ("--from",),
+                    {
+                        "choices": ["torchvision", "detectron2", "mmdet"],
+                        "dest": "family",
+                        "help": "another file of this family (architecture read off the file)",
+                    },
+                ),
+                _path("--weights", help="the published weights file (.pth / .pkl), read in place"),
+                _path("--out", help="eigpipe checkpoint to write"),
+                Arg(("--run",), {"help": "run name (default: the preset's config name or the file's stem)"}),
+                Arg(("--init",), {"help": "how the upstream training started (default: the preset's)"}),
+                Arg(("--schedule",), {"help": "label: the upstream schedule (default: the preset's)"}),
+                Arg(("--source",), {"dest": "source_label", "help": "label: where the file comes from"}),
+                Arg(("--pixel-mean",), {"type": float, "nargs": 3, "metavar": "V", "help": "with --from"}),
+                Arg(("--pixel-std",), {"type": float, "nargs": 3, "metavar": "V", "help": "with --from"}),
+                Arg(("--channel-order",), {"choices": ["RGB", "BGR"], "help": "with --from: what the stem conv reads"}),
+                Arg(("--category-ids",), {"type": int, "nargs": "+", "help": "dataset category id of each class"}),
+                Arg(
+                    ("--model-json",),
+                    {"metavar": "JSON", "help": "test-time model keys, e.g. '{\"min_size\": 600}' (README)"},
+                ),
+            ),
+        ),
+        Stage(
             "complexity",
             "params and MACs of backbone body, FPN and detector",
             ("model",),

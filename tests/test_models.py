@@ -68,7 +68,11 @@ def test_standard_body_loads_torchvision_resnet50_weights(tmp_path):
     body = build_body(model_section(**{"norm": "frozen_bn"}))
     unused = load_pretrained_body(body, path)
     assert unused == []
-    gn_unused = load_pretrained_body(build_body(model_section(**{"norm": "gn"})), path)
+    with pytest.raises(
+        EigpipeError, match=r"BatchNorm-trained weights \(bn1\.running_var\) cannot initialise a GroupNorm"
+    ):
+        load_pretrained_body(build_body(model_section(**{"norm": "gn"})), path)
+    gn_unused = load_pretrained_body(build_body(model_section(**{"norm": "gn"})), path, bn_into_gn=True)
     assert "layer2.1.bn2.running_mean" in gn_unused and not any(k.endswith("weight") for k in gn_unused)
     assert torch.equal(body.layer3[4].conv2.weight, reference.layer3[4].conv2.weight)
     assert torch.equal(body.layer1[0].bn1.running_var, reference.layer1[0].bn1.running_var)

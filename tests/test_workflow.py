@@ -113,7 +113,7 @@ def fake_coco(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("coco")
     for folder in ("train2017", "val2017"):
         (root / folder).mkdir()
-    for name in ("train.json", "val.json", "resnet50.pth"):
+    for name in ("train.json", "val.json", "R-50-GN.pkl"):
         (root / name).write_text("{}")
     return write_config(
         root / "coco.yaml",
@@ -123,7 +123,7 @@ def fake_coco(tmp_path_factory) -> Path:
             "data.coco.train_images": str(root / "train2017"),
             "data.coco.val_annotations": str(root / "val.json"),
             "data.coco.val_images": str(root / "val2017"),
-            "pretrain.weights": str(root / "resnet50.pth"),
+            "pretrain.weights": str(root / "R-50-GN.pkl"),
         },
     )
 
@@ -166,10 +166,12 @@ def test_coco_dag_uses_the_dataset_and_weights_in_place(workdir, fake_coco):
     assert counts["covariance"] == 4 * (len(snapshots) + 1) + 2 + 1
     weights = yaml.safe_load(fake_coco.read_text())["pretrain"]["weights"]
     commands = jobs(output)
+    (imported,) = [c for (rule, _), c in commands.items() if rule == "import_checkpoint"]  # Detectron's R-50-GN
+    assert "--preset detectron2/R-50-GN" in imported and f"--weights {weights}" in imported
     classifier = [c for (rule, out), c in commands.items() if rule == "covariance" and "/classifier/" in out]
-    assert len(classifier) == 1 and f"--checkpoint {weights}" in classifier[0]
+    assert len(classifier) == 1 and "--checkpoint results/coco/import/classifier.pt" in classifier[0]
     pretrained = [c for (rule, _), c in commands.items() if rule == "train_detector" and "pretrained:" in c]
-    assert len(pretrained) == 2 and all(f"--init pretrained:{weights}" in c for c in pretrained)
+    assert len(pretrained) == 2 and all("--init pretrained:results/coco/import/classifier.pt" in c for c in pretrained)
 
 
 def test_other_studies_inherit_nothing_from_the_demo(workdir, fake_coco, smoke_dry_run):

@@ -115,11 +115,21 @@ def body_state(path: str | Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if not k.startswith("fc.")}
 
 
-def load_pretrained_body(body: nn.Module, path: str | Path) -> list[str]:
+def pretrained_input(path: str | Path) -> tuple[list[float], list[float]]:
+    """(image mean, image std) the weights of a classifier/detector checkpoint or torchvision state dict expect."""
+    from eigpipe.models.detector import IMAGENET_MEAN, IMAGENET_STD
+
+    raw = read_checkpoint(path)
+    model_cfg = raw.get("model_config", {}) if raw.get("format") == FORMAT else {}
+    return list(model_cfg.get("image_mean", IMAGENET_MEAN)), list(model_cfg.get("image_std", IMAGENET_STD))
+
+
+def load_pretrained_body(body: nn.Module, path: str | Path, bn_into_gn: bool = False) -> list[str]:
     """Copy pre-trained weights into a detector's body; return the source keys that were not used.
 
-    Running statistics of a BatchNorm source are unused when the body uses GroupNorm; any shape or
-    missing-weight mismatch is an error naming the tensor.
+    Any shape or missing-weight mismatch is an error naming the tensor. BatchNorm-trained weights (with running
+    statistics) initialise a GroupNorm body only when ``bn_into_gn`` asks for it: their affine terms are then
+    copied and the statistics dropped, which is not the GN-trained ImageNet init of He et al.'s GN detectors.
     """
     source = body_state(path)
     target = body.state_dict()
@@ -133,5 +143,11 @@ def load_pretrained_body(body: nn.Module, path: str | Path) -> list[str]:
                 f"{path}: {key} has shape {list(source[key].shape)}, the model expects {list(value.shape)}"
                 " (widths differ)"
             )
+    statistics = next((k for k in source if k.endswith("running_var")), None)
+    if statistics and any(isinstance(m, nn.GroupNorm) for m in body.modules()) and not bn_into_gn:
+        raise EigpipeError(
+            f"{path}: BatchNorm-trained weights ({statistics}) cannot initialise a GroupNorm body; use GroupNorm-"
+            "trained ImageNet weights (eigpipe import --preset detectron2/R-50-GN) or set train.init_gn_from_bn"
+        )
     body.load_state_dict({k: source[k] for k in target if k in source}, strict=False)
     return sorted(k for k in set(source) - set(target) if not k.endswith("num_batches_tracked"))

@@ -21,15 +21,16 @@ from eigpipe.models.widths import WidthSpec
 NormFactory = Callable[[int], nn.Module]
 
 
-def norm_factory(norm: str, gn_groups: int = 32) -> NormFactory:
+def norm_factory(norm: str, gn_groups: int = 32, eps: float = 1e-5) -> NormFactory:
     """bn | frozen_bn | gn | sync_bn (built as BN; converted to SyncBN when training under DDP).
 
-    GroupNorm uses gcd(channels, gn_groups) groups, so narrow layers still get a valid grouping.
+    GroupNorm uses gcd(channels, gn_groups) groups, so narrow layers still get a valid grouping. ``eps`` is the
+    BatchNorm epsilon (torchvision's first COCO detectors were trained with 0).
     """
     if norm in ("bn", "sync_bn"):
-        return nn.BatchNorm2d
+        return partial(nn.BatchNorm2d, eps=eps)
     if norm == "frozen_bn":
-        return FrozenBatchNorm2d
+        return partial(FrozenBatchNorm2d, eps=eps)
     if norm == "gn":
         return lambda channels: nn.GroupNorm(math.gcd(channels, gn_groups), channels)
     raise ConfigError(f"model.norm: unknown norm {norm!r}")
@@ -110,12 +111,18 @@ def freeze_for_trainable_layers(body: nn.Module, trainable_layers: int) -> None:
             param.requires_grad_(False)
 
 
-def gn_norm_for(model_cfg: dict) -> Callable[[int], nn.Module] | None:
-    """GroupNorm factory for FPN / heads when the config asks for norm gn (and fpn_norm)."""
-    if model_cfg["norm"] == "gn" and model_cfg["fpn_norm"]:
-        return partial(_gn, groups=model_cfg["gn_groups"])
-    return None
+def head_norm_for(model_cfg: dict) -> NormFactory | None:
+    """Norm factory of the FPN and mask-head convs: ``head_norm`` when set, else (auto) GroupNorm when the
+    config asks for norm gn and fpn_norm, none otherwise."""
+    head = model_cfg["head_norm"]
+    if head == "auto":
+        head = "gn" if model_cfg["norm"] == "gn" and model_cfg["fpn_norm"] else "none"
+    return None if head == "none" else norm_factory(head, model_cfg["gn_groups"])
 
 
-def _gn(channels: int, groups: int) -> nn.Module:
-    return nn.GroupNorm(math.gcd(channels, groups), channels)
+def box_head_norm_for(model_cfg: dict) -> NormFactory | None:
+    """Norm factory of a convfc box head's convs: ``head_norm`` when set, else (auto) the body's norm."""
+    head = model_cfg["head_norm"]
+    if head == "auto":
+        return norm_factory(model_cfg["norm"], model_cfg["gn_groups"])
+    return None if head == "none" else norm_factory(head, model_cfg["gn_groups"])

@@ -211,6 +211,19 @@ def parse_init(init: str) -> tuple[str, Path | None]:
     return "pretrained", Path(path)
 
 
+def _check_pretrained_input(model_cfg: dict, init_path: Path) -> None:
+    """The detector must normalise its images as the pre-trained weights were trained to see them."""
+    from eigpipe.models.checkpoint import pretrained_input
+
+    mean, std = pretrained_input(init_path)
+    ours = (list(model_cfg["image_mean"]), list(model_cfg["image_std"]))
+    if not all(abs(a - b) <= 1e-6 * max(1.0, abs(b)) for a, b in zip([*ours[0], *ours[1]], [*mean, *std], strict=True)):
+        raise EigpipeError(
+            f"--init {init_path}: its weights expect image_mean {mean} and image_std {std}; model.image_mean and "
+            f"model.image_std are {ours[0]} and {ours[1]}"
+        )
+
+
 def flip_detection(probability: float, sample: Any, rng: np.random.Generator) -> Any:
     """Seeded horizontal flip of an (image, target) detection sample (module level: picklable for workers)."""
     from eigpipe.data.coco import hflip
@@ -236,7 +249,8 @@ def train_detector(cfg: dict, model_name: str, init: str, annotations: Path, ima
     )
     model = build_detector(model_name, cfg["model"], dataset.num_classes)
     if init_path is not None:
-        unused = load_pretrained_body(model.backbone.body, init_path)
+        _check_pretrained_input(cfg["model"], init_path)
+        unused = load_pretrained_body(model.backbone.body, init_path, cfg["train"]["init_gn_from_bn"])
         print(f"initialised body from {init_path} ({len(unused)} source tensors unused)", file=sys.stderr)
     out = Path(out)
     meta = _base_meta(cfg, "detection", model_name, out, init_kind, [annotations, init_path], seed, env)

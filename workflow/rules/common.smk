@@ -1,7 +1,9 @@
 # Helpers for the rules in this folder: config sections as params, code hashes, paths, input functions.
 # Which sections a stage reads and which code it runs come from the package's stage table
 # (eigpipe.stages.STAGES); nothing here repeats it.
+import json
 import re
+import shlex
 from pathlib import Path
 
 from eigpipe import runs
@@ -62,6 +64,8 @@ def detector_config(wildcards):
     run = RUNS[wildcards.detector]
     schedule = detector_schedule(config["train"], run.init)
     train = {"models": [run.model], "inits": [run.init], "schedule": schedule}
+    if run.init == "pretrained":
+        train["init_gn_from_bn"] = config["train"]["init_gn_from_bn"]
     sections = {name: config[name] for name in STAGES["train"].sections}
     model = {**config["model"], "widths": widths_file(wildcards.study, run.widths)} if run.widths else config["model"]
     return dumps({**sections, "model": model, "train": train, "seed": run.seed})
@@ -122,12 +126,21 @@ def coco_split(wildcards):
 def classifier_checkpoint(wildcards):
     if config["pretrain"]["source"] == "torchvision":
         return config["pretrain"]["weights"]
+    if config["pretrain"]["source"] == "detectron2":  # imported (rules/import.smk)
+        return f"results/{wildcards.study}/import/classifier.pt"
     return f"results/{wildcards.study}/pretrain/final.pt"
 
 
 def configured_widths(wildcards):
     """The widths spec file `model.widths` names (none when unset): an input, so editing it reruns its readers."""
     return [config["model"]["widths"]] if config["model"]["widths"] else []
+
+
+def final_checkpoint(study, run):
+    """A detector run's final checkpoint: trained (train/<run>/final.pt) or imported (import/<run>.pt)."""
+    if RUNS[run].imported:
+        return f"results/{study}/import/{run}.pt"
+    return f"results/{study}/train/{run}/final.pt"
 
 
 def detector_inputs(wildcards):
@@ -172,7 +185,7 @@ def model_arg(wildcards):
 
 
 def iterations(run):
-    if run == "classifier" or RUNS[run].widths:  # derived runs: is each layer's width used (final model)
+    if run == "classifier" or RUNS[run].widths or RUNS[run].imported:  # one final model (derived: is each width used)
         return ["final"]
     return [*map(str, SNAPSHOTS), "final"]
 
@@ -185,7 +198,7 @@ def derivation_inputs(wildcards):
     snapshot = str(iteration) if iteration in SNAPSHOTS else "final"
     return {
         "dimensions": f"results/{wildcards.study}/spectrum/{source}/{snapshot}.parquet",
-        "checkpoint": f"results/{wildcards.study}/train/{source}/final.pt",
+        "checkpoint": final_checkpoint(wildcards.study, source),
     }
 
 
@@ -193,7 +206,7 @@ def covariance_checkpoint(wildcards):
     if wildcards.run == "classifier":
         return classifier_checkpoint(wildcards)
     if wildcards.iteration == "final":
-        return f"results/{wildcards.study}/train/{wildcards.run}/final.pt"
+        return final_checkpoint(wildcards.study, wildcards.run)
     return f"results/{wildcards.study}/train/{wildcards.run}/snapshots/{wildcards.iteration}.pt"
 
 
@@ -212,3 +225,37 @@ REPORT_FILES = ["eigenvalues.png", "dimensions.png", "dynamics.png", "spectra.cs
 
 def report_outputs():
     return expand("results/{study}/report/{name}", study=config["study"], name=REPORT_FILES)
+
+
+# ---- imported checkpoints (rules/import.smk) ----
+
+
+def import_entries():
+    """{run: import entry} of the study, the classifier (pretrain.source detectron2) included."""
+    entries = dict(config["imports"])
+    if config["pretrain"]["source"] == "detectron2":  # it sees images at the study's detector sizes
+        sizes = {key: config["model"][key] for key in ("min_size", "max_size")}
+        entries["classifier"] = {"preset": "detectron2/R-50-GN", "weights": config["pretrain"]["weights"], "model": sizes}
+    return entries
+
+
+IMPORTS = import_entries()
+
+
+def import_args(wildcards):
+    """The command-line arguments of one import: its preset (or family and preprocessing), run name and init."""
+    entry = IMPORTS[wildcards.imported]
+    if entry.get("preset"):
+        args = ["--preset", entry["preset"]]
+    else:
+        args = ["--from", entry["from"], "--channel-order", entry["channel_order"]]
+        args += ["--pixel-mean", *map(str, entry["pixel_mean"]), "--pixel-std", *map(str, entry["pixel_std"])]
+    args += ["--run", wildcards.imported]
+    for key in ("init", "schedule", "source"):
+        if entry.get(key):
+            args += [f"--{key}", shlex.quote(entry[key])]
+    if entry.get("category_ids"):
+        args += ["--category-ids", *map(str, entry["category_ids"])]
+    if entry.get("model"):
+        args += ["--model-json", shlex.quote(json.dumps(entry["model"], sort_keys=True))]
+    return " ".join(args)

@@ -1,6 +1,6 @@
 rule evaluate:
     input:
-        checkpoint="results/{study}/train/{detector}/final.pt",
+        checkpoint=lambda wildcards: final_checkpoint(wildcards.study, wildcards.detector),
         data=dataset_input,
     output:
         "results/{study}/eval/{detector}.json",
