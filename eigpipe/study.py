@@ -15,14 +15,21 @@ from eigpipe.errors import ConfigError
 
 def _violations(study: dict) -> Iterator[tuple[str, str]]:
     """Rules that span sections: the derived widths need their source run, and a source snapshot that exists."""
+    from eigpipe.runs import base_runs, imported_runs
+
     widths, inits = study["widths"], study["train"]["inits"]
     if not widths["enabled"]:
         return
-    if widths["source_init"] not in inits:
-        hint = "add it, or set widths.enabled: false"
+    source = widths["source_run"]
+    if source is None and widths["source_init"] not in inits:
+        hint = "add it, name a run in widths.source_run, or set widths.enabled: false"
         yield "widths.source_init", f"{widths['source_init']} is not in train.inits {inits}, so no widths ({hint})"
+    runs = base_runs(study)
+    if source is not None and source not in runs:
+        yield "widths.source_run", f"{source} is no trained or imported run of the study ({', '.join(sorted(runs))})"
     snapshots, iteration = sorted(study["train"]["schedule"]["snapshots"]), widths["source_iteration"]
-    if iteration is not None and iteration not in snapshots:
+    imported = source is not None and source in imported_runs(study)
+    if iteration is not None and (imported or iteration not in snapshots):
         hint = "null takes the final model"
         yield "widths.source_iteration", f"{iteration} is not one of train.schedule.snapshots {snapshots} ({hint})"
 
