@@ -2,7 +2,7 @@
 
 For each key, the study file with only that key changed must make Snakemake plan exactly the jobs whose stage
 reads the key's section (eigpipe/stages.py) and everything downstream of them, and nothing else. Keys that choose
-which runs exist add or drop runs instead (RUN_CHOOSING), and two keys reach only some training runs (NARROWED).
+which runs exist add or drop runs instead (RUN_CHOOSING), and three keys reach only some training runs (_narrowed).
 The plans come from tests/dag_plans.py: Snakemake's own DAG and rerun decision, many studies per process.
 """
 
@@ -28,7 +28,7 @@ from eigpipe.stages import STAGES
 from tests.workflow_helpers import REPO, SMOKE, env
 
 EVERY_KEY = ("model", "train", "data", "covariance")  # every key of these sections; one key of each other
-RUN_CHOOSING = ("train.models", "train.inits", "train.seeds", "widths.enabled", "widths.measures")
+RUN_CHOOSING = ("train.models", "train.inits", "train.seeds", "widths.enabled", "widths.measures", "imports")
 PLANNED_ALWAYS = ("all",)  # the target rule: planned whenever anything is
 
 
@@ -159,8 +159,9 @@ def _with(base: dict, changes: dict) -> dict:
 
 
 def _run_of(job: dict) -> str | None:
-    match = re.match(r"results/[^/]+/train/([^/]+)/final\.pt$", next(iter(job["outputs"]), ""))
-    return match and match.group(1)
+    """The run a training or import job makes."""
+    match = re.match(r"results/[^/]+/(?:train/([^/]+)/final|import/([^/]+))\.pt$", next(iter(job["outputs"]), ""))
+    return match and (match.group(1) or match.group(2))
 
 
 def _narrowed(key: str, base: dict, jobs: list[dict]) -> list[dict] | None:
@@ -170,6 +171,10 @@ def _narrowed(key: str, base: dict, jobs: list[dict]) -> list[dict] | None:
         return [j for j in jobs if _run_of(j) and _init_of(_run_of(j)) not in own_steps]
     if key.startswith("train.steps_by_init."):
         return [j for j in jobs if _run_of(j) and _init_of(_run_of(j)) == key.rsplit(".", 1)[1]]
+    if key == "train.init_gn_from_bn":  # how a pre-trained init may load: the pre-trained runs only
+        return [
+            j for j in jobs if _run_of(j) and j["rule"] == "train_detector" and _init_of(_run_of(j)) == "pretrained"
+        ]
     return None
 
 
@@ -236,8 +241,15 @@ def test_every_config_key_reruns_exactly_the_jobs_that_read_it(smoke_run, frozen
     widths = tmp_path / "widths.yaml"  # a widths spec no job of the study makes (the smoke run's derived one)
     spec = yaml.safe_load((smoke_run / "results/smoke/widths/faster_rcnn-derived.yaml").read_text())
     widths.write_text(yaml.safe_dump({"stem": spec["stem"], "stages": spec["stages"]}))
+    weights = tmp_path / "published.pth"  # planning an import needs only its file to exist
+    weights.write_bytes(b"placeholder")
+    published = {
+        "tv-faster": {"preset": "torchvision/fasterrcnn_resnet50_fpn", "weights": str(weights), "init": "pretrained"}
+    }
     monkeypatch.chdir(smoke_run)  # where the changed studies' relative paths resolve
-    changes = sweep(base, {**OVERRIDES, "model.widths": {"model.widths": str(widths)}})
+    changes = sweep(
+        base, {**OVERRIDES, "model.widths": {"model.widths": str(widths)}, "imports": {"imports": published}}
+    )
     assert {key.split(".")[0] for key in changes} == set(cfg.schema()["properties"])  # every section
     assert set(RUN_CHOOSING) <= set(changes)
     raw = yaml.safe_load((REPO / SMOKE).read_text())
