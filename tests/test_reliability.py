@@ -163,7 +163,17 @@ def test_spectrum_killed_between_its_outputs_never_leaves_a_complete_half(tmp_pa
     monkeypatch.setattr(spectrum, "write_table", killed)
     with pytest.raises(KeyboardInterrupt):
         spectrum.decompose(
-            {"spectrum": {"threshold": 1e-3, "relative_threshold": 1e-3, "soft_lambda": 1e-3}}, covariance_store, out
+            {
+                "spectrum": {
+                    "threshold": 1e-3,
+                    "relative_threshold": 1e-3,
+                    "soft_lambda": 1e-3,
+                    "saturation_threshold": 0.99,
+                    "alpha_ranks": [6, 100],
+                }
+            },
+            covariance_store,
+            out,
         )
     assert not out.exists()
     with pytest.raises(EigpipeError, match="spectrum table .* is missing: the spectrum stage did not finish"):
