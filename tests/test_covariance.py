@@ -14,26 +14,13 @@ import pytest
 import torch
 import zarr
 
-from eigpipe import config
 from eigpipe.errors import EigpipeError, NumericalError
 from eigpipe.spectral import buffers, extract, hooks, store
 from eigpipe.spectral.accumulator import CovarianceAccumulator, NonFiniteFeature
 from eigpipe.spectral.layers import select_layers
+from tests.helpers import SMALL_MODEL, covariance_args
 
 torch.set_num_threads(1)
-
-SMALL_MODEL = {  # completed by the schema below, as every stage receives it
-    "depths": [1, 1, 1, 1],
-    "width_multiplier": 0.125,
-    "norm": "gn",
-    "gn_groups": 4,
-    "fpn_channels": 16,
-    "box_head": {"type": "mlp", "representation_size": 32},
-    "anchor_sizes": [8, 16, 32, 64, 128],
-    "min_size": 64,
-    "max_size": 64,
-}
-SMALL_MODEL = config.validate(SMALL_MODEL, "test", config.schema()["properties"]["model"])
 
 
 # ---- reference ------------------------------------------------------------------------------------
@@ -412,42 +399,6 @@ def test_nan_feature_names_layer_and_image_id(stage: dict, monkeypatch: pytest.M
 
 
 # ---- end to end, through the CLI, on real checkpoints and synthetic data ----------------------------
-
-
-@pytest.fixture(scope="module")
-def on_disk(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """A small synthetic val split and two saved checkpoints (detector and classifier)."""
-    from eigpipe.data import synthetic
-    from eigpipe.models import Classifier, build_body, build_detector, save_checkpoint
-
-    root = tmp_path_factory.mktemp("on_disk")
-    synth = {"image_size": 64, "train_images": 1, "val_images": 5}
-    synth["classification"] = {"image_size": 16, "train_per_class": 1, "val_per_class": 1}
-    synthetic.generate({"data": {"source": "synthetic", "synthetic": synth}, "seed": 0}, out=root / "data")
-    widths = {"stem": 8, "stages": [{"out": w * 4, "blocks": [[w, w]]} for w in (8, 16, 32, 64)]}
-    base = {"model_config": SMALL_MODEL, "widths": widths, "num_classes": 4, "provenance": {}, "iteration": 30}
-    torch.manual_seed(0)
-    models = {
-        "faster_rcnn-scratch": (build_detector("faster_rcnn", SMALL_MODEL, 4), "detection", "faster_rcnn"),
-        "classifier": (Classifier(build_body(SMALL_MODEL), 4), "classification", "classifier"),
-    }
-    checkpoints = {}
-    for run, (model, task, name) in models.items():
-        checkpoints[run] = root / run / "final.pt"
-        save_checkpoint(
-            checkpoints[run], model, {**base, "task": task, "model_name": name, "run": run, "init": "scratch"}
-        )
-    return {
-        "root": root,
-        "annotations": root / "data/detection/instances_val.json",
-        "images": root / "data/detection/val",
-        "checkpoints": checkpoints,
-    }
-
-
-def covariance_args(on_disk: dict, run: str, cfg: str, out: Path) -> list[str]:
-    args = ["covariance", "--config-json", cfg, "--checkpoint", str(on_disk["checkpoints"][run])]
-    return [*args, "--data", str(on_disk["annotations"]), "--image-dir", str(on_disk["images"]), "--out", str(out)]
 
 
 def test_cli_covariance_spectrum_dimensions_report(on_disk: dict, tmp_path: Path) -> None:
