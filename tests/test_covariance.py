@@ -17,6 +17,7 @@ import zarr
 from eigpipe.errors import EigpipeError, NumericalError
 from eigpipe.spectral import buffers, extract, hooks, store
 from eigpipe.spectral.accumulator import CovarianceAccumulator, NonFiniteFeature
+from eigpipe.spectral.features import crop_valid
 from eigpipe.spectral.layers import select_layers
 from tests.helpers import SMALL_MODEL, covariance_args
 
@@ -158,9 +159,9 @@ def test_non_finite_feature_names_the_image_and_changes_nothing() -> None:
 
 def test_crop_valid_removes_batch_padding() -> None:
     feats = torch.zeros(2, 3, 8, 8)
-    crops = hooks._crop_valid(feats, [(128, 96), (100, 128)], (128, 128))
+    crops = crop_valid(feats, [(128, 96), (100, 128)], (128, 128))
     assert [tuple(c.shape) for c in crops] == [(3, 8, 6), (3, math.ceil(100 * 8 / 128), 8)]
-    assert hooks._crop_valid(feats, [(128, 128), (128, 128)], (128, 128)) is feats
+    assert crop_valid(feats, [(128, 128), (128, 128)], (128, 128)) is feats
 
 
 # ---- layer selection and hooks ---------------------------------------------------------------------
@@ -256,10 +257,14 @@ def test_selectors_by_type_and_glob(detector: torch.nn.Module) -> None:
         select_layers(detector, ["default", "nothing.here"])
 
 
-def test_module_running_twice_is_refused(detector: torch.nn.Module) -> None:
+def test_module_running_per_pyramid_level_is_kept_apart_per_call(detector: torch.nn.Module) -> None:
+    """The RPN head's conv runs once per FPN level in each forward pass: each call is its own layer, #0 to #4."""
     layers = select_layers(detector, ["rpn.head.conv"])
-    with pytest.raises(EigpipeError, match="more than once"):
-        hooks.accumulate(detector, DETECTOR_META, layers, [(images(1), [1])], "cpu")
+    ordered, accs = hooks.accumulate(detector, DETECTOR_META, layers, [(images(2), [1, 2])], "cpu")
+    names = [f"rpn.head.conv#{k}" for k in range(5)]
+    assert [layer.name for layer in ordered] == names and list(accs) == names
+    sides = [layer.feature_shape[1] for layer in ordered]
+    assert sides == [16, 8, 4, 2, 1] and all(acc.count == 2 for acc in accs.values())  # P2 (stride 4) .. pool
 
 
 def test_unequal_images_are_cropped_to_their_valid_region(detector: torch.nn.Module) -> None:
