@@ -34,9 +34,10 @@ def built_by_eigpipe(model: nn.Module) -> bool:
     if body is None:
         return False
     try:
-        return isinstance(model.get_submodule(body) if body else model, ResNet)
+        found = model.get_submodule(body) if body else model  # a detector's is an IntermediateLayerGetter of it
     except AttributeError:  # a torchvision detector around another backbone
         return False
+    return any(isinstance(module, Bottleneck) for module in found.modules())
 
 
 def body_path(model: nn.Module) -> str | None:
