@@ -194,10 +194,11 @@ class Tracker:
             rows.append(spectrum.layer_row(root, name, attrs, arrays, cfg, f"layer {name}", tolerance)[0])
         return pd.DataFrame(rows)
 
-    def save(self, path: str | Path, iteration: int = 0) -> Path:
-        """Publish the statistics as a covariance store (atomically); under torch.distributed rank 0 writes."""
+    def save(self, path: str | Path, iteration: int = 0, attrs: dict | None = None) -> Path:
+        """Publish the statistics as a covariance store (atomically); ``attrs`` are added to its root attributes
+        (say, what data the model saw). Under torch.distributed, rank 0 writes."""
         path = Path(path)
-        arrays, root = self._arrays(), self.root_attrs(iteration)
+        arrays, root = self._arrays(), {**self.root_attrs(iteration), **(attrs or {})}
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         if distributed and torch.distributed.get_rank() != 0:
             return path
