@@ -90,6 +90,10 @@ class FeatureHooks:
         self._handles.clear()
         self.active = False
 
+    def keep(self, handle: Any) -> None:
+        """A hook handle of the driver's, removed with the layers' hooks on exit."""
+        self._handles.append(handle)
+
     def _hook(self, tap: str) -> Callable[..., None]:
         layers = self.by_tap[tap]
 

@@ -86,25 +86,21 @@ class Tracker:
         self.hooks = FeatureHooks(model, selected, precision, layouts=layout)
         self.forwards = 0  # calls of the tracked module, taken or not
         self._depth = 0
-        self._handles: list[Any] = []
         self._merged: tuple[int, list[Layer], dict[str, CovarianceAccumulator]] | None = None
 
     # ---- hooks on the tracked module: batch boundaries ---------------------------------------------
     def __enter__(self) -> Tracker:
         self.hooks.__enter__()
         try:
-            self._handles.append(self.model.register_forward_pre_hook(self._begin))
-            self._handles.append(self.model.register_forward_hook(self._end, always_call=True))
+            self.hooks.keep(self.model.register_forward_pre_hook(self._begin))
+            self.hooks.keep(self.model.register_forward_hook(self._end, always_call=True))
         except BaseException:
             self.__exit__()
             raise
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        self.hooks.__exit__()
+        self.hooks.__exit__()  # removes the boundary hooks too
         self._depth = 0
 
     def _begin(self, _module: nn.Module, _args: Any) -> None:
