@@ -8,8 +8,9 @@ model, the same images and the same layers (every Conv2d and Linear, each module
 Throughput: rounds of plain inference, inference under eigpipe.track (float64) and inference under delve's
 SaturationTracker, interleaved, on a standard-width torchvision ResNet-50 at 224 px (every Conv2d and the fc) and
 on the demo detector's backbone (1/8-width GroupNorm ResNet-50 body and FPN, 128 px, every conv of the body);
-streaming images/s per round and the ratio eigpipe / delve of each round, whose median is reported; and each
-tool's one-off finalisation after the stream (eigenvalues and measures), in seconds.
+streaming images/s per round and the ratio eigpipe / delve of each round, whose median is reported, by wall
+clock and by this process's CPU time (steadier on a shared machine); and each tool's one-off finalisation after
+the stream (eigenvalues and measures), in seconds.
 
 Agreement, on one batch (delve 0.1.50 starts a fresh
 covariance at every forward pass while it records: after several batches it holds the last one only, which is
@@ -93,25 +94,28 @@ def throughput(case: str, rounds: int) -> dict[str, Any]:
     model, batches, keep = build(case)
     images = sum(len(b) for b in batches)
     delve_model = copy.deepcopy(model)  # delve's hooks stay on its model for good
-    found: dict[str, list[float]] = {key: [] for key in ("plain", "eigpipe", "eigpipe_float32", "delve")}
+    methods = ("plain", "eigpipe", "eigpipe_float32", "delve")
+    found: dict[str, list[float]] = {key: [] for method in methods for key in (method, f"{method}_cpu")}
     found.update(eigpipe_final_s=[], delve_final_s=[])
     with tempfile.TemporaryDirectory() as folder, torch.inference_mode():
         tracker = delve_tracker(delve_model, keep, folder)
 
-        def stream(net: nn.Module) -> float:
-            start = time.perf_counter()
+        def stream(net: nn.Module, key: str) -> None:
+            start, cpu = time.perf_counter(), time.process_time()
             for batch in batches:
                 net(batch)
-            return images / (time.perf_counter() - start)
+            found[key].append(images / (time.perf_counter() - start))
+            found[f"{key}_cpu"].append(images / (time.process_time() - cpu))
 
-        stream(model)  # warm-up
+        for batch in batches[:1]:
+            model(batch)  # warm-up
         for round_ in range(rounds):
-            found["plain"].append(stream(model))
+            stream(model, "plain")
             with eigpipe.track(model, selectors(case), tap="output") as ours:
-                found["eigpipe"].append(stream(model))
+                stream(model, "eigpipe")
             with eigpipe.track(model, selectors(case), tap="output", precision="float32"):
-                found["eigpipe_float32"].append(stream(model))
-            found["delve"].append(stream(delve_model))
+                stream(model, "eigpipe_float32")
+            stream(delve_model, "delve")
             if round_ == 0:  # the one-off finalisation, once
                 start = time.perf_counter()
                 ours.spectra()
@@ -119,6 +123,10 @@ def throughput(case: str, rounds: int) -> dict[str, Any]:
                 start = time.perf_counter()
                 tracker.add_saturations(save=False)
                 found["delve_final_s"].append(time.perf_counter() - start)
+
+    def ratio(a: str, b: str) -> float:
+        return round(statistics.median(x / y for x, y in zip(found[a], found[b], strict=True)), 3)
+
     ratios = [e / d for e, d in zip(found["eigpipe"], found["delve"], strict=True)]
     median = {key: round(statistics.median(values), 3) for key, values in found.items()}
     return {
@@ -127,9 +135,13 @@ def throughput(case: str, rounds: int) -> dict[str, Any]:
         "median": median,
         "eigpipe_over_delve_per_round": [round(r, 3) for r in ratios],
         "eigpipe_over_delve": round(statistics.median(ratios), 3),
-        "eigpipe_float32_over_delve": round(
-            statistics.median(e / d for e, d in zip(found["eigpipe_float32"], found["delve"], strict=True)), 3
-        ),
+        "eigpipe_float32_over_delve": ratio("eigpipe_float32", "delve"),
+        "by_cpu_time": {
+            "eigpipe_over_delve": ratio("eigpipe_cpu", "delve_cpu"),
+            "eigpipe_float32_over_delve": ratio("eigpipe_float32_cpu", "delve_cpu"),
+            "eigpipe_over_plain": ratio("eigpipe_cpu", "plain_cpu"),
+            "delve_over_plain": ratio("delve_cpu", "plain_cpu"),
+        },
         "eigpipe_over_plain": round(median["eigpipe"] / median["plain"], 3),
         "delve_over_plain": round(median["delve"] / median["plain"], 3),
     }
