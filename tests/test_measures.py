@@ -19,21 +19,21 @@ SPECTRUM = [5.0, 3.0, 1.0, 0.5, 0.5]  # cumulative shares 0.5, 0.8, 0.9, 0.95, 1
 @pytest.mark.parametrize(
     ("threshold", "count"),
     [
-        (0.99, 5),  # 4 shares below 0.99, the last (0.95) 0.04 short of it: delve adds one
-        (0.96, 4),  # 4 below, 0.01 short: no extra direction
-        (0.9, 3),  # 0.5 and 0.8 below (0.9 is not), 0.1 short: one more
-        (0.81, 2),  # 0.5 and 0.8 below, 0.01 short
+        (0.99, 4),  # 0.5, 0.8, 0.9 and 0.95 are below 0.99 (delve's +1 for falling 0.04 short is never applied)
+        (0.96, 4),
+        (0.9, 2),  # 0.5 and 0.8 below; 0.9 is not
+        (0.81, 2),
         (0.4, 1),  # none below: at least one direction
     ],
 )
-def test_saturation_count_follows_delves_rule(threshold: float, count: int) -> None:
+def test_saturation_count_is_what_delve_computes(threshold: float, count: int) -> None:
     assert saturation_dim(np.array(SPECTRUM), threshold) == count
 
 
 def test_saturation_of_a_zero_spectrum_is_zero_and_the_table_divides_by_channels(complete) -> None:
     assert saturation_dim(np.zeros(4)) == 0
     found = spectrum.measures(np.array(SPECTRUM), complete("spectrum", {"saturation_threshold": 0.9}))
-    assert found["saturation_dim"] == 3 and found["saturation"] == pytest.approx(3 / 5)
+    assert found["saturation_dim"] == 2 and found["saturation"] == pytest.approx(2 / 5)
 
 
 def test_participation_ratio_by_hand() -> None:
@@ -96,7 +96,7 @@ def test_spectrum_table_has_every_measure_for_both_matrices(tmp_path: Path, comp
     cfg = complete("spectrum", {"alpha_ranks": [1, 5]})
     row = spectrum.decompose({"spectrum": cfg}, path, tmp_path / "s.csv").iloc[0]
     for prefix in ("", "centered_"):
-        assert row[prefix + "saturation_dim"] == 5 and row[prefix + "saturation"] == 1.0
+        assert row[prefix + "saturation_dim"] == 4 and row[prefix + "saturation"] == 0.8
         assert row[prefix + "participation_ratio"] == pytest.approx(100 / 35.5)
         assert row[prefix + "rankme"] == pytest.approx(rankme(np.array(SPECTRUM)))
         assert row[prefix + "alpha"] == pytest.approx(alpha_req(np.array(SPECTRUM), (1, 5))[0])

@@ -14,23 +14,20 @@ from collections.abc import Sequence
 
 import numpy as np
 
-DELVE_SLACK = 0.02  # delve adds one direction when the directions below the threshold fall this far short of it
 RANKME_EPSILON = 1e-7  # Garrido et al.'s epsilon in p_k = sigma_k / ||sigma||_1 + epsilon (float32 features)
 
 
 def saturation_dim(values: np.ndarray, threshold: float = 0.99) -> int:
-    """delve's intrinsic dimensionality: the leading directions whose cumulative share of the variance stays below
-    ``threshold``, one more when that share falls more than 0.02 short of it, and at least one (0 for a zero
-    spectrum). delve's saturation is this count divided by the channels."""
+    """delve's intrinsic dimensionality, as delve 0.1.50 computes it: the number of leading directions whose
+    cumulative share of the variance is below ``threshold``, at least one (0 for a zero spectrum). delve's code
+    means to add one more direction when that share falls more than 0.02 short of the threshold, but it slices the
+    already reduced eigenvector matrix, so the extra direction is never added; this reproduces delve's numbers.
+    delve's saturation is this count divided by the channels."""
     values = np.asarray(values, dtype=np.float64)
     total = values.sum()
     if not total > 0:
         return 0
-    shares = np.cumsum(values) / total
-    below = int((shares < threshold).sum())
-    if below == 0:
-        return 1
-    return below + 1 if threshold - shares[below - 1] > DELVE_SLACK else below
+    return max(1, int((np.cumsum(values) / total < threshold).sum()))
 
 
 def participation_ratio(values: np.ndarray) -> float:
