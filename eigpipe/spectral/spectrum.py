@@ -11,6 +11,7 @@ alpha-ReQ exponent with its R^2. Each is given for the paper's uncentred second 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,18 +50,27 @@ COVARIANCE_ARRAYS = ("second_moment", "mean")
 EIGENVALUE_ARRAYS = ("second_moment", "covariance")
 
 
+Eigvalsh = Callable[[np.ndarray], np.ndarray]
+
+
 def eigenvalues(
-    matrix: np.ndarray, scale: float | None = None, what: str = "matrix", tolerance: float = NEGATIVE_TOLERANCE
+    matrix: np.ndarray,
+    scale: float | None = None,
+    what: str = "matrix",
+    tolerance: float = NEGATIVE_TOLERANCE,
+    eigvalsh: Eigvalsh = np.linalg.eigvalsh,
 ) -> tuple[np.ndarray, int]:
     """Descending eigenvalues of the symmetrised float64 matrix with round-off negatives clipped to 0.
 
     Returns (eigenvalues, how many were clipped). ``scale`` (default: the largest |eigenvalue|) sets how
-    negative a value may be and still count as round-off; anything below raises NumericalError.
+    negative a value may be and still count as round-off; anything below raises NumericalError. ``eigvalsh``
+    (ascending eigenvalues of a symmetric matrix): NumPy's here; the library's tracker, in a process whose
+    torch threads are busy, passes torch's (NumPy's BLAS threads would contend with them).
     """
     a = np.asarray(matrix, dtype=np.float64)
     if not np.isfinite(a).all():
         raise NumericalError(f"{what}: non-finite entries")
-    values = np.linalg.eigvalsh((a + a.T) / 2)[::-1]
+    values = np.asarray(eigvalsh((a + a.T) / 2))[::-1]
     scale = float(np.abs(values).max(initial=0.0)) if scale is None else scale
     negative = values < 0
     if negative.any() and values.min() < -tolerance * max(scale, np.finfo(float).tiny):
@@ -101,14 +111,19 @@ def measures(values: np.ndarray, cfg: dict, trace: float | None = None) -> dict:
 
 
 def layer_spectra(
-    second_moment: np.ndarray, mean: np.ndarray, what: str, tolerance: float = NEGATIVE_TOLERANCE
+    second_moment: np.ndarray,
+    mean: np.ndarray,
+    what: str,
+    tolerance: float = NEGATIVE_TOLERANCE,
+    eigvalsh: Eigvalsh = np.linalg.eigvalsh,
 ) -> dict[str, tuple[np.ndarray, int]]:
     """Clipped eigenvalues (and clip counts) of the second moment and of the centred covariance."""
     s = np.asarray(second_moment, dtype=np.float64)
     m = np.asarray(mean, dtype=np.float64)
-    s_values = eigenvalues(s, what=f"{what}: second moment", tolerance=tolerance)
+    s_values = eigenvalues(s, what=f"{what}: second moment", tolerance=tolerance, eigvalsh=eigvalsh)
     scale = float(s_values[0][0]) if len(s_values[0]) else 0.0  # the centred matrix inherits S's round-off
-    c_values = eigenvalues(s - np.outer(m, m), scale=scale, what=f"{what}: centred covariance", tolerance=tolerance)
+    c_what = f"{what}: centred covariance"
+    c_values = eigenvalues(s - np.outer(m, m), scale=scale, what=c_what, tolerance=tolerance, eigvalsh=eigvalsh)
     return {"second_moment": s_values, "covariance": c_values}
 
 
@@ -120,12 +135,19 @@ def check_settings(cfg: dict) -> None:
 
 
 def layer_row(
-    root: dict, name: str, attrs: dict, arrays: dict, cfg: dict, what: str, tolerance: float = NEGATIVE_TOLERANCE
+    root: dict,
+    name: str,
+    attrs: dict,
+    arrays: dict,
+    cfg: dict,
+    what: str,
+    tolerance: float = NEGATIVE_TOLERANCE,
+    eigvalsh: Eigvalsh = np.linalg.eigvalsh,
 ) -> tuple[dict[str, Any], dict[str, tuple[np.ndarray, int]]]:
     """One table row (every measure of both matrices) and the clipped spectra of one layer's second moment and
     mean; ``root`` and ``attrs`` are the store's root and layer attributes (or the tracker's equivalents)."""
     second, mean = arrays["second_moment"], arrays["mean"]
-    spectra = layer_spectra(second, mean, what=what, tolerance=tolerance)
+    spectra = layer_spectra(second, mean, what=what, tolerance=tolerance, eigvalsh=eigvalsh)
     traces = {"second_moment": float(np.trace(second)), "covariance": float(np.trace(second) - mean @ mean)}
     row: dict[str, Any] = {
         "run": root.get("run"),
