@@ -9,11 +9,35 @@ from pathlib import Path
 from eigpipe.errors import EigpipeError
 from eigpipe.stages import STAGES, Arg, Stage
 
+DESCRIPTION = """\
+eigpipe measures the eigenspectra of neural-network features: for each chosen layer, the covariance of its
+features over a set of images (the second moment and mean, in float64), then its eigenvalues and dimension
+measures (the count above a threshold, delve's saturation, participation ratio, RankMe, alpha-ReQ, ...).
+It reproduces "Understanding the Effects of Pre-Training for Object Detectors via Eigenspectrum" (Shinya et
+al., ICCVW 2019) as a Snakemake workflow, and analyses any PyTorch model from your own code (eigpipe.track)."""
+
+EPILOG = """\
+where to start:
+  a classifier on your images   eigpipe analyze --model torchvision:resnet50 --weights resnet50.pth \\
+                                    --images photos/ --layers 'Conv2d:layer*' --out resnet50.zarr
+                                eigpipe spectrum resnet50.zarr --out resnet50.csv
+  your own model, in Python     with eigpipe.track(model, layers=["Conv2d:*"]) as tracker: ...
+                                tracker.spectra(); tracker.save("run.zarr")
+  the whole study               make demo   (or: snakemake --cores 2 --configfile config/config.yaml)
+
+the workflow, stage by stage (each a subcommand; `eigpipe <command> --help`):
+  covariance / analyze / eigpipe.track -> STORE.zarr (per-layer second moment and mean)
+  spectrum STORE -> table of eigenvalue measures per layer (+ eigenvalues)
+  dimensions (tables of one run's snapshots) -> the dynamics; report -> plots and tables
+  widths -> layer widths derived from a run's eigenspectrum (then train them from scratch)
+
+The README explains every measure and option."""
+
 
 def _add_stage(sub: argparse._SubParsersAction, stage: Stage) -> None:
     parser = sub.add_parser(stage.name, help=stage.help, description=stage.help)
     if stage.sections:
-        group = parser.add_mutually_exclusive_group(required=True)
+        group = parser.add_mutually_exclusive_group(required=stage.config_required)
         group.add_argument("--config", "--model-config", type=Path, help="a whole study config YAML")
         group.add_argument("--config-json", help="only the sections this stage reads, as JSON (rules pass this)")
     for arg in stage.args:
@@ -22,8 +46,13 @@ def _add_stage(sub: argparse._SubParsersAction, stage: Stage) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="eigpipe", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    from eigpipe import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="eigpipe", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"eigpipe {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
     for stage in STAGES.values():
         _add_stage(sub, stage)
     return parser
@@ -50,7 +79,8 @@ def run_stage(stage: Stage, args: argparse.Namespace) -> None:
             paths[_dest(arg)] = value
     cfg = {}
     if stage.sections:
-        cfg = config.sections(args.config, args.config_json, stage.sections, overrides)
+        given = args.config_json if args.config or args.config_json else "{}"  # {}: the schema's defaults
+        cfg = config.sections(args.config, given, stage.sections, overrides)
     stage.function()(cfg, **paths)
 
 

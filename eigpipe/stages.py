@@ -32,6 +32,7 @@ class Stage:
     sections: tuple[str, ...]
     entry: str  # "module:function"
     args: tuple[Arg, ...] = ()
+    config_required: bool = True  # False: without --config / --config-json, the schema's defaults
 
     @property
     def module(self) -> str:
@@ -44,6 +45,16 @@ class Stage:
 
 def _path(*flags: str, help: str, required: bool = True, **options: Any) -> Arg:
     return Arg(flags, {"type": Path, "required": required, "help": help, **options})
+
+
+def _positive(text: str) -> int:
+    """An argparse type: a whole number >= 1."""
+    import argparse
+
+    value = int(text) if text.strip().lstrip("-").isdigit() else 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return value
 
 
 CHECKPOINT = _path("--checkpoint", help="an eigpipe checkpoint (or a torchvision ResNet state dict)")
@@ -194,6 +205,28 @@ STAGES: dict[str, Stage] = {
             ),
         ),
         Stage(
+            "analyze",
+            "covariance store of a torchvision (or timm) classifier's layers on a folder of images",
+            (),
+            "eigpipe.spectral.analyze:analyze",
+            (
+                Arg(
+                    ("--model",),
+                    {"required": True, "dest": "model_spec", "help": "torchvision:NAME (e.g. resnet50) or timm:NAME"},
+                ),
+                _path("--weights", help="state dict file (default: random weights)", required=False),
+                _path("--images", help="folder of images (searched recursively)"),
+                Arg(("--layers",), {"nargs": "+", "required": True, "help": "selectors: GLOB or Type:GLOB"}),
+                _path("--out", help="STORE.zarr"),
+                Arg(("--batch-size",), {"type": _positive, "default": 16, "help": "images per forward pass"}),
+                Arg(("--max-images",), {"type": _positive, "help": "at most this many images (sorted by path)"}),
+                Arg(("--precision",), {"choices": ["float64", "float32"], "default": "float64"}),
+                Arg(("--device",), {"choices": ["auto", "cpu", "cuda"], "default": "auto"}),
+                Arg(("--threads",), {"type": _positive, "help": "torch CPU threads"}),
+            ),
+            config_required=False,
+        ),
+        Stage(
             "spectrum",
             "eigenvalues and dimension measures of a covariance store",
             ("spectrum",),
@@ -208,6 +241,7 @@ STAGES: dict[str, Stage] = {
                     dest="eigenvalues_out",
                 ),
             ),
+            config_required=False,
         ),
         Stage(
             "dimensions",
@@ -244,6 +278,7 @@ STAGES: dict[str, Stage] = {
                 ),
                 _path("--out-dir", help="report folder"),
             ),
+            config_required=False,
         ),
     )
 }

@@ -10,20 +10,13 @@ import torch
 import yaml
 
 from eigpipe.train import loop
-from tests.test_train import (  # noqa: F401 (fixtures)
-    crash_at,
-    image_folder,
-    metrics,
-    states_equal,
-    study,
-    train_classifier,
-)
+from tests.helpers import crash_at, metrics, states_equal, train_classifier
 
 INIT_SCALE = 2.0**14
 
 
 @pytest.fixture
-def amp_study(study):  # noqa: F811
+def amp_study(study):
     """amp_study(amp) -> the test study file with pretrain.schedule.amp set."""
 
     def make(amp: str) -> Path:
@@ -69,7 +62,7 @@ def test_amp_is_off_by_default_and_then_a_pass_through(complete) -> None:
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
-def test_resume_with_amp_equals_uninterrupted(tmp_path, image_folder, monkeypatch, amp_study, amp):  # noqa: F811
+def test_resume_with_amp_equals_uninterrupted(tmp_path, image_folder, monkeypatch, amp_study, amp):
     config, seen = amp_study(amp), {}
     watch(monkeypatch, seen)
     assert train_classifier(config, image_folder, tmp_path / "whole") == 0

@@ -56,7 +56,8 @@ def test_unreadable_config_files(tmp_path):
 def test_sections_from_json_are_validated_on_their_own():
     given = json.dumps({"spectrum": {"threshold": 0.01}, "seed": 4})
     got = config.sections(config_json=given, names=("spectrum", "seed"))
-    assert got == {"spectrum": {"threshold": 0.01, "relative_threshold": 1e-3, "soft_lambda": 1e-3}, "seed": 4}
+    spectrum = {"threshold": 0.01, "relative_threshold": 1e-3, "soft_lambda": 1e-3}
+    assert got == {"spectrum": {**spectrum, "saturation_threshold": 0.99, "alpha_ranks": [6, 100]}, "seed": 4}
     assert config.sections(config_json=given, names=("spectrum",)).keys() == {"spectrum"}  # exactly its sections
     with pytest.raises(ConfigError, match="spectrum.threshold|threshold"):
         config.sections(config_json=json.dumps({"spectrum": {"threshold": -1}}))

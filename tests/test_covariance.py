@@ -14,26 +14,14 @@ import pytest
 import torch
 import zarr
 
-from eigpipe import config
 from eigpipe.errors import EigpipeError, NumericalError
 from eigpipe.spectral import buffers, extract, hooks, store
 from eigpipe.spectral.accumulator import CovarianceAccumulator, NonFiniteFeature
+from eigpipe.spectral.features import crop_valid
 from eigpipe.spectral.layers import select_layers
+from tests.helpers import SMALL_MODEL, covariance_args
 
 torch.set_num_threads(1)
-
-SMALL_MODEL = {  # completed by the schema below, as every stage receives it
-    "depths": [1, 1, 1, 1],
-    "width_multiplier": 0.125,
-    "norm": "gn",
-    "gn_groups": 4,
-    "fpn_channels": 16,
-    "box_head": {"type": "mlp", "representation_size": 32},
-    "anchor_sizes": [8, 16, 32, 64, 128],
-    "min_size": 64,
-    "max_size": 64,
-}
-SMALL_MODEL = config.validate(SMALL_MODEL, "test", config.schema()["properties"]["model"])
 
 
 # ---- reference ------------------------------------------------------------------------------------
@@ -171,9 +159,9 @@ def test_non_finite_feature_names_the_image_and_changes_nothing() -> None:
 
 def test_crop_valid_removes_batch_padding() -> None:
     feats = torch.zeros(2, 3, 8, 8)
-    crops = hooks._crop_valid(feats, [(128, 96), (100, 128)], (128, 128))
+    crops = crop_valid(feats, [(128, 96), (100, 128)], (128, 128))
     assert [tuple(c.shape) for c in crops] == [(3, 8, 6), (3, math.ceil(100 * 8 / 128), 8)]
-    assert hooks._crop_valid(feats, [(128, 128), (128, 128)], (128, 128)) is feats
+    assert crop_valid(feats, [(128, 128), (128, 128)], (128, 128)) is feats
 
 
 # ---- layer selection and hooks ---------------------------------------------------------------------
@@ -269,10 +257,14 @@ def test_selectors_by_type_and_glob(detector: torch.nn.Module) -> None:
         select_layers(detector, ["default", "nothing.here"])
 
 
-def test_module_running_twice_is_refused(detector: torch.nn.Module) -> None:
+def test_module_running_per_pyramid_level_is_kept_apart_per_call(detector: torch.nn.Module) -> None:
+    """The RPN head's conv runs once per FPN level in each forward pass: each call is its own layer, #0 to #4."""
     layers = select_layers(detector, ["rpn.head.conv"])
-    with pytest.raises(EigpipeError, match="more than once"):
-        hooks.accumulate(detector, DETECTOR_META, layers, [(images(1), [1])], "cpu")
+    ordered, accs = hooks.accumulate(detector, DETECTOR_META, layers, [(images(2), [1, 2])], "cpu")
+    names = [f"rpn.head.conv#{k}" for k in range(5)]
+    assert [layer.name for layer in ordered] == names and list(accs) == names
+    sides = [layer.feature_shape[1] for layer in ordered]
+    assert sides == [16, 8, 4, 2, 1] and all(acc.count == 2 for acc in accs.values())  # P2 (stride 4) .. pool
 
 
 def test_unequal_images_are_cropped_to_their_valid_region(detector: torch.nn.Module) -> None:
@@ -412,42 +404,6 @@ def test_nan_feature_names_layer_and_image_id(stage: dict, monkeypatch: pytest.M
 
 
 # ---- end to end, through the CLI, on real checkpoints and synthetic data ----------------------------
-
-
-@pytest.fixture(scope="module")
-def on_disk(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """A small synthetic val split and two saved checkpoints (detector and classifier)."""
-    from eigpipe.data import synthetic
-    from eigpipe.models import Classifier, build_body, build_detector, save_checkpoint
-
-    root = tmp_path_factory.mktemp("on_disk")
-    synth = {"image_size": 64, "train_images": 1, "val_images": 5}
-    synth["classification"] = {"image_size": 16, "train_per_class": 1, "val_per_class": 1}
-    synthetic.generate({"data": {"source": "synthetic", "synthetic": synth}, "seed": 0}, out=root / "data")
-    widths = {"stem": 8, "stages": [{"out": w * 4, "blocks": [[w, w]]} for w in (8, 16, 32, 64)]}
-    base = {"model_config": SMALL_MODEL, "widths": widths, "num_classes": 4, "provenance": {}, "iteration": 30}
-    torch.manual_seed(0)
-    models = {
-        "faster_rcnn-scratch": (build_detector("faster_rcnn", SMALL_MODEL, 4), "detection", "faster_rcnn"),
-        "classifier": (Classifier(build_body(SMALL_MODEL), 4), "classification", "classifier"),
-    }
-    checkpoints = {}
-    for run, (model, task, name) in models.items():
-        checkpoints[run] = root / run / "final.pt"
-        save_checkpoint(
-            checkpoints[run], model, {**base, "task": task, "model_name": name, "run": run, "init": "scratch"}
-        )
-    return {
-        "root": root,
-        "annotations": root / "data/detection/instances_val.json",
-        "images": root / "data/detection/val",
-        "checkpoints": checkpoints,
-    }
-
-
-def covariance_args(on_disk: dict, run: str, cfg: str, out: Path) -> list[str]:
-    args = ["covariance", "--config-json", cfg, "--checkpoint", str(on_disk["checkpoints"][run])]
-    return [*args, "--data", str(on_disk["annotations"]), "--image-dir", str(on_disk["images"]), "--out", str(out)]
 
 
 def test_cli_covariance_spectrum_dimensions_report(on_disk: dict, tmp_path: Path) -> None:

@@ -8,24 +8,9 @@ import yaml
 from pycocotools import mask as mask_utils
 
 from eigpipe import cli
-from eigpipe.data import synthetic
 from eigpipe.data.coco import CocoDetection
 from eigpipe.evaluate import STAT_NAMES, coco_stats, to_coco_results
-from eigpipe.models import build_detector, save_checkpoint, standard
-
-SMALL = {
-    "image_size": 64,
-    "train_images": 6,
-    "val_images": 4,
-    "classification": {"image_size": 32, "train_per_class": 1, "val_per_class": 1},
-}
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthetic") / "data"
-    synthetic.generate({"data": {"source": "synthetic", "synthetic": SMALL}, "seed": 0}, out=root)
-    return root / "detection"
+from tests.helpers import detector_checkpoint
 
 
 def ground_truth_as_predictions(dataset, with_masks, category_ids=None):
@@ -63,22 +48,6 @@ def test_shifted_predictions_score_less(data):
     assert coco_stats(dataset.coco, [], "bbox", list(dataset.ids))["AP"] == 0.0
 
 
-def checkpoint(tmp_path, name, dataset, model_cfg, task="detection"):
-    model = build_detector(name, model_cfg, dataset.num_classes)
-    meta = {
-        "task": task,
-        "model_name": name,
-        "model_config": model_cfg,
-        "widths": standard(multiplier=0.0625).to_dict(),
-        "num_classes": dataset.num_classes,
-        "category_ids": dataset.category_ids,
-        "iteration": 3,
-        "run": name,
-    }
-    save_checkpoint(tmp_path / f"{name}.pt", model, meta)
-    return tmp_path / f"{name}.pt"
-
-
 @pytest.mark.parametrize("name", ["faster_rcnn", "mask_rcnn"])
 def test_evaluate_checkpoint_writes_the_metrics(tmp_path, data, name, tiny_model):
     dataset = CocoDetection(data / "instances_val.json", data / "val", train=False)
@@ -91,7 +60,7 @@ def test_evaluate_checkpoint_writes_the_metrics(tmp_path, data, name, tiny_model
             "--config-json",
             json.dumps(yaml.safe_load(config.read_text())),
             "--checkpoint",
-            str(checkpoint(tmp_path, name, dataset, tiny_model)),
+            str(detector_checkpoint(tmp_path, name, dataset, tiny_model)),
             "--data",
             str(data / "instances_val.json"),
             "--image-dir",
@@ -110,7 +79,7 @@ def test_evaluate_checkpoint_writes_the_metrics(tmp_path, data, name, tiny_model
 
 def test_category_mismatch_is_refused(tmp_path, data, capsys, tiny_model):
     dataset = CocoDetection(data / "instances_val.json", data / "val", train=False)
-    ckpt = checkpoint(tmp_path, "faster_rcnn", dataset, tiny_model)
+    ckpt = detector_checkpoint(tmp_path, "faster_rcnn", dataset, tiny_model)
     raw = torch.load(ckpt, weights_only=True)
     raw["category_ids"] = [1, 2, 7]
     torch.save(raw, ckpt)

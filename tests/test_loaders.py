@@ -11,11 +11,10 @@ import torch
 from eigpipe import cli
 from eigpipe.data.coco import CocoDetection
 from eigpipe.spectral import extract, store
-from tests.test_covariance import covariance_args, on_disk  # noqa: F401 (a fixture)
-from tests.test_evaluate import checkpoint, data  # noqa: F401 (a fixture)
+from tests.helpers import covariance_args, detector_checkpoint
 
 
-def test_extraction_loader_keeps_order_strided_shares_and_lists(on_disk: dict) -> None:  # noqa: F811
+def test_extraction_loader_keeps_order_strided_shares_and_lists(on_disk: dict) -> None:
     dataset = CocoDetection(on_disk["annotations"], on_disk["images"], train=False)
     batches = list(extract._batches(dataset, range(1, 5, 2), batch_size=1, workers=0, pin_memory=False))
     assert [ids for _, ids in batches] == [[dataset.ids[1]], [dataset.ids[3]]]
@@ -23,7 +22,7 @@ def test_extraction_loader_keeps_order_strided_shares_and_lists(on_disk: dict) -
     assert isinstance(images, list) and len(images) == 3 and ids == dataset.ids[:3]
 
 
-def test_stores_are_bitwise_equal_with_0_and_2_workers(on_disk: dict, tmp_path: Path) -> None:  # noqa: F811
+def test_stores_are_bitwise_equal_with_0_and_2_workers(on_disk: dict, tmp_path: Path) -> None:
     arrays = ("second_moment", "mean")
     found = []
     for workers in (0, 2):
@@ -41,9 +40,9 @@ def test_stores_are_bitwise_equal_with_0_and_2_workers(on_disk: dict, tmp_path: 
             assert np.array_equal(values[key], layers_2[name][0][key]), (name, key)
 
 
-def test_evaluation_is_equal_with_0_and_2_workers(tmp_path: Path, data: Path, tiny_model: dict) -> None:  # noqa: F811
+def test_evaluation_is_equal_with_0_and_2_workers(tmp_path: Path, data: Path, tiny_model: dict) -> None:
     dataset = CocoDetection(data / "instances_val.json", data / "val", train=False)
-    ckpt = checkpoint(tmp_path, "faster_rcnn", dataset, tiny_model)
+    ckpt = detector_checkpoint(tmp_path, "faster_rcnn", dataset, tiny_model)
     reports = []
     for workers in (0, 2):
         cfg = json.dumps({"evaluate": {"batch_size": 3, "workers": workers}, "runtime": {"threads": 1}})
@@ -56,12 +55,12 @@ def test_evaluation_is_equal_with_0_and_2_workers(tmp_path: Path, data: Path, ti
         assert reports[0][key] == reports[1][key], key
 
 
-def test_predict_records_are_equal_with_0_and_2_workers(tmp_path: Path, data: Path, tiny_model: dict) -> None:  # noqa: F811
+def test_predict_records_are_equal_with_0_and_2_workers(tmp_path: Path, data: Path, tiny_model: dict) -> None:
     from eigpipe.evaluate import predict
     from eigpipe.models import load_checkpoint
 
     dataset = CocoDetection(data / "instances_val.json", data / "val", train=False)
-    model, meta = load_checkpoint(checkpoint(tmp_path, "faster_rcnn", dataset, tiny_model), "cpu")
+    model, meta = load_checkpoint(detector_checkpoint(tmp_path, "faster_rcnn", dataset, tiny_model), "cpu")
     torch.set_num_threads(1)
     model.eval()
     runs = [predict(model, dataset, meta["category_ids"], torch.device("cpu"), 2, workers) for workers in (0, 2)]

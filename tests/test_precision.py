@@ -273,13 +273,13 @@ def test_chunked_float32_products_within_budget(monkeypatch: pytest.MonkeyPatch)
     assert found["second_moment"] <= BUDGET and found["covariance"] <= BUDGET, found
 
 
-def test_spectrum_table_shows_the_precision(tmp_path) -> None:
+def test_spectrum_table_shows_the_precision(tmp_path, complete) -> None:
     from eigpipe.spectral import spectrum, store
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(6, 40)) + 2.0
     layer = {"second_moment": x @ x.T / 40, "mean": x.mean(axis=1)}
-    cfg = {"spectrum": {"threshold": 1e-3, "relative_threshold": 1e-3, "soft_lambda": 1e-3}}
+    cfg = {"spectrum": complete("spectrum")}
     rows = {}
     for precision in ("float32", None):  # None: a store written before the attribute (float64)
         root = {"run": "r", "iteration": 1, "n_images": 9, **({"precision": precision} if precision else {})}

@@ -154,7 +154,9 @@ def test_stale_temp_siblings_of_killed_processes_are_removed_live_ones_kept(tmp_
     assert live.exists() and other_host.exists()  # a live process's, and one of another host (shared disks)
 
 
-def test_spectrum_killed_between_its_outputs_never_leaves_a_complete_half(tmp_path, covariance_store, monkeypatch):
+def test_spectrum_killed_between_its_outputs_never_leaves_a_complete_half(
+    tmp_path, covariance_store, monkeypatch, complete
+):
     out = tmp_path / "spectra" / "0.parquet"
 
     def killed(*args: object) -> None:
@@ -163,7 +165,9 @@ def test_spectrum_killed_between_its_outputs_never_leaves_a_complete_half(tmp_pa
     monkeypatch.setattr(spectrum, "write_table", killed)
     with pytest.raises(KeyboardInterrupt):
         spectrum.decompose(
-            {"spectrum": {"threshold": 1e-3, "relative_threshold": 1e-3, "soft_lambda": 1e-3}}, covariance_store, out
+            {"spectrum": complete("spectrum")},
+            covariance_store,
+            out,
         )
     assert not out.exists()
     with pytest.raises(EigpipeError, match="spectrum table .* is missing: the spectrum stage did not finish"):

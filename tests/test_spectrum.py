@@ -14,7 +14,13 @@ import pytest
 from eigpipe.errors import EigpipeError, NumericalError
 from eigpipe.spectral import dimensions, spectrum, store
 
-CFG = {"threshold": 1e-3, "relative_threshold": 1e-3, "soft_lambda": 1e-3}
+CFG = {
+    "threshold": 1e-3,
+    "relative_threshold": 1e-3,
+    "soft_lambda": 1e-3,
+    "saturation_threshold": 0.99,
+    "alpha_ranks": [6, 100],
+}
 
 
 def planted(values: list[float], seed: int = 0) -> np.ndarray:

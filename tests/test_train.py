@@ -1,93 +1,20 @@
 """The training loop: schedule, deterministic batches, resume == uninterrupted, snapshots, errors, DDP."""
 
-import json
 import os
 import shutil
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 import yaml
-from PIL import Image
 
-from eigpipe import cli, runtime
+from eigpipe import runtime
 from eigpipe.models import WidthSpec, load_checkpoint, standard
 from eigpipe.train import loop
 from eigpipe.train.batches import batch_keys
 from eigpipe.train.schedule import lr_factor
-
-
-@pytest.fixture
-def study(tmp_path, tiny_model):
-    """study(steps, snapshots) -> a whole study file around the tiny model."""
-
-    def make(steps=8, snapshots=(0, 4)):
-        schedule = {
-            "steps": steps,
-            "batch_size": 4,
-            "lr": 0.02,
-            "warmup_steps": 2,
-            "snapshots": list(snapshots),
-            "checkpoint_every": 3,
-            "log_every": 2,
-        }
-        config = {
-            "study": "t",
-            "seed": 3,
-            "runtime": {"threads": 2},
-            "data": {"source": "synthetic"},
-            "model": tiny_model,
-            "pretrain": {"source": "synthetic", "schedule": {**schedule, "batch_size": 8, "lr": 0.05}},
-            "train": {"models": ["faster_rcnn"], "inits": ["scratch"], "schedule": schedule},
-        }
-        path = tmp_path / "config.yaml"
-        path.write_text(yaml.safe_dump(config))
-        return path
-
-    return make
-
-
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("classes")
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 10), ("val", 3)):
-        for label, level in (("dark", 60), ("light", 190)):
-            folder = root / split / label
-            folder.mkdir(parents=True)
-            for i in range(count):
-                pixels = np.clip(rng.normal(level, 30, (32, 32, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(pixels).save(folder / f"{i}.png")
-    return root
-
-
-def states_equal(a, b):
-    sa, sb = load_checkpoint(a)[0].state_dict(), load_checkpoint(b)[0].state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-
-
-def metrics(path):
-    return [{k: v for k, v in json.loads(line).items() if k != "s_per_it"} for line in path.read_text().splitlines()]
-
-
-def train_classifier(config, data, out):
-    return cli.main(["pretrain", "--config", str(config), "--data", str(data), "--out", str(out)])
-
-
-def crash_at(monkeypatch, name, iteration):
-    """Make the loss function raise when it is called for ``iteration`` (a stand-in for a kill)."""
-    original, calls = getattr(loop, name), {"n": 0}
-
-    def failing(*args):
-        if calls["n"] == iteration:
-            raise KeyboardInterrupt
-        calls["n"] += 1
-        return original(*args)
-
-    monkeypatch.setattr(loop, name, failing)
-    return calls
+from tests.helpers import crash_at, metrics, states_equal, train_classifier
 
 
 def test_lr_schedule_warmup_step_and_cosine(complete):

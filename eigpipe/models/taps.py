@@ -27,6 +27,19 @@ def is_detector(model: nn.Module) -> bool:
     return isinstance(model, GeneralizedRCNN)
 
 
+def built_by_eigpipe(model: nn.Module) -> bool:
+    """Whether the model is one eigpipe builds (a detector, classifier or bare ResNet around eigpipe's ResNet body):
+    its layers are measured at their feature taps; any other model's at the selected modules' own outputs."""
+    body = body_path(model)
+    if body is None:
+        return False
+    try:
+        found = model.get_submodule(body) if body else model  # a detector's is an IntermediateLayerGetter of it
+    except AttributeError:  # a torchvision detector around another backbone
+        return False
+    return any(isinstance(module, Bottleneck) for module in found.modules())
+
+
 def body_path(model: nn.Module) -> str | None:
     """Module path of the ResNet body of a detector, classifier or bare ResNet ("" for the ResNet itself)."""
     if is_detector(model):

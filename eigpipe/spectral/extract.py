@@ -15,6 +15,7 @@ from eigpipe import provenance
 from eigpipe.errors import EigpipeError
 from eigpipe.spectral import store
 from eigpipe.spectral.accumulator import CovarianceAccumulator
+from eigpipe.spectral.features import merge_ranks
 from eigpipe.spectral.hooks import accumulate, input_transform
 from eigpipe.spectral.layers import Layer, select_layers
 
@@ -46,26 +47,6 @@ def _batches(dataset: Any, indices: Sequence[int], batch_size: int, workers: int
 def _image_id(target: dict) -> int:
     value = target["image_id"]
     return int(value.item() if isinstance(value, torch.Tensor) else value)
-
-
-def gather_to_main(accumulators: dict[str, CovarianceAccumulator], names: Sequence[str], runtime: Any) -> None:
-    """Under torchrun: merge every rank's partial accumulators into rank 0's (in place)."""
-    import torch.distributed as dist
-
-    states = {name: acc.state_dict() for name, acc in accumulators.items()}
-    gathered: list[Any] | None = [None] * runtime.world_size if runtime.is_main else None
-    dist.gather_object(states, gathered, dst=0)
-    if not runtime.is_main:
-        return
-    assert gathered is not None
-    for rank_states in gathered[1:]:
-        for name in names:
-            if name in rank_states:
-                other = CovarianceAccumulator.from_state_dict(rank_states[name], runtime.device)
-                if name in accumulators:
-                    accumulators[name].merge(other)
-                else:
-                    accumulators[name] = other
 
 
 def transform_attrs(transform: nn.Module) -> dict[str, Any]:
@@ -154,7 +135,7 @@ def extract(cfg: dict, checkpoint: Path, annotations: Path, images: Path, out: P
         batches = _batches(dataset, share, section["batch_size"], section["workers"], rt.device.type == "cuda")
         ordered, accs = accumulate(model, meta, selected, batches, rt.device, bar, section["precision"])
     if rt.distributed:
-        gather_to_main(accs, [layer.name for layer in ordered], rt)
+        ordered, accs = merge_ranks(ordered, accs)  # every rank's images, on every rank; rank 0 writes
         if not rt.is_main:
             return None
     paths = {"checkpoint": Path(checkpoint), "annotations": Path(annotations), "images": Path(images)}

@@ -48,22 +48,26 @@ def _expand(selectors: Sequence[str]) -> list[tuple[str, bool]]:
     return expanded
 
 
-def select_layers(model: nn.Module, selectors: Sequence[str]) -> list[Layer]:
-    """Layers chosen by the selectors (preset, ``GLOB`` or ``Type:GLOB``), in module-registration order."""
-    if not selectors:
-        raise EigpipeError("covariance.layers: no layer selectors given")
+def select_layers(
+    model: nn.Module, selectors: Sequence[str], own_outputs: bool = False, where: str = "covariance.layers"
+) -> list[Layer]:
+    """Layers chosen by the selectors (preset, ``GLOB`` or ``Type:GLOB``), in module-registration order. Each is
+    measured at its feature tap (eigpipe.models.taps), or at the selected module's own output (``own_outputs``);
+    ``where`` names the selectors' origin in errors."""
+    if isinstance(selectors, str) or not selectors:
+        raise EigpipeError(f"{where}: no list of layer selectors given")
     modules = [(path, m) for path, m in model.named_modules() if path]
     chosen: dict[str, nn.Module] = {}
     for sel, required in _expand(selectors):
         hits = [(path, m) for path, m in modules if _matches(sel, path, m)]
         if not hits and required:
-            raise EigpipeError(f"covariance.layers: selector {sel!r} matches no module of the model")
+            raise EigpipeError(f"{where}: selector {sel!r} matches no module of the model")
         chosen.update(hits)
     order = {path: i for i, (path, _) in enumerate(modules)}
     return [
         Layer(
             name=path,
-            tap=feature_tap(model, path),
+            tap=path if own_outputs else feature_tap(model, path),
             module_type=type(m).__name__,
             per_region=runs_per_region(model, path),
         )

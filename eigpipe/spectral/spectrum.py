@@ -3,22 +3,26 @@
 Measures of a spectrum mu_1 >= ... >= mu_C >= 0 (negative round-off clipped to 0 and counted):
 intrinsic_dim = #{mu_j > threshold} (the paper's, threshold 1e-3), intrinsic_dim_ratio = that / C,
 relative_dim = #{mu_j > relative_threshold * mu_1} (scale-free), soft_dof = sum mu_j / (mu_j + lambda),
-effective_rank = exp(entropy of mu / sum mu), top_eigenvalue, trace. Each is given for the paper's
-uncentred second moment and, with the prefix ``centered_``, for the centred covariance.
+effective_rank = exp(entropy of mu / sum mu), top_eigenvalue, trace, and the measures users of other tools
+know (eigpipe.spectral.measures): delve's saturation and its count, the participation ratio, RankMe and the
+alpha-ReQ exponent with its R^2. Each is given for the paper's uncentred second moment and, with the prefix
+``centered_``, for the centred covariance.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from eigpipe.errors import EigpipeError, NumericalError
+from eigpipe.errors import ConfigError, EigpipeError, NumericalError
 from eigpipe.layer_paths import canonical
 from eigpipe.provenance import check_writable, record, remove, write_table
 from eigpipe.spectral import store
+from eigpipe.spectral.measures import alpha_req, participation_ratio, rankme, saturation_dim
 
 # negative eigenvalues beyond this share of the largest one are not round-off: the matrix is broken
 NEGATIVE_TOLERANCE = 1e-9
@@ -30,26 +34,43 @@ MEASURES = (
     "relative_dim",
     "soft_dof",
     "effective_rank",
+    "saturation",
+    "saturation_dim",
+    "participation_ratio",
+    "rankme",
+    "alpha",
+    "alpha_r2",
     "top_eigenvalue",
     "trace",
     "n_negative_clipped",
 )
+# the spectrum section's keys a table row records beside the measures they set
+SETTINGS = ("threshold", "relative_threshold", "soft_lambda", "saturation_threshold")
 COVARIANCE_ARRAYS = ("second_moment", "mean")
 EIGENVALUE_ARRAYS = ("second_moment", "covariance")
 
 
+Eigvalsh = Callable[[np.ndarray], np.ndarray]
+
+
 def eigenvalues(
-    matrix: np.ndarray, scale: float | None = None, what: str = "matrix", tolerance: float = NEGATIVE_TOLERANCE
+    matrix: np.ndarray,
+    scale: float | None = None,
+    what: str = "matrix",
+    tolerance: float = NEGATIVE_TOLERANCE,
+    eigvalsh: Eigvalsh = np.linalg.eigvalsh,
 ) -> tuple[np.ndarray, int]:
     """Descending eigenvalues of the symmetrised float64 matrix with round-off negatives clipped to 0.
 
     Returns (eigenvalues, how many were clipped). ``scale`` (default: the largest |eigenvalue|) sets how
-    negative a value may be and still count as round-off; anything below raises NumericalError.
+    negative a value may be and still count as round-off; anything below raises NumericalError. ``eigvalsh``
+    (ascending eigenvalues of a symmetric matrix): NumPy's here; the library's tracker, in a process whose
+    torch threads are busy, passes torch's (NumPy's BLAS threads would contend with them).
     """
     a = np.asarray(matrix, dtype=np.float64)
     if not np.isfinite(a).all():
         raise NumericalError(f"{what}: non-finite entries")
-    values = np.linalg.eigvalsh((a + a.T) / 2)[::-1]
+    values = np.asarray(eigvalsh((a + a.T) / 2))[::-1]
     scale = float(np.abs(values).max(initial=0.0)) if scale is None else scale
     negative = values < 0
     if negative.any() and values.min() < -tolerance * max(scale, np.finfo(float).tiny):
@@ -59,7 +80,7 @@ def eigenvalues(
 
 def measures(values: np.ndarray, cfg: dict, trace: float | None = None) -> dict:
     """Dimension measures of a clipped, descending spectrum (see the module docstring); ``cfg`` is the
-    spectrum section (threshold, relative_threshold, soft_lambda)."""
+    spectrum section (threshold, relative_threshold, soft_lambda, saturation_threshold, alpha_ranks)."""
     values = np.asarray(values, dtype=np.float64)
     channels = len(values)
     total = float(values.sum())
@@ -70,30 +91,64 @@ def measures(values: np.ndarray, cfg: dict, trace: float | None = None) -> dict:
         effective_rank = float(np.exp(-(p * np.log(p)).sum()))
     else:
         effective_rank = 0.0
+    saturation = saturation_dim(values, cfg["saturation_threshold"])
+    alpha, alpha_r2 = alpha_req(values, cfg["alpha_ranks"])
     return {
         "intrinsic_dim": intrinsic,
         "intrinsic_dim_ratio": intrinsic / channels if channels else float("nan"),
         "relative_dim": int((values > cfg["relative_threshold"] * top).sum()) if top > 0 else 0,
         "soft_dof": float((values / (values + cfg["soft_lambda"])).sum()),
         "effective_rank": effective_rank,
+        "saturation": saturation / channels if channels else float("nan"),
+        "saturation_dim": saturation,
+        "participation_ratio": participation_ratio(values),
+        "rankme": rankme(values),
+        "alpha": alpha,
+        "alpha_r2": alpha_r2,
         "top_eigenvalue": top,
         "trace": total if trace is None else float(trace),
     }
 
 
 def layer_spectra(
-    second_moment: np.ndarray, mean: np.ndarray, what: str, tolerance: float = NEGATIVE_TOLERANCE
+    second_moment: np.ndarray,
+    mean: np.ndarray,
+    what: str,
+    tolerance: float = NEGATIVE_TOLERANCE,
+    eigvalsh: Eigvalsh = np.linalg.eigvalsh,
 ) -> dict[str, tuple[np.ndarray, int]]:
     """Clipped eigenvalues (and clip counts) of the second moment and of the centred covariance."""
     s = np.asarray(second_moment, dtype=np.float64)
     m = np.asarray(mean, dtype=np.float64)
-    s_values = eigenvalues(s, what=f"{what}: second moment", tolerance=tolerance)
+    s_values = eigenvalues(s, what=f"{what}: second moment", tolerance=tolerance, eigvalsh=eigvalsh)
     scale = float(s_values[0][0]) if len(s_values[0]) else 0.0  # the centred matrix inherits S's round-off
-    c_values = eigenvalues(s - np.outer(m, m), scale=scale, what=f"{what}: centred covariance", tolerance=tolerance)
+    c_what = f"{what}: centred covariance"
+    c_values = eigenvalues(s - np.outer(m, m), scale=scale, what=c_what, tolerance=tolerance, eigvalsh=eigvalsh)
     return {"second_moment": s_values, "covariance": c_values}
 
 
-def _row(root: dict, name: str, attrs: dict, spectra: dict, traces: dict, cfg: dict) -> dict[str, Any]:
+def check_settings(cfg: dict) -> None:
+    """Cross-key rules of the spectrum section the schema cannot state."""
+    first, last = cfg["alpha_ranks"]
+    if first > last:
+        raise ConfigError(f"spectrum.alpha_ranks: first rank {first} is after the last {last}")
+
+
+def layer_row(
+    root: dict,
+    name: str,
+    attrs: dict,
+    arrays: dict,
+    cfg: dict,
+    what: str,
+    tolerance: float = NEGATIVE_TOLERANCE,
+    eigvalsh: Eigvalsh = np.linalg.eigvalsh,
+) -> tuple[dict[str, Any], dict[str, tuple[np.ndarray, int]]]:
+    """One table row (every measure of both matrices) and the clipped spectra of one layer's second moment and
+    mean; ``root`` and ``attrs`` are the store's root and layer attributes (or the tracker's equivalents)."""
+    second, mean = arrays["second_moment"], arrays["mean"]
+    spectra = layer_spectra(second, mean, what=what, tolerance=tolerance, eigvalsh=eigvalsh)
+    traces = {"second_moment": float(np.trace(second)), "covariance": float(np.trace(second) - mean @ mean)}
     row: dict[str, Any] = {
         "run": root.get("run"),
         "init": root.get("init"),
@@ -113,8 +168,14 @@ def _row(root: dict, name: str, attrs: dict, spectra: dict, traces: dict, cfg: d
         found = measures(values, cfg, trace=traces[key])
         found["n_negative_clipped"] = clipped
         row.update({prefix + k: found[k] for k in MEASURES})
-    row.update({key: cfg[key] for key in ("threshold", "relative_threshold", "soft_lambda")})
-    return row
+    row.update({key: cfg[key] for key in SETTINGS})
+    row["alpha_rank_first"], row["alpha_rank_last"] = cfg["alpha_ranks"]
+    return row, spectra
+
+
+def negative_tolerance(precision: str | None) -> float:
+    """How far below zero an eigenvalue may be and still count as round-off, by the Gram products' dtype."""
+    return NEGATIVE_TOLERANCE_FLOAT32 if precision == "float32" else NEGATIVE_TOLERANCE
 
 
 def eigenvalue_path(out: str | Path) -> Path:
@@ -125,16 +186,15 @@ def eigenvalue_path(out: str | Path) -> Path:
 def decompose(cfg: dict, store_path: Path, out: Path, eigenvalues_out: Path | None = None) -> pd.DataFrame:
     """Eigenvalue store + one table row per layer of a covariance store (section spectrum)."""
     section = cfg["spectrum"]
+    check_settings(section)
     check_writable(out)
     remove(Path(out))  # never a new store beside an old table
     rows, eig_arrays, eig_attrs = [], {}, {}
     root = store.store_attrs(store_path, store.COVARIANCE_KIND)
-    tolerance = NEGATIVE_TOLERANCE_FLOAT32 if root.get("precision") == "float32" else NEGATIVE_TOLERANCE
+    tolerance = negative_tolerance(root.get("precision"))
     for name, arrays, attrs in store.iter_layers(store_path, store.COVARIANCE_KIND, COVARIANCE_ARRAYS):
-        second, mean = arrays["second_moment"], arrays["mean"]
-        spectra = layer_spectra(second, mean, what=f"{store_path}: layer {name}", tolerance=tolerance)
-        traces = {"second_moment": float(np.trace(second)), "covariance": float(np.trace(second) - mean @ mean)}
-        rows.append(_row(root, name, attrs, spectra, traces, section))
+        row, spectra = layer_row(root, name, attrs, arrays, section, f"{store_path}: layer {name}", tolerance)
+        rows.append(row)
         eig_arrays[name] = {key: values for key, (values, _) in spectra.items()}
         eig_attrs[name] = {
             **attrs,

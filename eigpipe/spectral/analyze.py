@@ -1,0 +1,142 @@
+"""The ``eigpipe analyze`` command: a covariance store of a torchvision (or timm) classifier on a folder of images,
+without writing code. The model's own preprocessing is used: torchvision's weights preset
+(``get_model_weights(name).DEFAULT.transforms()``, built locally, nothing downloaded) or timm's
+(``resolve_model_data_config`` + ``create_transform``). Weights come from a local file or stay random.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from eigpipe import provenance
+from eigpipe.errors import EigpipeError
+from eigpipe.spectral.buffers import ieee_float32
+from eigpipe.spectral.track import Tracker
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".tif", ".tiff", ".webp"}
+
+
+def _torchvision(name: str) -> tuple[nn.Module, Callable]:
+    import torchvision
+
+    known = torchvision.models.list_models(module=torchvision.models)  # the classifiers
+    if name not in known:
+        examples = ", ".join(known[:4])
+        raise EigpipeError(f"--model torchvision:{name}: not a torchvision classifier (e.g. {examples}, ...)")
+    preset = torchvision.models.get_model_weights(name).DEFAULT.transforms()
+    return torchvision.models.get_model(name, weights=None), preset
+
+
+def _timm(name: str) -> tuple[nn.Module, Callable]:
+    try:
+        import timm
+    except ImportError:
+        raise EigpipeError(f"--model timm:{name}: timm is not installed (pip install timm)") from None
+    if not timm.is_model(name):
+        raise EigpipeError(f"--model timm:{name}: not a timm model")
+    model = timm.create_model(name, pretrained=False)
+    return model, timm.data.create_transform(**timm.data.resolve_model_data_config(model), is_training=False)
+
+
+SOURCES = {"torchvision": _torchvision, "timm": _timm}
+
+
+def load_model(spec: str, weights: Path | None) -> tuple[nn.Module, Callable]:
+    """(model in eval mode, its preprocessing) for ``torchvision:NAME`` or ``timm:NAME``, weights from a file."""
+    source, _, name = spec.partition(":")
+    if source not in SOURCES or not name:
+        raise EigpipeError(f"--model {spec}: give torchvision:NAME or timm:NAME")
+    model, preprocess = SOURCES[source](name)
+    if weights is not None:
+        _load_weights(model, Path(weights), spec)
+    return model.eval(), preprocess
+
+
+def _load_weights(model: nn.Module, path: Path, spec: str) -> None:
+    if not path.is_file():
+        raise EigpipeError(f"{path}: weights file not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle, zip and torch errors of damaged or foreign files
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise EigpipeError(f"{path}: not a readable state dict ({type(exc).__name__}: {first})") from None
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict):
+        raise EigpipeError(f"{path}: not a state dict (a {type(state).__name__})")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[1:2] or [str(exc)]
+        raise EigpipeError(f"{path}: does not fit {spec}: {first[0].strip()}") from None
+
+
+class ImageFiles(Dataset):
+    """Every image file under a folder (recursively, sorted), preprocessed; a bad file names itself."""
+
+    def __init__(self, folder: Path, preprocess: Callable) -> None:
+        if not folder.is_dir():
+            raise EigpipeError(f"{folder}: image folder not found")
+        self.files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not self.files:
+            raise EigpipeError(f"{folder}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        from PIL import Image
+
+        path = self.files[index]
+        try:
+            with Image.open(path) as image:
+                return self.preprocess(image.convert("RGB"))
+        except OSError as exc:
+            raise EigpipeError(f"{path}: not a readable image ({exc})") from None
+
+
+def analyze(
+    cfg: dict,
+    model_spec: str,
+    images: Path,
+    layers: Sequence[str],
+    out: Path,
+    weights: Path | None = None,
+    batch_size: int = 16,
+    max_images: int | None = None,
+    precision: str = "float64",
+    device: str = "auto",
+    threads: int | None = None,
+) -> Path:
+    """Run the classifier on the folder's images (inference mode, IEEE float32) and publish the store."""
+    from tqdm import tqdm
+
+    provenance.check_writable(out)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    if device == "cuda" and not torch.cuda.is_available():
+        raise EigpipeError("--device cuda: no CUDA device is available")
+    target = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    model, preprocess = load_model(model_spec, weights)
+    dataset: Any = ImageFiles(Path(images), preprocess)
+    count = len(dataset) if max_images is None else min(max_images, len(dataset))
+    dataset = torch.utils.data.Subset(dataset, range(count))
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    model.to(target)
+    tracker = Tracker(model, layers, precision=precision, run=model_spec)
+    bar = tqdm(total=count, desc=f"analyze {model_spec}", unit="img", file=sys.stderr)
+    with torch.inference_mode(), ieee_float32(), tracker, bar:
+        for batch in loader:
+            model(batch.to(target))
+            bar.update(len(batch))
+    record = {"images": str(images), "n_images": count, "order": "file paths, sorted"}
+    if weights is not None:
+        record.update(weights=str(weights), weights_sha256=provenance.sha256_file(weights))
+    return tracker.save(out, attrs={"dataset": record})

@@ -1,0 +1,203 @@
+"""The one extraction path of the pipeline's ``covariance`` stage and the library's tracker: forward hooks on the
+taps of the selected layers fold every call's features into accumulators, batch by batch.
+
+A batch is one forward pass of the model (its driver calls ``begin_batch``/``end_batch`` around it). A module
+that runs several times in one forward pass (a reused ReLU, a shared block, a head run per pyramid level) is kept
+apart per call: its k-th call of every batch goes into its own accumulator, named ``<layer>#k`` (a module that
+runs once keeps its plain name). Hooks are always removed on exit, errors included; nothing is written onto the
+model's modules. Statistics are taken from detached outputs (never part of autograd) with autocast off.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from eigpipe.errors import NumericalError
+from eigpipe.models.taps import is_detector
+from eigpipe.spectral.accumulator import CovarianceAccumulator, FeatureBatch, NonFiniteFeature
+from eigpipe.spectral.buffers import Workspace
+from eigpipe.spectral.layers import Layer
+from eigpipe.spectral.layouts import Layout
+
+DEFAULT_LAYOUT = Layout()
+
+
+@dataclass
+class Stream:
+    """The statistics of one layer's k-th call per forward pass; ``layer`` holds its forward index and shape."""
+
+    layer: Layer
+    call: int
+    acc: CovarianceAccumulator | None  # None for a layer whose statistics are mapped from another's (float32)
+
+
+class FeatureHooks:
+    """Forward hooks on the selected layers' taps; use as a context manager (hooks removed on exit).
+
+    ``layouts`` maps a layer name to its Layout (default: by the output's rank). ``mapped`` names layers whose
+    statistics their driver derives from another layer's (not accumulated; their forward order is kept). On an
+    eigpipe or torchvision detector, its transform's batch geometry crops each image's padding from its maps.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Sequence[Layer],
+        precision: str = "float64",
+        layouts: Callable[[str], Layout] | None = None,
+        mapped: Sequence[str] = (),
+    ) -> None:
+        self.model = model
+        self.layers = list(layers)
+        self.precision = precision
+        self.layouts = {layer.name: (layouts(layer.name) if layouts else DEFAULT_LAYOUT) for layer in self.layers}
+        self.mapped = set(mapped)
+        self.workspace = Workspace()
+        self.streams: dict[tuple[str, int], Stream] = {}
+        self.by_tap: dict[str, list[Layer]] = {}
+        for layer in self.layers:
+            self.by_tap.setdefault(layer.tap, []).append(layer)
+        self.active = False
+        self.batches = 0  # batches ended
+        self.ids: Sequence[Any] | None = None  # the current batch's sample ids, for error messages
+        self.geometry: tuple[list[tuple[int, int]], tuple[int, int]] | None = None  # image sizes, padded size
+        self.token_mask: torch.Tensor | None = None  # [N, T] real tokens of the current batch
+        self.outside: set[str] = set()  # taps that ran outside a batch (not taken)
+        self._calls: dict[str, int] = {}
+        self._handles: list[Any] = []
+
+    # ---- hooks ----------------------------------------------------------------------------------
+    def __enter__(self) -> FeatureHooks:
+        try:
+            for tap in self.by_tap:
+                self._handles.append(self.model.get_submodule(tap).register_forward_hook(self._hook(tap)))
+            if is_detector(self.model):
+                self._handles.append(self.model.transform.register_forward_hook(self._record_transform))
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.active = False
+
+    def keep(self, handle: Any) -> None:
+        """A hook handle of the driver's, removed with the layers' hooks on exit."""
+        self._handles.append(handle)
+
+    def _hook(self, tap: str) -> Callable[..., None]:
+        layers = self.by_tap[tap]
+
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            if not self.active:
+                self.outside.add(tap)
+                return
+            call = self._calls.get(tap, 0)
+            self._calls[tap] = call + 1
+            for layer in layers:
+                self._take(layer, call, output)
+
+        return hook
+
+    def _record_transform(self, _module: nn.Module, _inputs: Any, output: Any) -> None:
+        batched = output[0]
+        self.geometry = (list(batched.image_sizes), (batched.tensors.shape[-2], batched.tensors.shape[-1]))
+
+    # ---- batches ---------------------------------------------------------------------------------
+    def begin_batch(self, ids: Sequence[Any] | None = None) -> None:
+        self._calls.clear()
+        self.ids, self.geometry, self.active = ids, None, True
+
+    def end_batch(self) -> list[str]:
+        """Close the batch; returns the selected layers whose module did not run in it."""
+        self.active = False
+        self.batches += 1
+        self.token_mask = None
+        return [layer.name for layer in self.layers if layer.tap not in self._calls]
+
+    # ---- accumulation ----------------------------------------------------------------------------
+    def _take(self, layer: Layer, call: int, output: Any) -> None:
+        stream = self.streams.get((layer.name, call))
+        if layer.name in self.mapped:
+            if stream is None:
+                self._new_stream(layer, call, None, [])
+            return
+        layout = self.layouts[layer.name]
+        feats = layout.features(layout.tensor(output, layer.name), layer.name, self.token_mask)
+        per_image = isinstance(feats, torch.Tensor) and self.geometry is not None and not layer.per_region
+        if per_image and feats.shape[0] == len(self.geometry[0]):
+            feats = crop_valid(feats, *self.geometry)
+        if stream is None:
+            first = feats[0]
+            acc = CovarianceAccumulator(first.shape[0], first.device, self.workspace, self.precision)
+            stream = self._new_stream(layer, call, acc, [int(s) for s in first.shape])
+        device_type = stream.acc.device.type
+        try:
+            if torch.is_autocast_enabled(device_type):
+                with torch.autocast(device_type, enabled=False):
+                    stream.acc.update(feats)
+            else:
+                stream.acc.update(feats)
+        except NonFiniteFeature as bad:
+            where = f"sample {bad.index} of batch {self.batches}"
+            if self.ids is not None:
+                known = bad.index < len(self.ids)  # per-region layers: the index is a region's
+                where = f"image id {self.ids[bad.index]}" if known else f"the batch of image ids {list(self.ids)}"
+            raise NumericalError(f"layer {stream.layer.name}: non-finite feature in {where}") from None
+
+    def _new_stream(self, layer: Layer, call: int, acc: CovarianceAccumulator | None, shape: list[int]) -> Stream:
+        named = replace(layer, name=layer.name if call == 0 else f"{layer.name}#{call}", feature_shape=shape)
+        named.forward_index = len(self.streams)
+        if call == 1:  # the module runs more than once: its first call becomes <layer>#0 too
+            self.streams[(layer.name, 0)].layer.name = f"{layer.name}#0"
+        stream = self.streams[(layer.name, call)] = Stream(named, call, acc)
+        return stream
+
+    def results(self) -> tuple[list[Layer], dict[str, CovarianceAccumulator]]:
+        """(layers in forward order, {layer name: accumulator}) of every layer that has statistics."""
+        ordered = sorted(self.streams.values(), key=lambda stream: stream.layer.forward_index)
+        return [s.layer for s in ordered], {s.layer.name: s.acc for s in ordered if s.acc is not None}
+
+
+def crop_valid(feats: torch.Tensor, sizes: list[tuple[int, int]], padded: tuple[int, int]) -> FeatureBatch:
+    """Each image's feature map without the zero padding of the batch (the whole batch if none)."""
+    fh, fw = feats.shape[-2:]
+    valid = [(math.ceil(h * fh / padded[0]), math.ceil(w * fw / padded[1])) for h, w in sizes]
+    if all(v == (fh, fw) for v in valid):
+        return feats
+    return [feats[i, :, :vh, :vw] for i, (vh, vw) in enumerate(valid)]
+
+
+def merge_ranks(
+    layers: Sequence[Layer], accumulators: dict[str, CovarianceAccumulator]
+) -> tuple[list[Layer], dict[str, CovarianceAccumulator]]:
+    """Under torch.distributed: every rank's statistics, gathered and merged in rank order (Chan's formula in
+    float64), on every rank alike; layers seen on any rank are kept, in rank 0's forward order first."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(layers), accumulators
+    mine = [(layer, accumulators[layer.name].state_dict()) for layer in layers if layer.name in accumulators]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    device = next(iter(accumulators.values())).device if accumulators else torch.device("cpu")
+    merged_layers: dict[str, Layer] = {}
+    merged: dict[str, CovarianceAccumulator] = {}
+    for rank_items in gathered:
+        for layer, state in rank_items:
+            other = CovarianceAccumulator.from_state_dict(state, device)
+            if layer.name in merged:
+                merged[layer.name].merge(other)
+            else:
+                merged_layers[layer.name], merged[layer.name] = layer, other
+    ordered = [replace(layer, forward_index=i) for i, layer in enumerate(merged_layers.values())]
+    return ordered, merged

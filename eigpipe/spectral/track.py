@@ -1,0 +1,229 @@
+"""eigpipe's public face for any PyTorch model: ``eigpipe.track`` hooks the selected layers while the user's own
+code runs the model, and gives the spectrum table or a covariance store that the CLI stages read.
+
+```python
+with eigpipe.track(model, layers=["Conv2d:*", "encoder.layers.*.mlp.0"]) as tracker:
+    for images, _ in loader:
+        model(images)
+table = tracker.spectra()      # pandas: one row per layer, every measure of `eigpipe spectrum`
+tracker.save("run.zarr")       # a covariance store for `eigpipe spectrum`, `dimensions` and `report`
+```
+
+A batch is one call of the tracked module (``every=K`` takes every K-th). Features come from the same extraction
+path as the ``covariance`` stage (eigpipe.spectral.features). Under torch.distributed, ``spectra()`` and
+``save()`` are collective: every rank calls them, each rank's statistics are merged exactly, rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from eigpipe import config, provenance
+from eigpipe.errors import EigpipeError
+from eigpipe.models.taps import built_by_eigpipe
+from eigpipe.spectral import spectrum, store
+from eigpipe.spectral.accumulator import PRECISIONS, CovarianceAccumulator
+from eigpipe.spectral.extract import MATRIX, layer_attrs
+from eigpipe.spectral.features import FeatureHooks, merge_ranks
+from eigpipe.spectral.layers import Layer, select_layers
+from eigpipe.spectral.layouts import Layout
+
+TAPS = ("auto", "pipeline", "output")
+PerLayer = int | Mapping[str, int] | None  # one value for every layer, or {layer-name glob: value}
+
+
+def _for_layer(option: PerLayer, name: str) -> int | None:
+    if option is None or isinstance(option, int):
+        return option
+    return next((value for glob, value in option.items() if fnmatch.fnmatchcase(name, glob)), None)
+
+
+class Tracker:
+    """Hooks on the selected layers of ``model``, active inside ``with``; see ``eigpipe.track``."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Sequence[str],
+        *,
+        every: int = 1,
+        precision: str = "float64",
+        tap: str = "auto",
+        channel_axis: PerLayer = None,
+        output_index: PerLayer = None,
+        prefix_tokens: int = 0,
+        prefix: str = "drop",
+        run: str | None = None,
+    ) -> None:
+        if not isinstance(every, int) or every < 1:
+            raise EigpipeError(f"every: {every!r} is not a whole number >= 1")
+        if precision not in PRECISIONS:
+            raise EigpipeError(f"precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
+        if tap not in TAPS:
+            raise EigpipeError(f"tap: {tap!r} is not one of {', '.join(TAPS)}")
+        own = tap == "output" or (tap == "auto" and not built_by_eigpipe(model))
+        self.model, self.every, self.precision, self.selectors = model, every, precision, list(layers)
+        self.run = run or type(model).__name__
+        self.settings = {"every": every, "precision": precision, "tap": "output" if own else "pipeline"}
+        self.settings.update(channel_axis=channel_axis, output_index=output_index, prefix_tokens=prefix_tokens)
+        self.settings["prefix"] = prefix
+        Layout(prefix_tokens=prefix_tokens, prefix=prefix)  # checks the token policy now
+
+        def layout(name: str) -> Layout:
+            axis, index = _for_layer(channel_axis, name), _for_layer(output_index, name)
+            return Layout(channel_axis=axis, output_index=index, prefix_tokens=prefix_tokens, prefix=prefix)
+
+        selected = select_layers(model, self.selectors, own_outputs=own, where="layers")
+        self.hooks = FeatureHooks(model, selected, precision, layouts=layout)
+        self.forwards = 0  # calls of the tracked module, taken or not
+        self._depth = 0
+        self._merged: tuple[int, list[Layer], dict[str, CovarianceAccumulator]] | None = None
+
+    # ---- hooks on the tracked module: batch boundaries ---------------------------------------------
+    def __enter__(self) -> Tracker:
+        self.hooks.__enter__()
+        try:
+            self.hooks.keep(self.model.register_forward_pre_hook(self._begin))
+            self.hooks.keep(self.model.register_forward_hook(self._end, always_call=True))
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.hooks.__exit__()  # removes the boundary hooks too
+        self._depth = 0
+
+    def _begin(self, _module: nn.Module, _args: Any) -> None:
+        self._depth += 1
+        if self._depth == 1:
+            self.forwards += 1
+            if (self.forwards - 1) % self.every == 0:
+                self.hooks.begin_batch()
+
+    def _end(self, _module: nn.Module, _args: Any, _output: Any) -> None:
+        self._depth -= 1
+        if self._depth > 0:
+            return
+        if self.hooks.active:
+            missing = self.hooks.end_batch()
+            if missing and self.hooks.batches == 1:
+                warnings.warn(
+                    f"eigpipe.track: {len(missing)} selected layer(s) did not run in the first batch: "
+                    f"{', '.join(missing)}",
+                    stacklevel=2,
+                )
+        self.hooks.token_mask = None
+
+    def mask_tokens(self, mask: torch.Tensor) -> None:
+        """The [N, T] mask of real (True) and padding (False) tokens of the next forward pass's token layers."""
+        self.hooks.token_mask = mask
+
+    def reset(self) -> None:
+        """Forget the statistics gathered so far (the hooks stay)."""
+        self.hooks.streams.clear()
+        self._merged = None
+
+    # ---- results -----------------------------------------------------------------------------------
+    def _results(self) -> tuple[list[Layer], dict[str, CovarianceAccumulator]]:
+        """Layers in forward order and their accumulators, every rank's merged under torch.distributed."""
+        if self._merged is None or self._merged[0] != self.hooks.batches:
+            self._merged = (self.hooks.batches, *merge_ranks(*self.hooks.results()))
+        return self._merged[1], self._merged[2]
+
+    @property
+    def layers(self) -> list[Layer]:
+        return self._results()[0]
+
+    @property
+    def accumulators(self) -> dict[str, CovarianceAccumulator]:
+        return self._results()[1]
+
+    def root_attrs(self, iteration: int = 0) -> dict[str, Any]:
+        """The covariance store's root attributes: what was measured, on what, and how."""
+        accs = self.accumulators
+        device = str(next(iter(accs.values())).device) if accs else "cpu"
+        return {
+            "run": self.run,
+            "iteration": int(iteration),
+            "init": None,
+            "task": "library",
+            "model_name": type(self.model).__name__,
+            "n_images": max((acc.count for acc in accs.values()), default=0),
+            "batches": self.hooks.batches,
+            "selectors": self.selectors,
+            "precision": self.precision,
+            "tracker": self.settings,
+            "matrix": MATRIX,
+            "provenance": provenance.record(config=self.settings, seed=None, device=device),
+        }
+
+    def _arrays(self) -> dict[str, dict[str, np.ndarray]]:
+        layers, accs = self._results()
+        if not accs:
+            raise EigpipeError(f"eigpipe.track: no statistics: none of {', '.join(self.selectors)} ran in a batch")
+        return {
+            layer.name: {key: store.as_numpy(getattr(accs[layer.name], key)) for key in ("second_moment", "mean")}
+            for layer in layers
+            if layer.name in accs
+        }
+
+    def spectra(self, iteration: int = 0, **settings: Any) -> pd.DataFrame:
+        """One row per layer with every measure of ``eigpipe spectrum``; ``settings`` are spectrum-section keys
+        (threshold, relative_threshold, soft_lambda, saturation_threshold, alpha_ranks), validated by the schema."""
+        cfg = config.validate(dict(settings), "spectrum", config.schema()["properties"]["spectrum"])
+        spectrum.check_settings(cfg)
+        root, (layers, accs) = self.root_attrs(iteration), self._results()
+        tolerance = spectrum.negative_tolerance(self.precision)
+        rows = []
+        for name, arrays in self._arrays().items():
+            attrs = layer_attrs(next(layer for layer in layers if layer.name == name), accs[name])
+            row, _ = spectrum.layer_row(root, name, attrs, arrays, cfg, f"layer {name}", tolerance, _eigvalsh)
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+    def save(self, path: str | Path, iteration: int = 0, attrs: dict | None = None) -> Path:
+        """Publish the statistics as a covariance store (atomically); ``attrs`` are added to its root attributes
+        (say, what data the model saw). Under torch.distributed, rank 0 writes."""
+        path = Path(path)
+        arrays, root = self._arrays(), {**self.root_attrs(iteration), **(attrs or {})}
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if distributed and torch.distributed.get_rank() != 0:
+            return path
+        provenance.check_writable(path)
+        layers, accs = self._results()
+        per_layer = {layer.name: layer_attrs(layer, accs[layer.name]) for layer in layers if layer.name in accs}
+        return store.write_store(path, store.COVARIANCE_KIND, arrays, root, per_layer)
+
+
+def _eigvalsh(matrix: np.ndarray) -> np.ndarray:
+    """torch's eigvalsh, on torch's own threads: NumPy's BLAS threads, started in a process whose torch threads
+    have just run, spin against them (on 2 busy cores, spectra() of ResNet-50's layers took 163 s with NumPy's)."""
+    return torch.linalg.eigvalsh(torch.from_numpy(matrix)).numpy()
+
+
+def track(model: nn.Module, layers: Sequence[str], **options: Any) -> Tracker:
+    """Track the eigenspectra of ``model``'s selected layers while your code runs it; use with ``with``.
+
+    layers: selectors as in ``eigpipe covariance --layers``: module-path globs (``"encoder.layers.*.mlp.0"``) or
+        ``Type:glob`` (``"Conv2d:*"``). On a model eigpipe did not build, a layer's feature is the selected
+        module's own output; on eigpipe's detectors and classifiers, the pipeline's feature taps (post-activation).
+    every: take every K-th forward pass (default 1: all).
+    precision: "float64" (exact) or "float32" Gram products (statistics stay float64).
+    tap: "auto" (as above), "output" (always the module's own output) or "pipeline" (always the feature taps).
+    channel_axis: where the channels are (default by rank: [N, C], [N, T, C] tokens, [N, C, H, W]); an int, or
+        {layer glob: int}. output_index: the element of a tuple output to take (int or {layer glob: int}).
+    prefix_tokens, prefix: how many leading tokens of [N, T, C] outputs are CLS/register tokens, and whether they
+        are dropped ("drop", default), kept as ordinary tokens ("keep") or taken alone ("only").
+    run: the run name the store and table record (default: the model's class name).
+    """
+    return Tracker(model, layers, **options)

@@ -1,0 +1,330 @@
+"""The library's tracker (eigpipe.track) on models eigpipe did not build: statistics against a NumPy float64
+reference of the per-sample-weighted second moment and mean, layouts, reused modules, hooks, training, DDP; and on
+an eigpipe detector, the same store as `eigpipe covariance`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import eigpipe
+from eigpipe import cli
+from eigpipe.errors import EigpipeError
+from eigpipe.spectral import store
+from tests.helpers import covariance_args
+
+torch.set_num_threads(1)
+
+
+def reference(samples: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Float64 (second moment, mean) of samples [C, P_i]: averaged over each sample's positions, then samples."""
+    flat = [np.asarray(f, dtype=np.float64).reshape(f.shape[0], -1) for f in samples]
+    return sum(f @ f.T / f.shape[1] for f in flat) / len(flat), sum(f.mean(axis=1) for f in flat) / len(flat)
+
+
+def capture(model: nn.Module, names: list[str]) -> tuple[dict[str, list[torch.Tensor]], list]:
+    """Every call's output of the named modules, in call order (plain hooks, removed by the caller)."""
+    seen: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    handles = [
+        model.get_submodule(name).register_forward_hook(lambda m, i, o, name=name: seen[name].append(o.detach()))
+        for name in names
+    ]
+    return seen, handles
+
+
+def assert_close(acc, samples: list[np.ndarray], tol: float = 1e-10) -> None:
+    second, mean = reference(samples)
+    assert acc.count == len(samples)
+    assert np.linalg.norm(acc.second_moment.numpy() - second) <= tol * np.linalg.norm(second)
+    assert np.linalg.norm(acc.mean.numpy() - mean) <= tol * max(np.linalg.norm(mean), 1e-30)
+
+
+def per_sample(outputs: list[torch.Tensor]) -> list[np.ndarray]:
+    """[N, C, ...] outputs -> one [C, positions] array per sample."""
+    return [o[i].double().reshape(o.shape[1], -1).numpy() for o in outputs for i in range(o.shape[0])]
+
+
+def hook_state(model: nn.Module) -> dict[str, tuple]:
+    return {
+        name: (len(m._forward_hooks), len(m._forward_pre_hooks), sorted(vars(m))) for name, m in model.named_modules()
+    }
+
+
+@pytest.fixture(scope="module")
+def resnet() -> nn.Module:
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(num_classes=5).eval()
+
+
+def test_torchvision_classifier_against_a_float64_reference(resnet: nn.Module) -> None:
+    """Conv maps, vectors and a ReLU that each BasicBlock runs twice (kept apart as relu#0 / relu#1)."""
+    batches = [torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    names = ["layer1.0.conv1", "layer2.0.relu", "avgpool", "fc"]
+    seen, handles = capture(resnet, names)
+    with torch.inference_mode(), eigpipe.track(resnet, names) as tracker:
+        for batch in batches:
+            resnet(batch)
+    for handle in handles:
+        handle.remove()
+    accs = tracker.accumulators
+    assert [layer.name for layer in tracker.layers] == [
+        "layer1.0.conv1",
+        "layer2.0.relu#0",
+        "layer2.0.relu#1",
+        "avgpool",
+        "fc",
+    ]
+    assert_close(accs["layer1.0.conv1"], per_sample(seen["layer1.0.conv1"]))
+    relu = seen["layer2.0.relu"]  # two calls per forward: after bn1, and after the residual sum
+    assert_close(accs["layer2.0.relu#0"], per_sample(relu[0::2]))
+    assert_close(accs["layer2.0.relu#1"], per_sample(relu[1::2]))
+    assert_close(accs["avgpool"], per_sample(seen["avgpool"]))
+    assert_close(accs["fc"], per_sample(seen["fc"]))
+    assert tracker.layers[0].tap == "layer1.0.conv1"  # a foreign model: the selected module's own output
+    table = tracker.spectra()
+    assert list(table["layer"]) == [layer.name for layer in tracker.layers] and (table["n_images"] == 6).all()
+    assert {"saturation", "rankme", "centered_alpha", "participation_ratio"} <= set(table.columns)
+
+
+@pytest.fixture(scope="module")
+def vit() -> nn.Module:
+    torch.manual_seed(0)
+    return torchvision.models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=24, num_classes=3
+    ).eval()
+
+
+@pytest.mark.parametrize("prefix", ["drop", "keep", "only"])
+def test_transformer_tokens_against_a_float64_reference(vit: nn.Module, prefix: str) -> None:
+    """[N, T, C] token features, per sample over its tokens; the class token dropped, kept or taken alone; and a
+    padding mask of real tokens."""
+    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(3, 17, dtype=torch.bool)
+    mask[0, 10:] = False
+    mask[2, 3:] = False
+    names = ["encoder.layers.encoder_layer_0.mlp.0", "encoder.ln"]
+    seen, handles = capture(vit, names)
+    with torch.inference_mode(), eigpipe.track(vit, names, prefix_tokens=1, prefix=prefix) as tracker:
+        vit(x)
+        tracker.mask_tokens(mask)
+        vit(x)
+    for handle in handles:
+        handle.remove()
+    part = {"drop": slice(1, None), "keep": slice(None), "only": slice(0, 1)}[prefix]
+    for name in names:
+        plain, masked = seen[name]
+        samples = [plain[i, part].T.double().numpy() for i in range(3)]
+        samples += [masked[i, part][mask[i, part]].T.double().numpy() for i in range(3)]
+        assert_close(tracker.accumulators[name], samples)
+        assert tracker.layers[names.index(name)].feature_shape == [plain.shape[-1], samples[0].shape[1], 1]
+
+
+def test_channels_last_tuple_outputs_and_conv1d() -> None:
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 5, 3)
+            self.last = nn.Identity()  # sees a channels-last view
+            self.pair = nn.LSTM(5, 4, batch_first=True)  # returns (output, (h, c))
+            self.line = nn.Conv1d(5, 6, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x)
+            self.last(y.permute(0, 2, 3, 1))
+            self.pair(y.flatten(2).transpose(1, 2))
+            return self.line(y.flatten(2))
+
+    torch.manual_seed(0)
+    model, x = Model().eval(), torch.rand(2, 3, 9, 9)
+    options = {"channel_axis": {"last": -1, "line": 1}, "output_index": {"pair": 0}}
+    with torch.inference_mode(), eigpipe.track(model, ["conv", "last", "pair", "line"], **options) as tracker:
+        model(x)
+    accs = tracker.accumulators
+    for key in ("second_moment", "mean"):
+        assert torch.allclose(getattr(accs["last"], key), getattr(accs["conv"], key), rtol=1e-12, atol=0)
+    with torch.inference_mode():
+        y = model.conv(x)
+        lstm = model.pair(y.flatten(2).transpose(1, 2))[0]
+        line = model.line(y.flatten(2))
+    assert_close(accs["pair"], [lstm[i].T.double().numpy() for i in range(2)])
+    assert_close(accs["line"], per_sample([line]))
+    with (
+        pytest.raises(
+            EigpipeError, match=r"layer pair: its output is a tuple of 2; choose an element with output_index"
+        ),
+        torch.inference_mode(),
+        eigpipe.track(model, ["pair"]),
+    ):
+        model(x)
+
+
+def test_hooks_are_removed_after_an_exception_and_nothing_is_written_on_the_modules() -> None:
+    class Boom(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("boom")
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), Boom())
+    before = hook_state(model)
+    with pytest.raises(RuntimeError, match="boom"), eigpipe.track(model, ["0", "Conv2d:*", "1"]):
+        assert hook_state(model) != before  # hooked inside
+        model(torch.rand(2, 3, 8, 8))
+    assert hook_state(model) == before
+    # an error inside a hook (a tuple output without output_index) too
+    lstm = nn.Sequential(nn.LSTM(3, 2))
+    before = hook_state(lstm)
+    with pytest.raises(EigpipeError, match="output_index"), eigpipe.track(lstm, ["0"]):
+        lstm(torch.rand(2, 1, 3))
+    assert hook_state(lstm) == before
+
+
+def test_a_layer_that_never_runs_is_named_in_a_warning_after_the_first_batch() -> None:
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.used, self.unused = nn.Linear(4, 3), nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.used(x)
+
+    model = Branchy()
+    with pytest.warns(UserWarning, match=r"1 selected layer\(s\) did not run in the first batch: unused"):  # noqa: SIM117
+        with torch.inference_mode(), eigpipe.track(model, ["Linear:*"]) as tracker:
+            model(torch.rand(5, 4))
+            model(torch.rand(5, 4))  # warned once, after the first batch
+    assert list(tracker.spectra()["layer"]) == ["used"]
+
+
+def test_inside_a_training_step_every_second_batch_without_autograd() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))
+    model(torch.rand(1, 3, 8, 8))
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen, handles = capture(model, ["2"])
+    batches = [torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(5)]
+    with eigpipe.track(model, ["2"], every=2) as tracker:
+        for batch in batches:
+            loss = model(batch).square().mean()
+            optimizer.zero_grad()
+            loss.backward()  # the tracker's statistics are not part of the graph
+            optimizer.step()
+    for handle in handles:
+        handle.remove()
+    acc = tracker.accumulators["2"]
+    assert_close(acc, per_sample(seen["2"][0::2]))  # batches 0, 2 and 4
+    assert tracker.forwards == 5 and tracker.hooks.batches == 3
+    assert not acc.second_moment.requires_grad and all(p.grad is not None for p in model.parameters())
+
+
+def test_autocast_features_are_accumulated_in_float64() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU())
+    x = torch.rand(6, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16), eigpipe.track(model, ["0"]) as tracker:
+        out = model[0](x)
+        model(x)
+    assert out.dtype == torch.bfloat16
+    assert_close(tracker.accumulators["0"], per_sample([out.detach().float()]), tol=1e-12)
+    assert tracker.hooks.outside == {"0"}  # the direct call of model[0] is not a forward pass of the model
+
+
+def test_tracker_on_an_eigpipe_detector_gives_the_covariance_stage_store(on_disk: dict, tmp_path: Path) -> None:
+    from eigpipe.data.coco import CocoDetection
+    from eigpipe.models import load_checkpoint
+
+    cfg = json.dumps({"covariance": {"images": 4, "batch_size": 2}, "runtime": {"threads": 1}})
+    stage = tmp_path / "stage.zarr"
+    assert cli.main(covariance_args(on_disk, "faster_rcnn-scratch", cfg, stage)) == 0
+    model, _meta = load_checkpoint(on_disk["checkpoints"]["faster_rcnn-scratch"], "cpu")
+    dataset = CocoDetection(on_disk["annotations"], on_disk["images"], train=False)
+    torch.set_num_threads(1)
+    model.eval()
+    with torch.inference_mode(), eigpipe.track(model, ["default"], run="faster_rcnn-scratch") as tracker:
+        for first in (0, 2):
+            model([dataset[i][0] for i in (first, first + 1)])
+    library = tracker.save(tmp_path / "library.zarr", iteration=30)
+    arrays = ("second_moment", "mean")
+    stage_attrs, stage_layers = store.read_store(stage, store.COVARIANCE_KIND, arrays)
+    lib_attrs, lib_layers = store.read_store(library, store.COVARIANCE_KIND, arrays)
+    assert lib_attrs["layers"] == stage_attrs["layers"] and lib_attrs["run"] == "faster_rcnn-scratch"
+    for name, (values, attrs) in stage_layers.items():
+        lib_values, lib_attrs_layer = lib_layers[name]
+        for key in ("tap", "count", "positions", "channels", "feature_shape", "forward_index"):
+            assert lib_attrs_layer[key] == attrs[key], (name, key)
+        for key in arrays:
+            assert np.array_equal(lib_values[key], values[key]), (name, key)
+
+
+DDP_SCRIPT = """
+import sys
+import torch, torch.distributed as dist
+import eigpipe
+from torch import nn
+
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+torch.set_num_threads(1)
+torch.manual_seed(0)
+model = nn.Sequential(nn.Conv2d(3, 5, 3), nn.ReLU(), nn.Conv2d(5, 7, 3)).eval()
+batches = [torch.rand(2, 3, 9, 9, generator=torch.Generator().manual_seed(i)) for i in range(5)]
+with torch.inference_mode(), eigpipe.track(model, ["Conv2d:*", "1"]) as tracker:
+    for batch in batches[rank::world]:
+        model(batch)
+tracker.save(sys.argv[1])
+table = tracker.spectra()
+if rank == 0:
+    table.to_csv(sys.argv[1] + ".csv", index=False)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_two_process_ddp_on_the_cpu_equals_one_process(tmp_path: Path) -> None:
+    script = tmp_path / "ddp.py"
+    script.write_text(textwrap.dedent(DDP_SCRIPT))
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    runs = {}
+    for procs in (1, 2):
+        out = tmp_path / f"{procs}.zarr"
+        command = [torchrun, "--standalone", "--nproc_per_node", str(procs), str(script), str(out)]
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[procs] = store.read_store(out, store.COVARIANCE_KIND, ("second_moment", "mean"))
+    (attrs_1, layers_1), (attrs_2, layers_2) = runs[1], runs[2]
+    assert attrs_2["layers"] == attrs_1["layers"] == ["0", "1", "2"]
+    for name, (values, attrs) in layers_1.items():
+        assert layers_2[name][1]["count"] == attrs["count"] == 10
+        for key, value in values.items():
+            assert np.allclose(layers_2[name][0][key], value, rtol=1e-12, atol=1e-14), (name, key)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1.zarr", "1.zarr.csv", "2.zarr", "2.zarr.csv", "ddp.py"]
+
+
+def test_training_tracker_writes_a_store_every_k_steps(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with eigpipe.track_training(model, ["Linear:*"], tmp_path / "dyn", save_every=3, run="mlp") as recorder:
+        for step in range(7):
+            x = torch.rand(4, 4, generator=torch.Generator().manual_seed(step))
+            loss = model(x).square().mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            recorder.step()
+    assert [p.name for p in recorder.saved] == ["3.zarr", "6.zarr"]
+    for path, step in zip(recorder.saved, (3, 6), strict=True):
+        attrs, layers = store.read_store(path, store.COVARIANCE_KIND, ("second_moment", "mean"))
+        assert attrs["iteration"] == step and attrs["run"] == "mlp" and attrs["layers"] == ["0", "2"]
+        assert all(layer_attrs["count"] == 12 for _, layer_attrs in layers.values())  # 3 steps of 4 samples
