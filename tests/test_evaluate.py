@@ -136,6 +136,6 @@ def test_max_images_evaluates_the_images_it_predicts(tmp_path, data, gapped, tin
     dataset = CocoDetection(gapped, data / "val", train=False)
     runtime = {"device": "cpu", "threads": 1, "deterministic": True, "tf32": False}
     cfg = {"evaluate": {"batch_size": 2, "max_images": max_images, "workers": 0}, "runtime": runtime}
-    ckpt = checkpoint(tmp_path, "faster_rcnn", dataset, tiny_model)
+    ckpt = detector_checkpoint(tmp_path, "faster_rcnn", dataset, tiny_model)
     report = evaluate.evaluate_checkpoint(cfg, ckpt, gapped, data / "val", tmp_path / "e.json")
     assert report["n_images"] == max_images and report["bbox"]["AP"] == pytest.approx(1.0)

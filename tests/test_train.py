@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from eigpipe import runtime
+from eigpipe import cli, runtime
 from eigpipe.models import WidthSpec, load_checkpoint, standard
 from eigpipe.train import loop
 from eigpipe.train.batches import batch_keys
