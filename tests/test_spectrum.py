@@ -120,7 +120,7 @@ def test_dimensions_table_orders_snapshots(tmp_path: Path) -> None:
             "body.layer1.0": (planted([1.0, 0.5]), np.zeros(2)),
             "body.conv1": (planted([1.0, 1e-4]), np.zeros(2)),
         }
-        cov = write_store(tmp_path / f"{it}.zarr", layers, "classifier", it)
+        cov = write_store(tmp_path / "cov" / f"{it}.zarr", layers, "classifier", it)
         decompose(cov, tmp_path / f"{it}.parquet")
         paths.append(tmp_path / f"{it}.parquet")
     table = dimensions.dimensions({}, paths, tmp_path / "dim.parquet")
@@ -135,7 +135,7 @@ def test_dimensions_table_orders_snapshots(tmp_path: Path) -> None:
 def test_dimensions_refuses_tables_of_two_runs(tmp_path: Path) -> None:
     paths = []
     for run in ("faster_rcnn-scratch", "faster_rcnn-pretrained"):
-        cov = write_store(tmp_path / f"{run}.zarr", {"body.conv1": (planted([1.0, 0.5]), np.zeros(2))}, run, 0)
+        cov = write_store(tmp_path / "cov" / f"{run}.zarr", {"body.conv1": (planted([1.0, 0.5]), np.zeros(2))}, run, 0)
         paths.append(decompose(cov, tmp_path / f"{run}.parquet") is not None and tmp_path / f"{run}.parquet")
     with pytest.raises(EigpipeError, match="runs faster_rcnn-pretrained, faster_rcnn-scratch"):
         dimensions.dimensions({}, paths, tmp_path / "d.parquet")
