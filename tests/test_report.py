@@ -234,3 +234,137 @@ def test_comparison_table_means_spreads_and_deltas(tmp_path: Path) -> None:
     assert table.loc["mask_rcnn-derived", "APm"] == pytest.approx(0.45 + 0.04)  # every COCO size column is kept
     text = comparison.markdown(table.reset_index())
     assert "| faster_rcnn-derived |" in text and "+0.000" in text and "0.714x" in text
+
+
+# ---- the report folder is published whole (issue 18, item 3) ---------------------------------------------------
+
+
+SMALL = {"faster_rcnn-scratch": RUNS["faster_rcnn-scratch"]}
+
+
+def report_args(root: Path, out: Path, with_comparison: bool = True) -> list[str]:
+    """The report of the inputs ``study`` wrote under ``root``."""
+    args = ["report", "--config-json", json.dumps({"report": {"layers": []}})]
+    args += ["--dimensions", str(root / "faster_rcnn-scratch.parquet")]
+    if with_comparison:
+        args += ["--eigenvalues", str(root / "faster_rcnn-scratch.zarr")]
+        args += ["--evaluations", *(str(root / "eval" / f"faster_rcnn-{i}.json") for i in ("scratch", "pretrained"))]
+        args += ["--widths", str(root / "widths" / "faster_rcnn-derived.yaml")]
+    return [*args, "--out-dir", str(out)]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small study's report inputs and its finished report (report/), rendered once."""
+    root = tmp_path_factory.mktemp("finished")
+    dimension_tables(root, SMALL), eigenvalue_stores(root, SMALL), evaluations(root), derivation_file(root)
+    assert cli.main(report_args(root, root / "report")) == 0
+    return root
+
+
+@pytest.fixture
+def study(finished: Path, tmp_path: Path) -> Path:
+    """A copy of ``finished`` to spoil."""
+    return Path(__import__("shutil").copytree(finished, tmp_path / "study"))
+
+
+def tree(path: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in path.iterdir()} if path.exists() else {}
+
+
+def _yaml(path: Path, data: object) -> None:
+    path.write_text(yaml.safe_dump(data))
+
+
+def _no_derived_layer_key(path: Path) -> None:
+    data = yaml.safe_load(path.read_text())
+    del data["derivation"]["layers"][1]["d"]
+    _yaml(path, data)
+
+
+def _evaluation_without(path: Path, section: str, key: str) -> None:
+    record = json.loads(path.read_text())
+    del (record[section] if section else record)[key]
+    path.write_text(json.dumps(record))
+
+
+SPOILS = {
+    "evaluation not JSON": ("eval/faster_rcnn-scratch.json", lambda p: p.write_text("{'AP': ")),
+    "evaluation without bbox": ("eval/faster_rcnn-scratch.json", lambda p: _evaluation_without(p, "", "bbox")),
+    "evaluation without a cost": (
+        "eval/faster_rcnn-pretrained.json",
+        lambda p: _evaluation_without(p, "complexity", "body_macs"),
+    ),
+    "evaluation without an AP": ("eval/faster_rcnn-scratch.json", lambda p: _evaluation_without(p, "bbox", "APl")),
+    "evaluation without its run": ("eval/faster_rcnn-scratch.json", lambda p: _evaluation_without(p, "", "run")),
+    "widths spec without derivation": ("widths/faster_rcnn-derived.yaml", lambda p: _yaml(p, {"stem": 8})),
+    "derivation without layers": (
+        "widths/faster_rcnn-derived.yaml",
+        lambda p: _yaml(p, {"derivation": {"measure": "m", "alpha": 1, "body": {}}}),
+    ),
+    "derivation layer without d": ("widths/faster_rcnn-derived.yaml", _no_derived_layer_key),
+    "widths spec not YAML": ("widths/faster_rcnn-derived.yaml", lambda p: p.write_text("a: [1,\n")),
+    "dimensions table without threshold": (
+        "faster_rcnn-scratch.parquet",
+        lambda p: pd.read_parquet(p).drop(columns="threshold").to_parquet(p),
+    ),
+    "eigenvalue store removed": ("faster_rcnn-scratch.zarr", lambda p: __import__("shutil").rmtree(p)),
+}
+
+
+@pytest.mark.parametrize("spoil", SPOILS)
+def test_a_bad_input_writes_nothing_and_keeps_the_previous_report(study, capsys, spoil) -> None:
+    out = study / "report"
+    before = tree(out)
+    relative, damage = SPOILS[spoil]
+    damage(study / relative)
+    assert cli.main(report_args(study, out)) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and Path(relative).name in err, err
+    assert tree(out) == before
+    assert cli.main(report_args(study, study / "new")) == 1
+    assert not (study / "new").exists()
+    assert [p.name for p in study.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_rerun_with_fewer_inputs_leaves_no_stale_files(study) -> None:
+    out = study / "report"
+    assert {"summary.csv", "summary.md", "widths.png", "evaluation.csv"} < set(tree(out))
+    assert cli.main(report_args(study, out, with_comparison=False)) == 0
+    assert set(tree(out)) == {"eigenvalues.png", "dimensions.png", "dynamics.png", "spectra.csv", report.MARKER}
+    marker = json.loads((out / report.MARKER).read_text())
+    assert marker["kind"] == report.REPORT_KIND and sorted(marker["files"]) == sorted(set(tree(out)) - {"report.json"})
+
+
+def test_a_kill_half_way_leaves_the_previous_report(study, monkeypatch) -> None:
+    out = study / "report"
+    before = tree(out)
+
+    def killed(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "plot_dynamics", killed)  # after two figures are written
+    assert cli.main(report_args(study, out, with_comparison=False)) == 130
+    assert tree(out) == before
+    monkeypatch.setattr(report, "plot_eigenvalues", killed)
+    assert cli.main(report_args(study, study / "fresh")) == 130
+    assert not (study / "fresh").exists()
+    assert [p.name for p in study.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize("failing", ["matplotlib.figure.Figure.savefig", "pandas.DataFrame.to_csv"])
+def test_a_full_disk_names_the_report_folder(study, monkeypatch, capsys, failing) -> None:
+    import errno
+    import os
+
+    out = study / "report"
+    before = tree(out)
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as a write() reports it: no file name
+
+    monkeypatch.setattr(failing, full)
+    assert cli.main(report_args(study, out, with_comparison=False)) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "No space left on device" in err and str(out) in err and ".tmp-" not in err, err
+    assert tree(out) == before
