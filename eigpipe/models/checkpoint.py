@@ -64,16 +64,16 @@ def _conv_out(state: dict[str, Any], key: str, source: str) -> int:
 def widths_from_state_dict(state: dict[str, torch.Tensor], prefix: str = "", source: str = "state dict") -> WidthSpec:
     """Read a bottleneck ResNet's widths off its conv weight shapes; a basic-block ResNet (18/34) or a missing
     weight is a one-line error naming ``source`` and the tensor."""
+    if f"{prefix}layer1.0.conv2.weight" in state and not any(k.endswith(".conv3.weight") for k in state):
+        raise EigpipeError(
+            f"{source}: a ResNet of basic blocks (ResNet-18/34: no conv3 in any block); eigpipe's models are"
+            " bottleneck ResNets (ResNet-50 family)"
+        )
     stages = []
     for i in range(1, 5):
         blocks, j, out = [], 0, 0
         while f"{prefix}layer{i}.{j}.conv1.weight" in state:
             key = f"{prefix}layer{i}.{j}."
-            if key + "conv3.weight" not in state and key + "conv2.weight" in state:
-                raise EigpipeError(
-                    f"{source}: {key}conv3.weight is missing: a ResNet of basic blocks (ResNet-18/34); eigpipe's"
-                    " models are bottleneck ResNets (ResNet-50 family)"
-                )
             blocks.append(
                 (_conv_out(state, key + "conv1.weight", source), _conv_out(state, key + "conv2.weight", source))
             )

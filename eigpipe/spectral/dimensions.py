@@ -52,7 +52,7 @@ def read_table(path: str | Path, columns: Sequence[str] = KEY_COLUMNS) -> pd.Dat
             whole = pd.Series([False] * len(table))
         if not whole.all():
             row = int((~whole).to_numpy().argmax())
-            raise EigpipeError(f"{path}: iteration {table['iteration'].iloc[row]!r} is not a whole number (row {row})")
+            raise EigpipeError(f"{path}: iteration {table['iteration'].iloc[row]} is not a whole number (row {row})")
         table["iteration"] = table["iteration"].astype("int64")
     return table
 
