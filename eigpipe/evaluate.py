@@ -20,7 +20,7 @@ from eigpipe import provenance, runtime
 from eigpipe.complexity import model_complexity
 from eigpipe.errors import DataError, EigpipeError, NumericalError
 from eigpipe.models import load_checkpoint
-from eigpipe.outputs import claim, json_with
+from eigpipe.outputs import claim_outputs, json_with
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 EVALUATION = json_with(("bbox", "complexity", "checkpoint_sha256"), "an eigpipe evaluation JSON")
@@ -153,7 +153,7 @@ def evaluate_checkpoint(cfg: dict, checkpoint: Path, annotations: Path, images: 
     from eigpipe.data.coco import CocoDetection
 
     section = cfg["evaluate"]
-    claim({out: EVALUATION}, inputs=[checkpoint, annotations, images])
+    claim_outputs((out, EVALUATION), inputs=[checkpoint, annotations, images])
     env = runtime.setup(cfg["runtime"], seed=0)
     model, meta = load_checkpoint(checkpoint, env.device, required=("category_ids", "iteration"))
     if meta["task"] != "detection":

@@ -16,7 +16,7 @@ import json
 import os
 import pickletools
 import zipfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,12 +62,12 @@ def refuse_inputs(output: str | Path, inputs: Iterable[str | Path | None]) -> No
             raise EigpipeError(f"{output}: {how} the input {source}; an output never replaces an input")
 
 
-def claim(outputs: Mapping[str | Path, Kind], inputs: Iterable[str | Path | None] = ()) -> None:
-    """Check, before any work, that each output path may be written: it is no input (nor holds one), no two
-    outputs are the same path, its folder is writable, and what exists there is this kind's own output."""
+def claim_outputs(*outputs: tuple[str | Path, Kind], inputs: Iterable[str | Path | None] = ()) -> None:
+    """Check, before any work, that each (output path, kind) may be written: the path is no input (nor a folder
+    holding one) and no other output's, its folder is writable, and what exists there is this kind's own output."""
     inputs = list(inputs)
     seen: dict[Path, Path] = {}
-    for output, kind in outputs.items():
+    for output, kind in outputs:
         path = Path(output)
         refuse_inputs(path, inputs)
         if (other := seen.get(path.resolve())) is not None:

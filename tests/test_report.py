@@ -269,7 +269,8 @@ def study(finished: Path, tmp_path: Path) -> Path:
 
 
 def tree(path: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in path.iterdir()} if path.exists() else {}
+    """Every file under ``path`` by its path relative to it, with its bytes."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in path.rglob("*") if p.is_file()}
 
 
 def _yaml(path: Path, data: object) -> None:
@@ -367,4 +368,35 @@ def test_a_full_disk_names_the_report_folder(study, monkeypatch, capsys, failing
     assert cli.main(report_args(study, out, with_comparison=False)) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "No space left on device" in err and str(out) in err and ".tmp-" not in err, err
+    assert tree(out) == before
+
+
+def test_files_the_report_did_not_write_are_kept(study) -> None:
+    out = study / "report"
+    (out / "report.html").write_text("<html>snakemake --report</html>")
+    (out / "notes").mkdir()
+    (out / "notes" / "todo.txt").write_text("check layer4")
+    assert cli.main(report_args(study, out, with_comparison=False)) == 0
+    assert (out / "report.html").read_text() == "<html>snakemake --report</html>"
+    assert (out / "notes" / "todo.txt").read_text() == "check layer4"
+    assert "summary.csv" not in tree(out)  # the last report's own files do go
+
+
+def test_a_report_folder_from_before_its_marker_is_replaced_keeping_report_html(study) -> None:
+    out = study / "report"
+    (out / report.MARKER).unlink()
+    (out / "report.html").write_text("<html/>")
+    assert cli.main(report_args(study, out, with_comparison=False)) == 0
+    assert (out / "report.html").read_text() == "<html/>" and "summary.csv" not in tree(out)
+
+
+def test_a_file_of_the_users_named_like_a_report_file_is_refused(study, capsys) -> None:
+    out = study / "report"
+    assert cli.main(report_args(study, out, with_comparison=False)) == 0
+    (out / "summary.md").write_text("my summary")  # not in the last report: it wrote no comparison
+    before = tree(out)
+    capsys.readouterr()
+    assert cli.main(report_args(study, out)) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(out / "summary.md") in err, err
     assert tree(out) == before

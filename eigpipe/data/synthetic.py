@@ -24,7 +24,7 @@ from pycocotools import mask as mask_utils
 
 from eigpipe import config, provenance
 from eigpipe.errors import ConfigError
-from eigpipe.outputs import Kind, claim, json_keys
+from eigpipe.outputs import Kind, claim_outputs, json_keys
 
 SHAPES = ("circle", "square", "triangle", "cross")
 FILLS = ("solid", "striped")
@@ -293,7 +293,7 @@ def generate(cfg: dict, out: Path) -> None:
     all of it is written."""
     seed = cfg["seed"]
     cfg = settings(cfg["data"]["synthetic"])
-    claim({out: DATASET})
+    claim_outputs((out, DATASET))
     counts: dict[str, Any] = {"detection": {}, "classification": {}}
     with provenance.publish(out) as root:
         root.mkdir()

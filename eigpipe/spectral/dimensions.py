@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from eigpipe.errors import EigpipeError
-from eigpipe.outputs import Kind, claim, table_columns
+from eigpipe.outputs import Kind, claim_outputs, table_columns
 from eigpipe.provenance import write_table
 from eigpipe.spectral.spectrum import TABLE_COLUMNS
 
@@ -59,7 +59,7 @@ def read_table(path: str | Path, columns: Sequence[str] = KEY_COLUMNS) -> pd.Dat
 
 def dimensions(cfg: dict, spectra: Sequence[Path], out: Path) -> pd.DataFrame:
     """All snapshots' spectrum tables of one run in one table, by (iteration, forward_index)."""
-    claim({out: DIMENSIONS_TABLE}, inputs=spectra)
+    claim_outputs((out, DIMENSIONS_TABLE), inputs=spectra)
     if not spectra:
         raise EigpipeError("dimensions: no spectrum tables given")
     frames = []

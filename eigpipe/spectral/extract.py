@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Subset
 
 from eigpipe import provenance
 from eigpipe.errors import EigpipeError
-from eigpipe.outputs import claim
+from eigpipe.outputs import claim_outputs
 from eigpipe.spectral import store
 from eigpipe.spectral.accumulator import CovarianceAccumulator
 from eigpipe.spectral.hooks import accumulate, input_transform
@@ -139,7 +139,7 @@ def extract(cfg: dict, checkpoint: Path, annotations: Path, images: Path, out: P
     from eigpipe.models import load_checkpoint
 
     section = cfg["covariance"]
-    claim({out: store.COVARIANCE_STORE}, inputs=[checkpoint, annotations, images])
+    claim_outputs((out, store.COVARIANCE_STORE), inputs=[checkpoint, annotations, images])
     rt = runtime.setup(cfg["runtime"], seed=cfg["seed"])
     model, meta = load_checkpoint(checkpoint, rt.device)
     selected = select_layers(model, section["layers"])

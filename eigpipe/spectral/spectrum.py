@@ -18,7 +18,7 @@ import pandas as pd
 
 from eigpipe.errors import EigpipeError, NumericalError
 from eigpipe.layer_paths import canonical
-from eigpipe.outputs import Kind, claim, table_columns
+from eigpipe.outputs import Kind, claim_outputs, table_columns
 from eigpipe.provenance import record, remove, write_table
 from eigpipe.spectral import store
 
@@ -158,7 +158,7 @@ def decompose(cfg: dict, store_path: Path, out: Path, eigenvalues_out: Path | No
     """Eigenvalue store + one table row per layer of a covariance store (section spectrum)."""
     section = cfg["spectrum"]
     eigenvalues_out = Path(eigenvalues_out or eigenvalue_path(out))
-    claim({out: SPECTRUM_TABLE, eigenvalues_out: store.EIGENVALUE_STORE}, inputs=[store_path])
+    claim_outputs((out, SPECTRUM_TABLE), (eigenvalues_out, store.EIGENVALUE_STORE), inputs=[store_path])
     remove(Path(out))  # never a new store beside an old table
     rows, eig_arrays, eig_attrs = [], {}, {}
     root = store.store_attrs(store_path, store.COVARIANCE_KIND)

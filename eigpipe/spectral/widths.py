@@ -10,7 +10,7 @@ import yaml
 
 from eigpipe.errors import EigpipeError
 from eigpipe.models.widths import WidthSpec
-from eigpipe.outputs import Kind, claim
+from eigpipe.outputs import Kind, claim_outputs
 from eigpipe.spectral.derivation import derive_widths
 from eigpipe.spectral.dimensions import read_table
 
@@ -60,7 +60,7 @@ def derive(cfg: dict, dimensions: Path, checkpoint: Path, out: Path) -> dict:
 
     section = cfg["widths"]
     dimensions, checkpoint, out = Path(dimensions), Path(checkpoint), Path(out)
-    claim({out: WIDTHS_SPEC}, inputs=[dimensions, checkpoint])
+    claim_outputs((out, WIDTHS_SPEC), inputs=[dimensions, checkpoint])
     table = read_table(dimensions)
     available = sorted(int(i) for i in table["iteration"].unique())
     iteration = available[-1] if section["source_iteration"] is None else int(section["source_iteration"])
