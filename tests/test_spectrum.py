@@ -209,15 +209,18 @@ def test_an_eigenvalue_store_finds_its_table_wherever_the_results_are(tmp_path, 
         spectrum.read_eigenvalues(tmp_path / "moved" / store_path)
 
 
-def test_stores_that_named_their_table_from_the_job_folder_are_still_read(tmp_path, monkeypatch):
-    """Eigenvalue stores written before the table was named relative to the store: ``table`` relative to the job's
-    folder, or found beside the store when read from elsewhere."""
-    monkeypatch.chdir(tmp_path)
+def test_stores_that_named_their_table_from_the_job_folder_find_it_beside_them(tmp_path, monkeypatch):
+    """Eigenvalue stores written before the table was named relative to the store recorded it relative to the job's
+    folder (``table``): it is looked for beside the store, wherever the job ran."""
     values = {"second_moment": np.ones(2), "covariance": np.ones(2)}
-    legacy = store.write_store(Path("s/0.zarr"), store.EIGENVALUE_KIND, {"l": values}, {"table": "s/0.parquet"}, {})
+    legacy = {"table": "results/spectrum/0.parquet"}
+    path = store.write_store(tmp_path / "moved" / "0.zarr", store.EIGENVALUE_KIND, {"l": values}, legacy, {})
+    (tmp_path / "results" / "spectrum").mkdir(parents=True)
+    (tmp_path / "results" / "spectrum" / "0.parquet").write_text("x")  # where the job ran: not beside the store
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(EigpipeError, match="did not finish"):
-        spectrum.read_eigenvalues(legacy)
-    Path("s/0.parquet").write_text("x")
-    spectrum.read_eigenvalues(legacy)
-    monkeypatch.chdir(tmp_path / "s")
+        spectrum.read_eigenvalues(path)
+    (tmp_path / "moved" / "0.parquet").write_text("x")
+    spectrum.read_eigenvalues(path)
+    monkeypatch.chdir(tmp_path / "moved")
     spectrum.read_eigenvalues(Path("0.zarr"))

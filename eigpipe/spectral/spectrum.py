@@ -194,13 +194,13 @@ def decompose(cfg: dict, store_path: Path, out: Path, eigenvalues_out: Path | No
 
 
 def table_of(path: str | Path, attrs: dict) -> Path | None:
-    """The spectrum table an eigenvalue store names: relative to the store's folder; stores written before that
-    recorded it relative to the job's folder (``table``), tried as recorded and then beside the store."""
+    """The spectrum table an eigenvalue store names, relative to the store's folder. Stores written before that
+    recorded it relative to the job's folder (``table``), which says nothing where the results are now: their
+    table is looked for beside the store (where the workflow and the default put it), by its name."""
     if isinstance(attrs.get(TABLE_REF), str):
         return Path(path).parent / attrs[TABLE_REF]
     if isinstance(attrs.get("table"), str):
-        recorded = Path(attrs["table"])
-        return recorded if recorded.is_file() else Path(path).parent / recorded.name
+        return Path(path).parent / Path(attrs["table"]).name
     return None
 
 
