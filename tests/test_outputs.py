@@ -27,6 +27,7 @@ from eigpipe.spectral.spectrum import SPECTRUM_TABLE, TABLE_COLUMNS, eigenvalue_
 from eigpipe.spectral.widths import WIDTHS_SPEC
 from eigpipe.stages import STAGES
 from eigpipe.train.state import RUN_FOLDER, RunFolder
+from tests.test_reliability import one_line_error
 
 SMOKE = Path(__file__).resolve().parents[1] / "config" / "smoke.yaml"
 
@@ -40,14 +41,6 @@ def snapshot(path: Path) -> dict[str, str] | None:
     return {
         str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() for p in path.rglob("*") if p.is_file()
     }
-
-
-def one_line(capsys: pytest.CaptureFixture, *fragments: str) -> str:
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "Traceback" not in err, err
-    for fragment in fragments:
-        assert fragment in err, err
-    return err
 
 
 # ---- every stage, with every output it writes, against foreign things and its own inputs ----------------------
@@ -123,7 +116,7 @@ def test_foreign_output_is_refused_and_kept_byte_identical(inputs_root, capsys, 
     before = snapshot(target)
     argv, _ = stage_argv(stage, inputs_root, flag, target)
     assert cli.main(argv) == 1
-    one_line(capsys, str(target), "exists and is not")
+    one_line_error(capsys, str(target), "exists and is not")
     assert snapshot(target) == before
     assert not [p for p in target.parent.iterdir() if outputs.is_temp(p.name)]
 
@@ -136,7 +129,7 @@ def test_an_input_is_never_an_output(inputs_root, capsys, stage, flag) -> None:
         before = snapshot(inputs_root / "in")
         argv, _ = stage_argv(stage, inputs_root, flag, source)
         assert cli.main(argv) == 1, (stage, source)
-        one_line(capsys, str(source), "the input")
+        one_line_error(capsys, str(source), "the input")
         assert snapshot(inputs_root / "in") == before
 
 
@@ -161,7 +154,7 @@ def test_spectrum_never_writes_over_its_covariance_store(tmp_path, monkeypatch, 
     covariance_store(Path("S/final.zarr"))
     before = snapshot(Path("S"))
     assert cli.main(["spectrum", "--config-json", json.dumps({"spectrum": {}}), "S/final.zarr", *args]) == 1
-    one_line(capsys)
+    one_line_error(capsys)
     assert snapshot(Path("S")) == before
     assert not Path("T").exists() or not any(Path("T").iterdir())  # nothing written before the refusal
     assert eigenvalue_path("S/final.parquet") == Path("S/final.zarr")
@@ -177,7 +170,7 @@ def test_a_stage_replaces_its_own_earlier_output(tmp_path, capsys) -> None:
     assert cli.main(["dimensions", "--spectra", str(out), "--out", str(tmp_path / "d.parquet")]) == 0
     # a spectrum table is not a dimensions table, nor the other way round
     assert cli.main(["dimensions", "--spectra", str(out), "--out", str(tmp_path / "t.zarr")]) == 1
-    one_line(capsys, "t.zarr", "is not an eigpipe dimensions table")
+    one_line_error(capsys, "t.zarr", "is not an eigpipe dimensions table")
 
 
 # ---- each kind recognises its own artifacts and nothing else ----------------------------------------------------
