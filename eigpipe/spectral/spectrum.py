@@ -41,6 +41,7 @@ EIGENVALUE_ARRAYS = ("second_moment", "covariance")
 # the columns that make a table a spectrum table (one row per layer of one snapshot); a dimensions table adds
 # the column "source" (the spectrum table each row came from)
 TABLE_COLUMNS = ("run", "iteration", "layer", "channels", "intrinsic_dim", "threshold")
+TABLE_REF = "spectrum_table"  # root attr of an eigenvalue store: its table, relative to the store's folder
 SPECTRUM_TABLE = Kind(
     "an eigpipe spectrum table",
     lambda path: set(TABLE_COLUMNS) <= set(columns := table_columns(path)) and "source" not in columns,
@@ -144,9 +145,6 @@ def _row(root: dict, name: str, attrs: dict, spectra: dict, traces: dict, cfg: d
         row.update({prefix + k: found[k] for k in MEASURES})
     row.update({key: cfg[key] for key in ("threshold", "relative_threshold", "soft_lambda")})
     return row
-
-
-TABLE_REF = "spectrum_table"  # root attr of an eigenvalue store: its table, relative to the store's folder
 
 
 def eigenvalue_path(out: str | Path) -> Path:
