@@ -206,6 +206,7 @@ BAD_TABLES = {
     "no run column": (_frame(lambda f: f.drop(columns="run")), "no column run"),
     "no layer column": (_frame(lambda f: f.drop(columns="layer")), "no column layer"),
     "no iteration column": (_frame(lambda f: f.drop(columns="iteration")), "no column iteration"),
+    "no intrinsic_dim column": (_frame(lambda f: f.drop(columns="intrinsic_dim")), "no column intrinsic_dim"),
     "a NaN iteration": (_frame(_nan_iteration), "column iteration has a missing value (row 1)"),
     "a fractional iteration": (_frame(_fractional_iteration), "iteration 2.5 is not a whole number (row 2)"),
     "a layer without its name": (_frame(_no_layer_name), "column layer has a missing value (row 0)"),

@@ -184,6 +184,7 @@ def checkpoint_parts(path: str | Path, required: Iterable[str] = ()) -> tuple[di
         if "state_dict" not in raw:
             raise _field(path, "state_dict", "is missing (not a complete eigpipe checkpoint)")
         meta = check_meta(path, {k: v for k, v in raw.items() if k != "state_dict"}, required)
+        check_state(path, raw["state_dict"], {}, strict=False)  # tensors by name, whoever reads them
         return meta, raw["state_dict"]
     if "format" in raw or "state_dict" in raw:
         raise EigpipeError(f"{path}: checkpoint format {raw.get('format')!r} is not {FORMAT!r} (another tool's?)")

@@ -64,7 +64,7 @@ def dimensions(cfg: dict, spectra: Sequence[Path], out: Path) -> pd.DataFrame:
         raise EigpipeError("dimensions: no spectrum tables given")
     frames = []
     for path in spectra:
-        frame = read_table(path, (*KEY_COLUMNS, "forward_index"))
+        frame = read_table(path, (*TABLE_COLUMNS, "forward_index"))
         frame["source"] = str(path)
         frames.append(frame)
     table = pd.concat(frames, ignore_index=True)

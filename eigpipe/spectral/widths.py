@@ -11,7 +11,7 @@ import yaml
 from eigpipe.errors import EigpipeError
 from eigpipe.models.widths import WidthSpec
 from eigpipe.outputs import Kind, claim_outputs
-from eigpipe.spectral.derivation import derive_widths
+from eigpipe.spectral.derivation import MEASURES, derive_widths
 from eigpipe.spectral.dimensions import read_table
 
 
@@ -61,7 +61,8 @@ def derive(cfg: dict, dimensions: Path, checkpoint: Path, out: Path) -> dict:
     section = cfg["widths"]
     dimensions, checkpoint, out = Path(dimensions), Path(checkpoint), Path(out)
     claim_outputs((out, WIDTHS_SPEC), inputs=[dimensions, checkpoint])
-    table = read_table(dimensions)
+    measure = [section["measure"]] if section["measure"] in MEASURES else []  # an unknown one: derive_widths says
+    table = read_table(dimensions, ("run", "iteration", "layer", *measure))
     available = sorted(int(i) for i in table["iteration"].unique())
     iteration = available[-1] if section["source_iteration"] is None else int(section["source_iteration"])
     if iteration not in available:
