@@ -328,13 +328,19 @@ def test_a_bad_input_writes_nothing_and_keeps_the_previous_report(study, capsys,
     assert [p.name for p in study.iterdir() if p.name.startswith(".")] == []
 
 
-def test_a_rerun_with_fewer_inputs_leaves_no_stale_files(study) -> None:
+def test_a_rerun_with_fewer_inputs_leaves_no_stale_files_and_keeps_what_it_did_not_write(study) -> None:
     out = study / "report"
     assert {"summary.csv", "summary.md", "widths.png", "evaluation.csv"} < set(tree(out))
+    (out / "report.html").write_text("<html>snakemake --report</html>")
+    (out / "notes").mkdir()
+    (out / "notes" / "todo.txt").write_text("check layer4")
     assert cli.main(report_args(study, out, with_comparison=False)) == 0
-    assert set(tree(out)) == {"eigenvalues.png", "dimensions.png", "dynamics.png", "spectra.csv", report.MARKER}
+    written = {"eigenvalues.png", "dimensions.png", "dynamics.png", "spectra.csv", report.MARKER}
+    assert set(tree(out)) == written | {"report.html", "notes/todo.txt"}
+    assert (out / "report.html").read_text() == "<html>snakemake --report</html>"
+    assert (out / "notes" / "todo.txt").read_text() == "check layer4"
     marker = json.loads((out / report.MARKER).read_text())
-    assert marker["kind"] == report.REPORT_KIND and sorted(marker["files"]) == sorted(set(tree(out)) - {"report.json"})
+    assert marker["kind"] == report.REPORT_KIND and set(marker["files"]) == written - {report.MARKER}
 
 
 def test_a_kill_half_way_leaves_the_previous_report(study, monkeypatch) -> None:
@@ -371,17 +377,6 @@ def test_a_full_disk_names_the_report_folder(study, monkeypatch, capsys, failing
     assert tree(out) == before
 
 
-def test_files_the_report_did_not_write_are_kept(study) -> None:
-    out = study / "report"
-    (out / "report.html").write_text("<html>snakemake --report</html>")
-    (out / "notes").mkdir()
-    (out / "notes" / "todo.txt").write_text("check layer4")
-    assert cli.main(report_args(study, out, with_comparison=False)) == 0
-    assert (out / "report.html").read_text() == "<html>snakemake --report</html>"
-    assert (out / "notes" / "todo.txt").read_text() == "check layer4"
-    assert "summary.csv" not in tree(out)  # the last report's own files do go
-
-
 def test_a_report_folder_from_before_its_marker_is_replaced_keeping_report_html(study) -> None:
     out = study / "report"
     (out / report.MARKER).unlink()
@@ -392,10 +387,11 @@ def test_a_report_folder_from_before_its_marker_is_replaced_keeping_report_html(
 
 def test_a_file_of_the_users_named_like_a_report_file_is_refused(study, capsys) -> None:
     out = study / "report"
-    assert cli.main(report_args(study, out, with_comparison=False)) == 0
-    (out / "summary.md").write_text("my summary")  # not in the last report: it wrote no comparison
+    marker = json.loads((out / report.MARKER).read_text())
+    marker["files"].remove("summary.md")  # as after a report without the comparison ...
+    (out / report.MARKER).write_text(json.dumps(marker))
+    (out / "summary.md").write_text("my summary")  # ... the user wrote a summary.md of their own
     before = tree(out)
-    capsys.readouterr()
     assert cli.main(report_args(study, out)) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and str(out / "summary.md") in err, err

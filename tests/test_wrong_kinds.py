@@ -151,8 +151,14 @@ TORCHVISION = {  # (source, change, words, whether the ResNet body itself is aff
 }
 
 
+@pytest.fixture(scope="module")
+def resnet50_body(complete: Callable[..., dict]) -> torch.nn.Module:
+    """A full-width ResNet-50 body with frozen BN: what torchvision's ImageNet weights initialise."""
+    return build_body(complete("model", {"norm": "frozen_bn"}))
+
+
 @pytest.mark.parametrize("case", TORCHVISION)
-def test_a_torchvision_state_dict_of_another_depth_or_missing_a_key_is_one_line(saved, tmp_path, complete, case):
+def test_a_torchvision_state_dict_of_another_depth_or_missing_a_key_is_one_line(saved, tmp_path, resnet50_body, case):
     source, change, words, body = TORCHVISION[case]
     path = tmp_path / "weights.pth"
     torch.save(change(dict(saved[source])), path)
@@ -161,7 +167,7 @@ def test_a_torchvision_state_dict_of_another_depth_or_missing_a_key_is_one_line(
     one_line(info, str(path), words)
     if body:  # as the pre-trained weights of a detector's body
         with pytest.raises(EigpipeError) as info:
-            load_pretrained_body(build_body(complete("model", {"norm": "frozen_bn"})), path)
+            load_pretrained_body(resnet50_body, path)  # refused before any weight is copied
         one_line(info, str(path), words)
 
 
