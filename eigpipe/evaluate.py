@@ -155,9 +155,7 @@ def evaluate_checkpoint(cfg: dict, checkpoint: Path, annotations: Path, images: 
     section = cfg["evaluate"]
     claim_outputs((out, EVALUATION), inputs=[checkpoint, annotations, images])
     env = runtime.setup(cfg["runtime"], seed=0)
-    model, meta = load_checkpoint(checkpoint, env.device, required=("category_ids", "iteration"))
-    if meta["task"] != "detection":
-        raise EigpipeError(f"{checkpoint}: a {meta['task']} checkpoint cannot be evaluated as a detector")
+    model, meta = load_checkpoint(checkpoint, env.device, required=("category_ids", "iteration"), task="detection")
     dataset = CocoDetection(annotations, images, train=False)
     if list(dataset.category_ids) != list(meta["category_ids"]):
         raise EigpipeError(

@@ -242,10 +242,13 @@ def test_a_table_of_the_wrong_kind_is_one_line_naming_it(tmp_path, capsys, stage
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.parquet"]
 
 
-def test_the_classifier_checkpoint_is_no_source_for_widths(saved, tmp_path, capsys) -> None:
+@pytest.mark.parametrize("stage", ["widths", "evaluate"])
+def test_the_classifier_checkpoint_is_no_detector(saved, tmp_path, capsys, stage) -> None:
     table = dimensions_table(tmp_path / "d.parquet")
-    args = ["widths", "--config-json", "{}", "--dimensions", str(table), "--checkpoint", str(saved["classifier"])]
-    assert cli.main([*args, "--out", str(tmp_path / "w.yaml")]) == 1
+    never_read = str(tmp_path / "never-read")
+    inputs = ["--dimensions", str(table)] if stage == "widths" else ["--data", never_read, "--image-dir", never_read]
+    args = [stage, "--config-json", "{}", *inputs, "--checkpoint", str(saved["classifier"])]
+    assert cli.main([*args, "--out", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "a classification checkpoint" in err and str(saved["classifier"]) in err, err
-    assert not (tmp_path / "w.yaml").exists()
+    assert not (tmp_path / "out").exists()

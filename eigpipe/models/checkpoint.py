@@ -95,19 +95,27 @@ def _positive_int(meta: dict, name: str, path: str | Path, least: int) -> None:
         raise _field(path, name, f"is {value!r}, not an integer >= {least}")
 
 
-def check_meta(path: str | Path, meta: dict[str, Any], required: Iterable[str] = ()) -> dict[str, Any]:
+def check_meta(
+    path: str | Path, meta: dict[str, Any], required: Iterable[str] = (), task: str | None = None
+) -> dict[str, Any]:
     """``meta`` of an eigpipe checkpoint if every field that rebuilds or labels the model is there and sound
-    (plus ``required``); else a one-line error naming the file and the field."""
+    (plus ``required``), and its task is ``task`` when given; else a one-line error naming the file and field."""
     from eigpipe import config
 
-    for name in ("task", "model_name", "model_config", "widths", "num_classes", *required):
+    for name in ("task", "model_name", "model_config", "widths", "num_classes"):
         if name not in meta:
             raise _field(path, name, "is missing (not a complete eigpipe checkpoint)")
-    task, name = meta["task"], meta["model_name"]
-    if task not in MODELS:
-        raise _field(path, "task", f"is {task!r}, not one of {', '.join(MODELS)}")
-    if name not in MODELS[task]:
-        raise _field(path, "model_name", f"is {name!r}, not a {task} model eigpipe builds ({', '.join(MODELS[task])})")
+    found, name = meta["task"], meta["model_name"]
+    if found not in MODELS:
+        raise _field(path, "task", f"is {found!r}, not one of {', '.join(MODELS)}")
+    if task is not None and found != task:
+        raise EigpipeError(f"{path}: a {found} checkpoint ({name}); this stage needs a {task} checkpoint")
+    if name not in MODELS[found]:
+        known = ", ".join(MODELS[found])
+        raise _field(path, "model_name", f"is {name!r}, not a {found} model eigpipe builds ({known})")
+    for extra in required:
+        if extra not in meta:
+            raise _field(path, extra, "is missing (not a complete eigpipe checkpoint)")
     model_schema = config.schema()["properties"]["model"]
     if not isinstance(meta["model_config"], dict):
         raise _field(path, "model_config", f"is a {type(meta['model_config']).__name__}, not a model section")
@@ -177,28 +185,30 @@ def build_model(meta: dict[str, Any]) -> nn.Module:
     return build_detector(meta["model_name"], meta["model_config"], meta["num_classes"], widths)
 
 
-def checkpoint_parts(path: str | Path, required: Iterable[str] = ()) -> tuple[dict[str, Any], Any]:
-    """(checked meta, state dict) of an eigpipe checkpoint or a torchvision ResNet state dict."""
+def checkpoint_parts(
+    path: str | Path, required: Iterable[str] = (), task: str | None = None
+) -> tuple[dict[str, Any], Any]:
+    """(checked meta, state dict) of an eigpipe checkpoint or a torchvision ResNet state dict (see check_meta)."""
     raw = read_checkpoint(path)
     if raw.get("format") == FORMAT:
         if "state_dict" not in raw:
             raise _field(path, "state_dict", "is missing (not a complete eigpipe checkpoint)")
-        meta = check_meta(path, {k: v for k, v in raw.items() if k != "state_dict"}, required)
+        meta = check_meta(path, {k: v for k, v in raw.items() if k != "state_dict"}, required, task)
         check_state(path, raw["state_dict"], {}, strict=False)  # tensors by name, whoever reads them
         return meta, raw["state_dict"]
     if "format" in raw or "state_dict" in raw:
         raise EigpipeError(f"{path}: checkpoint format {raw.get('format')!r} is not {FORMAT!r} (another tool's?)")
     check_state(path, raw, {}, strict=False)  # tensors only, before their names are read
-    meta = check_meta(path, torchvision_classifier_meta(raw, source=str(path)), required)
+    meta = check_meta(path, torchvision_classifier_meta(raw, source=str(path)), required, task)
     return meta, {(k if k.startswith("fc.") else "body." + k): v for k, v in raw.items()}
 
 
 def load_checkpoint(
-    path: str | Path, device: str | torch.device = "cpu", required: Iterable[str] = ()
+    path: str | Path, device: str | torch.device = "cpu", required: Iterable[str] = (), task: str | None = None
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model of a checkpoint (eigpipe's or a torchvision ResNet state dict), in eval mode; the meta
-    fields in ``required`` must be there too."""
-    meta, state = checkpoint_parts(path, required)
+    fields in ``required`` must be there too, and its task be ``task`` when given."""
+    meta, state = checkpoint_parts(path, required, task)
     try:
         model = build_model(meta)
     except (ValueError, TypeError, KeyError) as exc:  # fields that pass their checks but not together

@@ -68,12 +68,7 @@ def derive(cfg: dict, dimensions: Path, checkpoint: Path, out: Path) -> dict:
     if iteration not in available:
         raise EigpipeError(f"{dimensions}: no iteration {iteration} (the table has {', '.join(map(str, available))})")
     table = table[table["iteration"] == iteration]
-    meta, _state = checkpoint_parts(checkpoint)
-    if meta["task"] != "detection":
-        raise EigpipeError(
-            f"{checkpoint}: a {meta['task']} checkpoint; widths are derived for the detector of the source run"
-            " (its final.pt)"
-        )
+    meta, _state = checkpoint_parts(checkpoint, task="detection")  # the source run's detector (its final.pt)
     original = WidthSpec.from_dict(meta["widths"], source=f"{checkpoint}: widths")
     runs = sorted({str(r) for r in table["run"]}) if "run" in table.columns else []
     if meta.get("run") is not None and runs and runs != [str(meta["run"])]:
