@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from eigpipe.errors import EigpipeError
+from eigpipe.outputs import refuse_inputs
 from eigpipe.stages import STAGES, Arg, Stage
 
 DESCRIPTION = """\
@@ -79,9 +80,24 @@ def run_stage(stage: Stage, args: argparse.Namespace) -> None:
             paths[_dest(arg)] = value
     cfg = {}
     if stage.sections:
+        for output in _outputs(stage, args):  # the stages check their other inputs themselves
+            refuse_inputs(output, [args.config])
         given = args.config_json if args.config or args.config_json else "{}"  # {}: the schema's defaults
         cfg = config.sections(args.config, given, stage.sections, overrides)
     stage.function()(cfg, **paths)
+
+
+def _outputs(stage: Stage, args: argparse.Namespace) -> list[Path]:
+    """The output paths given to the stage."""
+    return [getattr(args, _dest(arg)) for arg in stage.args if arg.output and getattr(args, _dest(arg)) is not None]
+
+
+def _likely_path(stage: Stage, args: argparse.Namespace) -> str:
+    """For an OS error that names no file: the stage's output, or else the first path it was given."""
+    paths = [getattr(args, _dest(arg)) for arg in stage.args if arg.options.get("type") is Path]
+    found = _outputs(stage, args) or [p for p in paths if p]
+    first = found[0] if found else "input/output"
+    return str(first[0] if isinstance(first, list) else first)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"eigpipe {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:  # disk full, permissions, read-only folders: the path and the reason, in one line
-        where = exc.filename if exc.filename is not None else "I/O"
+        where = exc.filename if exc.filename is not None else _likely_path(args.stage, args)
         print(f"eigpipe {args.command}: error: {where}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

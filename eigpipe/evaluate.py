@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +18,59 @@ from tqdm import tqdm
 
 from eigpipe import provenance, runtime
 from eigpipe.complexity import model_complexity
-from eigpipe.errors import EigpipeError
+from eigpipe.errors import DataError, EigpipeError, NumericalError
 from eigpipe.models import load_checkpoint
+from eigpipe.outputs import claim_outputs, json_with
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+EVALUATION = json_with(("bbox", "complexity", "checkpoint_sha256"), "an eigpipe evaluation JSON")
+
+
+class _NonFinite(Exception):
+    def __init__(self, part: str, index: int | None) -> None:
+        super().__init__(part)
+        self.part, self.index = part, index
+
+
+def _tensors(output: object) -> list[torch.Tensor]:
+    if torch.is_tensor(output):
+        return [output]
+    items = output.values() if isinstance(output, dict) else output if isinstance(output, list | tuple) else ()
+    return [tensor for item in items for tensor in _tensors(item)]
+
+
+def _first_bad_image(output: object) -> int | None:
+    """None when every tensor of a module's output is finite; else the index of the first image whose feature
+    maps ([N, C, H, W]) are not, or -1 for tensors not batched by image (per-proposal outputs)."""
+    for tensor in _tensors(output):
+        if not torch.isfinite(tensor).all():
+            if tensor.dim() != 4:
+                return -1
+            return int((~torch.isfinite(tensor.flatten(1)).all(1)).nonzero()[0])
+    return None
+
+
+@contextlib.contextmanager
+def finite_outputs(model: torch.nn.Module) -> Iterator[None]:
+    """Raise _NonFinite as soon as the backbone, the RPN head or the box predictor computes NaN or Inf.
+
+    torchvision's post-processing drops boxes with non-finite scores, so a broken model would otherwise
+    publish "no detections" (AP 0) instead of failing; the hooks are always removed."""
+    parts = {"backbone": model.backbone, "RPN head": model.rpn.head, "box predictor": model.roi_heads.box_predictor}
+
+    def hook(part: str):  # noqa: ANN202
+        def check(_module: torch.nn.Module, _inputs: object, output: object) -> None:
+            if (index := _first_bad_image(output)) is not None:
+                raise _NonFinite(part, None if index < 0 else index)
+
+        return check
+
+    handles = [module.register_forward_hook(hook(part)) for part, module in parts.items()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def to_coco_results(output: dict[str, torch.Tensor], image_id: int, category_ids: list[int | None]) -> list[dict]:
@@ -59,10 +109,17 @@ def predict(
         pin_memory=device.type == "cuda",
         generator=torch.Generator(),
     )  # global RNG untouched
-    with torch.inference_mode():
+    with torch.inference_mode(), finite_outputs(model):
         for images, targets in tqdm(loader, desc="evaluate", unit="batch", file=sys.stderr):
-            outputs = model([image.to(device, non_blocking=True) for image in images])
+            try:
+                outputs = model([image.to(device, non_blocking=True) for image in images])
+            except _NonFinite as exc:
+                ids = [int(t["image_id"]) for t in targets]
+                which = f"image id {ids[exc.index]}" if exc.index is not None else f"image ids {ids}"
+                raise NumericalError(f"{which}: the {exc.part} computes non-finite values (NaN or Inf)") from None
             for output, target in zip(outputs, targets, strict=True):
+                if not all(torch.isfinite(v).all() for k, v in output.items() if k in ("boxes", "scores")):
+                    raise NumericalError(f"image id {int(target['image_id'])}: non-finite detections")
                 results.extend(to_coco_results(output, int(target["image_id"]), category_ids))
     return results
 
@@ -81,6 +138,17 @@ def coco_stats(coco_gt: Any, results: list[dict], iou_type: str, image_ids: list
     return {name: float(value) for name, value in zip(STAT_NAMES, evaluator.stats, strict=True)}
 
 
+def _check_ground_truth(coco: Any, image_ids: list[int], annotations: Path) -> None:
+    """AP is undefined without images, or when no evaluated image has a non-crowd annotation (COCOeval's -1)."""
+    if not image_ids:
+        raise DataError(f"{annotations}: no images to evaluate")
+    if not coco.getAnnIds(imgIds=image_ids, iscrowd=False):
+        raise DataError(
+            f"{annotations}: the {len(image_ids)} evaluated images have no annotations that count (only crowd"
+            " ones, or none): AP is undefined"
+        )
+
+
 def evaluate_checkpoint(cfg: dict, checkpoint: Path, annotations: Path, images: Path, out: Path) -> dict[str, Any]:
     """COCO metrics, params and MACs of a detector checkpoint on a split (sections evaluate, runtime).
 
@@ -88,11 +156,9 @@ def evaluate_checkpoint(cfg: dict, checkpoint: Path, annotations: Path, images: 
     from eigpipe.data.coco import CocoDetection
 
     section = cfg["evaluate"]
-    provenance.check_writable(out)
+    claim_outputs((out, EVALUATION), inputs=[checkpoint, annotations, images])
     env = runtime.setup(cfg["runtime"], seed=0)
-    model, meta = load_checkpoint(checkpoint, env.device)
-    if meta["task"] != "detection":
-        raise EigpipeError(f"{checkpoint}: a {meta['task']} checkpoint cannot be evaluated as a detector")
+    model, meta = load_checkpoint(checkpoint, env.device, required=("category_ids", "iteration"), task="detection")
     dataset = CocoDetection(annotations, images, train=False)
     if list(dataset.category_ids) != [c for c in meta["category_ids"] if c is not None]:
         raise EigpipeError(
@@ -100,14 +166,18 @@ def evaluate_checkpoint(cfg: dict, checkpoint: Path, annotations: Path, images: 
         )
     count = min(len(dataset), section["max_images"] or len(dataset))
     image_ids = list(dataset.ids[:count])
-    results = predict(
-        model,
-        Subset(dataset, range(count)),
-        meta["category_ids"],
-        env.device,
-        section["batch_size"],
-        section["workers"],
-    )
+    _check_ground_truth(dataset.coco, image_ids, annotations)
+    try:
+        results = predict(
+            model,
+            Subset(dataset, range(count)),
+            meta["category_ids"],
+            env.device,
+            section["batch_size"],
+            section["workers"],
+        )
+    except NumericalError as exc:
+        raise NumericalError(f"{checkpoint} on {annotations}: {exc}") from None
     size = meta["model_config"]["min_size"]
     report: dict[str, Any] = {
         "run": meta.get("run"),

@@ -122,7 +122,8 @@ def publish(final: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling path; on success rename it to ``final``, on any error remove it.
 
     Works for files and directories (zarr stores, dataset folders). An existing ``final`` is replaced, and
-    temp siblings of ``final`` that killed processes left behind are removed first.
+    temp siblings of ``final`` that killed processes left behind are removed first. An OS error that names no
+    file, or only the temp sibling (disk full while writing), is raised again naming ``final``.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -133,8 +134,10 @@ def publish(final: str | Path) -> Iterator[Path]:
         if final.exists() and final.is_dir() and tmp.is_dir():
             remove(final)
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as exc:
         remove(tmp)
+        if isinstance(exc, OSError) and (exc.filename is None or str(exc.filename).startswith(str(tmp))):
+            raise OSError(exc.errno, exc.strerror or str(exc), str(final)) from exc
         raise
 
 

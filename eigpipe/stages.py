@@ -23,6 +23,7 @@ class Arg:
     flags: tuple[str, ...]
     options: dict[str, Any] = field(default_factory=dict)
     override: str | None = None
+    output: bool = False  # a path the stage writes (claimed before any work; see eigpipe.outputs)
 
 
 @dataclass(frozen=True)
@@ -43,8 +44,13 @@ class Stage:
         return getattr(importlib.import_module(module), name)
 
 
-def _path(*flags: str, help: str, required: bool = True, **options: Any) -> Arg:
-    return Arg(flags, {"type": Path, "required": required, "help": help, **options})
+def _path(*flags: str, help: str, required: bool = True, output: bool = False, **options: Any) -> Arg:
+    return Arg(flags, {"type": Path, "required": required, "help": help, **options}, output=output)
+
+
+def _out(*flags: str, help: str, **options: Any) -> Arg:
+    """An output path: never a foreign file or folder, never an input (see eigpipe.outputs)."""
+    return _path(*flags, help=help, output=True, **options)
 
 
 def _positive(text: str) -> int:
@@ -73,7 +79,7 @@ STAGES: dict[str, Stage] = {
             "generate the synthetic detection + classification dataset",
             ("data", "seed"),
             "eigpipe.data.synthetic:generate",
-            (_path("--out", help="dataset folder to create"),),
+            (_out("--out", help="dataset folder to create"),),
         ),
         Stage(
             "check-data",
@@ -142,7 +148,7 @@ STAGES: dict[str, Stage] = {
             "eigpipe.train.loop:train_classifier",
             (
                 _path("--data", help="image-folder root with train/ (and val/)"),
-                _path("--out", help="run folder (final.pt, metrics.jsonl, resume/)"),
+                _out("--out", help="run folder (final.pt, metrics.jsonl, resume/)"),
                 THREADS,
             ),
         ),
@@ -159,7 +165,7 @@ STAGES: dict[str, Stage] = {
                 Arg(("--init",), {"default": "scratch", "help": "scratch | pretrained:<checkpoint or weights>"}),
                 ANNOTATIONS,
                 IMAGE_DIR,
-                _path("--out", help="run folder (final.pt, snapshots/, metrics.jsonl, resume/)"),
+                _out("--out", help="run folder (final.pt, snapshots/, metrics.jsonl, resume/)"),
                 THREADS,
             ),
         ),
@@ -172,7 +178,7 @@ STAGES: dict[str, Stage] = {
                 CHECKPOINT,
                 ANNOTATIONS,
                 IMAGE_DIR,
-                _path("--out", help="metrics JSON"),
+                _out("--out", help="metrics JSON"),
                 THREADS,
             ),
         ),
@@ -200,7 +206,7 @@ STAGES: dict[str, Stage] = {
                     {"help": "Gram products in float64 (exact) or float32 (faster)"},
                     override="covariance.precision",
                 ),
-                _path("--out", help="STORE.zarr"),
+                _out("--out", help="STORE.zarr"),
                 THREADS,
             ),
         ),
@@ -233,8 +239,8 @@ STAGES: dict[str, Stage] = {
             "eigpipe.spectral.spectrum:decompose",
             (
                 Arg(("store_path",), {"type": Path, "metavar": "STORE"}),
-                _path("--out", help="table (.parquet or .csv)"),
-                _path(
+                _out("--out", help="table (.parquet or .csv)"),
+                _out(
                     "--eigenvalues",
                     help="eigenvalue zarr (default: beside --out)",
                     required=False,
@@ -250,7 +256,7 @@ STAGES: dict[str, Stage] = {
             "eigpipe.spectral.dimensions:dimensions",
             (
                 _path("--spectra", help="spectrum tables of one run", nargs="+"),
-                _path("--out", help="dimensions table"),
+                _out("--out", help="dimensions table"),
             ),
         ),
         Stage(
@@ -261,7 +267,7 @@ STAGES: dict[str, Stage] = {
             (
                 _path("--dimensions", help="dimensions table of the source run"),
                 _path("--checkpoint", help="the source run's checkpoint (model, widths, classes)"),
-                _path("--out", help="widths spec YAML with its derivation record"),
+                _out("--out", help="widths spec YAML with its derivation record"),
             ),
         ),
         Stage(
@@ -276,7 +282,7 @@ STAGES: dict[str, Stage] = {
                 _path(
                     "--widths", help="derived widths YAMLs", nargs="*", required=False, default=[], dest="widths_files"
                 ),
-                _path("--out-dir", help="report folder"),
+                _out("--out-dir", help="report folder"),
             ),
             config_required=False,
         ),

@@ -450,7 +450,7 @@ def test_spectrum_of_a_float32_store_with_rank_deficient_layers(on_disk: dict, t
             "spectrum": {},
         }
     )
-    cov, spec = tmp_path / "30.zarr", tmp_path / "30.csv"
+    cov, spec = tmp_path / "covariance" / "30.zarr", tmp_path / "30.csv"  # the eigenvalues go to 30.zarr beside spec
     assert cli.main(covariance_args(on_disk, "classifier", cfg, cov)) == 0
     assert cli.main(["spectrum", "--config-json", cfg, str(cov), "--out", str(spec)]) == 0
     assert set(pd.read_csv(spec)["precision"]) == {"float32"}

@@ -163,6 +163,12 @@ BAD = [
     ("bbox negative width", set_key("annotations", 3, "bbox", [1, 2, -3, 4]), ["annotation id 4", "negative"]),
     ("bbox negative height", set_key("annotations", 3, "bbox", [1, 2, 3, -0.5]), ["annotation id 4", "negative"]),
     ("unknown category", set_key("annotations", 1, "category_id", 5), ["annotation id 2", "category_id 5"]),
+    # a negative area makes COCOeval's AP -1 (no ground truth of any size): refused as bad data
+    ("negative area", set_key("annotations", 0, "area", -5.0), ["annotation id 1", "area -5.0", ">= 0"]),
+    ("slightly negative area", set_key("annotations", 3, "area", -0.5), ["annotation id 4", "area -0.5"]),
+    ("area a string", set_key("annotations", 2, "area", "big"), ["annotation id 3", "area 'big'"]),
+    ("area NaN", set_key("annotations", 1, "area", float("nan")), ["annotation id 2", "area nan"]),
+    ("area infinite", set_key("annotations", 1, "area", float("inf")), ["annotation id 2", "area inf"]),
     ("duplicate image id", edit(dup_image), ["duplicate image id 1", "images[3]"]),
     ("duplicate annotation id", set_key("annotations", 2, "id", 2), ["duplicate annotation id 2", "annotations[2]"]),
     ("annotation of no image", set_key("annotations", 0, "image_id", 99), ["annotation id 1", "image_id 99"]),

@@ -139,3 +139,78 @@ def test_max_images_evaluates_the_images_it_predicts(tmp_path, data, gapped, tin
     ckpt = detector_checkpoint(tmp_path, "faster_rcnn", dataset, tiny_model)
     report = evaluate.evaluate_checkpoint(cfg, ckpt, gapped, data / "val", tmp_path / "e.json")
     assert report["n_images"] == max_images and report["bbox"]["AP"] == pytest.approx(1.0)
+
+
+# ---- no meaningless result with exit 0 (issue 18, item 7) --------------------------------------------------------
+
+
+def evaluate_args(tmp_path, ckpt, annotations, images, **evaluate):
+    cfg = json.dumps({"evaluate": {"batch_size": 2, **evaluate}, "runtime": {"threads": 1}})
+    split = ["--data", str(annotations), "--image-dir", str(images)]
+    return ["evaluate", "--config-json", cfg, "--checkpoint", str(ckpt), *split, "--out", str(tmp_path / "e.json")]
+
+
+def _all_crowd(split: dict) -> None:
+    for ann in split["annotations"]:
+        ann["iscrowd"] = 1
+
+
+def _first_image_crowd(split: dict) -> None:
+    first = min(image["id"] for image in split["images"])
+    for ann in split["annotations"]:
+        ann["iscrowd"] = int(ann["image_id"] == first)
+
+
+SPLITS = {
+    "only crowd annotations": (_all_crowd, {}, "AP is undefined"),
+    "no annotations": (lambda split: split.__setitem__("annotations", []), {}, "AP is undefined"),
+    "no images": (lambda split: split.update(images=[], annotations=[]), {}, "no images to evaluate"),
+    "the evaluated image only crowd": (_first_image_crowd, {"max_images": 1}, "the 1 evaluated images"),
+}
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_a_split_without_ground_truth_that_counts_is_refused(tmp_path, data, capsys, tiny_model, split):
+    dataset = CocoDetection(data / "instances_val.json", data / "val", train=False)
+    ckpt = checkpoint(tmp_path, "faster_rcnn", dataset, tiny_model)
+    change, evaluate, words = SPLITS[split]
+    records = json.loads((data / "instances_val.json").read_text())
+    change(records)
+    annotations = tmp_path / "split.json"
+    annotations.write_text(json.dumps(records))
+    assert cli.main(evaluate_args(tmp_path, ckpt, annotations, data / "val", **evaluate)) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(annotations) in err and words in err, err
+    assert not (tmp_path / "e.json").exists()
+
+
+def _fill(key: str, value: float):  # noqa: ANN202
+    return lambda state: state[key].fill_(value)
+
+
+BROKEN_WEIGHTS = {  # (change to the state dict, the words of the one line)
+    "NaN box predictor": (_fill("roi_heads.box_predictor.cls_score.weight", float("nan")), "non-finite values"),
+    "Inf RPN bias": (_fill("rpn.head.cls_logits.bias", float("inf")), "non-finite values"),
+    # finite weights whose outputs overflow: torchvision would drop the non-finite boxes and report AP 0
+    "overflowing stem": (_fill("backbone.body.conv1.weight", 1e38), "image id 0: the backbone computes non-finite"),
+    "overflowing RPN": (_fill("rpn.head.conv.0.0.weight", 1e38), "image id 0: the RPN head computes non-finite"),
+    "overflowing box head": (
+        _fill("roi_heads.box_predictor.cls_score.weight", 3e38),
+        "image ids [0, 1]: the box predictor computes non-finite",
+    ),
+}
+
+
+@pytest.mark.parametrize("broken", BROKEN_WEIGHTS)
+def test_non_finite_weights_or_outputs_are_refused_naming_tensor_or_image(tmp_path, data, capsys, tiny_model, broken):
+    dataset = CocoDetection(data / "instances_val.json", data / "val", train=False)
+    ckpt = checkpoint(tmp_path, "faster_rcnn", dataset, tiny_model)
+    raw = torch.load(ckpt, weights_only=True)
+    change, words = BROKEN_WEIGHTS[broken]
+    change(raw["state_dict"])
+    torch.save(raw, ckpt)
+    assert cli.main(evaluate_args(tmp_path, ckpt, data / "instances_val.json", data / "val")) == 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]  # tqdm's progress lines aside
+    assert len(errors) == 1 and "Traceback" not in err and str(ckpt) in errors[0] and words in errors[0], err
+    assert not (tmp_path / "e.json").exists()

@@ -290,5 +290,5 @@ def test_spectrum_table_shows_the_precision(tmp_path, complete) -> None:
             root,
             {"a": {"forward_index": 0, "count": 9}},
         )
-        rows[precision] = spectrum.decompose(cfg, path, tmp_path / f"{precision}.csv")["precision"].tolist()
+        rows[precision] = spectrum.decompose(cfg, path, tmp_path / "spectra" / f"{precision}.csv")["precision"].tolist()
     assert rows == {"float32": ["float32"], None: ["float64"]}

@@ -183,3 +183,17 @@ def test_widths_spec_of_other_depths_than_the_model_is_refused(tmp_path, complet
     path.write_text(yaml.safe_dump(standard(depths, 0.125).to_dict()))
     with pytest.raises(ConfigError, match=re.escape(f"w.yaml: blocks per stage {depths} differ from model.depths")):
         from_model_config(complete("model", {"widths": str(path)}))
+
+
+@pytest.mark.parametrize("target", ["numpy.linalg.eigvalsh", "eigpipe.spectral.spectrum.record"])
+def test_an_os_error_that_names_no_file_names_the_output(tmp_path, covariance_store, capsys, monkeypatch, target):
+    """An OS error without a file name raised outside a publication (say, a network file system failing while the
+    stage works): the line names the stage's output, never just "I/O"."""
+
+    def failing(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(target, failing)
+    out = tmp_path / "out.parquet"
+    assert cli.main(["spectrum", "--config-json", SPECTRUM_CFG, str(covariance_store), "--out", str(out)]) == 1
+    one_line_error(capsys, f"{out}: {os.strerror(errno.EIO)}")

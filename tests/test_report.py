@@ -252,3 +252,165 @@ def test_three_skewed_seeds_give_their_mean_not_their_median(tmp_path: Path, ord
     assert row["AP_min"] == pytest.approx(0.60) and row["AP_max"] == pytest.approx(0.71)
     assert table.loc["mask_rcnn-derived", "delta_AP"] == pytest.approx(0.70 - 0.64)  # against the mean
     assert table.loc["mask_rcnn-derived", "delta_segm_AP"] == pytest.approx(0.58 - 0.54)
+
+
+# ---- the report folder is published whole (issue 18, item 3) ---------------------------------------------------
+
+
+SMALL = {"faster_rcnn-scratch": RUNS["faster_rcnn-scratch"]}
+
+
+def report_args(root: Path, out: Path, with_comparison: bool = True) -> list[str]:
+    """The report of the inputs ``study`` wrote under ``root``."""
+    args = ["report", "--config-json", json.dumps({"report": {"layers": []}})]
+    args += ["--dimensions", str(root / "faster_rcnn-scratch.parquet")]
+    if with_comparison:
+        args += ["--eigenvalues", str(root / "faster_rcnn-scratch.zarr")]
+        args += ["--evaluations", *(str(root / "eval" / f"faster_rcnn-{i}.json") for i in ("scratch", "pretrained"))]
+        args += ["--widths", str(root / "widths" / "faster_rcnn-derived.yaml")]
+    return [*args, "--out-dir", str(out)]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small study's report inputs and its finished report (report/), rendered once."""
+    root = tmp_path_factory.mktemp("finished")
+    dimension_tables(root, SMALL), eigenvalue_stores(root, SMALL), evaluations(root), derivation_file(root)
+    assert cli.main(report_args(root, root / "report")) == 0
+    return root
+
+
+@pytest.fixture
+def study(finished: Path, tmp_path: Path) -> Path:
+    """A copy of ``finished`` to spoil."""
+    return Path(__import__("shutil").copytree(finished, tmp_path / "study"))
+
+
+def tree(path: Path) -> dict[str, bytes]:
+    """Every file under ``path`` by its path relative to it, with its bytes."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in path.rglob("*") if p.is_file()}
+
+
+def _yaml(path: Path, data: object) -> None:
+    path.write_text(yaml.safe_dump(data))
+
+
+def _no_derived_layer_key(path: Path) -> None:
+    data = yaml.safe_load(path.read_text())
+    del data["derivation"]["layers"][1]["d"]
+    _yaml(path, data)
+
+
+def _evaluation_without(path: Path, section: str, key: str) -> None:
+    record = json.loads(path.read_text())
+    del (record[section] if section else record)[key]
+    path.write_text(json.dumps(record))
+
+
+SPOILS = {
+    "evaluation not JSON": ("eval/faster_rcnn-scratch.json", lambda p: p.write_text("{'AP': ")),
+    "evaluation without bbox": ("eval/faster_rcnn-scratch.json", lambda p: _evaluation_without(p, "", "bbox")),
+    "evaluation without a cost": (
+        "eval/faster_rcnn-pretrained.json",
+        lambda p: _evaluation_without(p, "complexity", "body_macs"),
+    ),
+    "evaluation without an AP": ("eval/faster_rcnn-scratch.json", lambda p: _evaluation_without(p, "bbox", "APl")),
+    "evaluation without its run": ("eval/faster_rcnn-scratch.json", lambda p: _evaluation_without(p, "", "run")),
+    "widths spec without derivation": ("widths/faster_rcnn-derived.yaml", lambda p: _yaml(p, {"stem": 8})),
+    "derivation without layers": (
+        "widths/faster_rcnn-derived.yaml",
+        lambda p: _yaml(p, {"derivation": {"measure": "m", "alpha": 1, "body": {}}}),
+    ),
+    "derivation layer without d": ("widths/faster_rcnn-derived.yaml", _no_derived_layer_key),
+    "widths spec not YAML": ("widths/faster_rcnn-derived.yaml", lambda p: p.write_text("a: [1,\n")),
+    "dimensions table without threshold": (
+        "faster_rcnn-scratch.parquet",
+        lambda p: pd.read_parquet(p).drop(columns="threshold").to_parquet(p),
+    ),
+    "eigenvalue store removed": ("faster_rcnn-scratch.zarr", lambda p: __import__("shutil").rmtree(p)),
+}
+
+
+@pytest.mark.parametrize("spoil", SPOILS)
+def test_a_bad_input_writes_nothing_and_keeps_the_previous_report(study, capsys, spoil) -> None:
+    out = study / "report"
+    before = tree(out)
+    relative, damage = SPOILS[spoil]
+    damage(study / relative)
+    assert cli.main(report_args(study, out)) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and Path(relative).name in err, err
+    assert tree(out) == before
+    assert cli.main(report_args(study, study / "new")) == 1
+    assert not (study / "new").exists()
+    assert [p.name for p in study.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_rerun_with_fewer_inputs_leaves_no_stale_files_and_keeps_what_it_did_not_write(study) -> None:
+    out = study / "report"
+    assert {"summary.csv", "summary.md", "widths.png", "evaluation.csv"} < set(tree(out))
+    (out / "report.html").write_text("<html>snakemake --report</html>")
+    (out / "notes").mkdir()
+    (out / "notes" / "todo.txt").write_text("check layer4")
+    assert cli.main(report_args(study, out, with_comparison=False)) == 0
+    written = {"eigenvalues.png", "dimensions.png", "dynamics.png", "spectra.csv", report.MARKER}
+    assert set(tree(out)) == written | {"report.html", "notes/todo.txt"}
+    assert (out / "report.html").read_text() == "<html>snakemake --report</html>"
+    assert (out / "notes" / "todo.txt").read_text() == "check layer4"
+    marker = json.loads((out / report.MARKER).read_text())
+    assert marker["kind"] == report.REPORT_KIND and set(marker["files"]) == written - {report.MARKER}
+
+
+def test_a_kill_half_way_leaves_the_previous_report(study, monkeypatch) -> None:
+    out = study / "report"
+    before = tree(out)
+
+    def killed(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "plot_dynamics", killed)  # after two figures are written
+    assert cli.main(report_args(study, out, with_comparison=False)) == 130
+    assert tree(out) == before
+    monkeypatch.setattr(report, "plot_eigenvalues", killed)
+    assert cli.main(report_args(study, study / "fresh")) == 130
+    assert not (study / "fresh").exists()
+    assert [p.name for p in study.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize("failing", ["matplotlib.figure.Figure.savefig", "pandas.DataFrame.to_csv"])
+def test_a_full_disk_names_the_report_folder(study, monkeypatch, capsys, failing) -> None:
+    import errno
+    import os
+
+    out = study / "report"
+    before = tree(out)
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as a write() reports it: no file name
+
+    monkeypatch.setattr(failing, full)
+    assert cli.main(report_args(study, out, with_comparison=False)) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "No space left on device" in err and str(out) in err and ".tmp-" not in err, err
+    assert tree(out) == before
+
+
+def test_a_report_folder_from_before_its_marker_is_replaced_keeping_report_html(study) -> None:
+    out = study / "report"
+    (out / report.MARKER).unlink()
+    (out / "report.html").write_text("<html/>")
+    assert cli.main(report_args(study, out, with_comparison=False)) == 0
+    assert (out / "report.html").read_text() == "<html/>" and "summary.csv" not in tree(out)
+
+
+def test_a_file_of_the_users_named_like_a_report_file_is_refused(study, capsys) -> None:
+    out = study / "report"
+    marker = json.loads((out / report.MARKER).read_text())
+    marker["files"].remove("summary.md")  # as after a report without the comparison ...
+    (out / report.MARKER).write_text(json.dumps(marker))
+    (out / "summary.md").write_text("my summary")  # ... the user wrote a summary.md of their own
+    before = tree(out)
+    assert cli.main(report_args(study, out)) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(out / "summary.md") in err, err
+    assert tree(out) == before

@@ -144,7 +144,7 @@ def test_dimensions_table_orders_snapshots(tmp_path: Path) -> None:
             "body.layer1.0": (planted([1.0, 0.5]), np.zeros(2)),
             "body.conv1": (planted([1.0, 1e-4]), np.zeros(2)),
         }
-        cov = write_store(tmp_path / f"{it}.zarr", layers, "classifier", it)
+        cov = write_store(tmp_path / "cov" / f"{it}.zarr", layers, "classifier", it)
         decompose(cov, tmp_path / f"{it}.parquet")
         paths.append(tmp_path / f"{it}.parquet")
     table = dimensions.dimensions({}, paths, tmp_path / "dim.parquet")
@@ -159,7 +159,7 @@ def test_dimensions_table_orders_snapshots(tmp_path: Path) -> None:
 def test_dimensions_refuses_tables_of_two_runs(tmp_path: Path) -> None:
     paths = []
     for run in ("faster_rcnn-scratch", "faster_rcnn-pretrained"):
-        cov = write_store(tmp_path / f"{run}.zarr", {"body.conv1": (planted([1.0, 0.5]), np.zeros(2))}, run, 0)
+        cov = write_store(tmp_path / "cov" / f"{run}.zarr", {"body.conv1": (planted([1.0, 0.5]), np.zeros(2))}, run, 0)
         paths.append(decompose(cov, tmp_path / f"{run}.parquet") is not None and tmp_path / f"{run}.parquet")
     with pytest.raises(EigpipeError, match="runs faster_rcnn-pretrained, faster_rcnn-scratch"):
         dimensions.dimensions({}, paths, tmp_path / "d.parquet")
@@ -204,3 +204,47 @@ def test_table_stages_run_without_torch(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-c", WITHOUT_TORCH, json.dumps(stages)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "report" / "spectra.csv").exists()
+
+
+@pytest.mark.parametrize(
+    ("table", "eigenvalues"),
+    [
+        ("results/spectrum/run/0.parquet", None),  # the default: the store beside its table
+        ("results/spectrum/run/0.csv", "results/eigenvalues/run/0.zarr"),  # in another folder
+        ("results/t.parquet", "results/deep/er/e.zarr"),
+    ],
+)
+def test_an_eigenvalue_store_finds_its_table_wherever_the_results_are(tmp_path, monkeypatch, table, eigenvalues):
+    monkeypatch.chdir(tmp_path)
+    cov = write_store(Path("cov.zarr"), {"body.conv1": (planted([1.0, 0.1]), np.zeros(2))}, "classifier", 0)
+    decompose(cov, Path(table), eigenvalues and Path(eigenvalues))  # relative paths, as the workflow's jobs give
+    store_path = Path(eigenvalues or spectrum.eigenvalue_path(table))
+    (tmp_path / "moved").mkdir()
+    (tmp_path / "results").rename(tmp_path / "moved" / "results")  # the results copied or moved elsewhere
+    spectrum.read_eigenvalues(tmp_path / "moved" / store_path)  # read from another folder
+    monkeypatch.chdir(tmp_path / "moved")
+    spectrum.read_eigenvalues(store_path)
+    # the table really missing, though a file of that name exists relative to where the job ran
+    (tmp_path / "moved" / table).rename(tmp_path / "moved" / "kept")
+    (tmp_path / table).parent.mkdir(parents=True)
+    (tmp_path / table).write_text("x")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(EigpipeError, match=f"{Path(table).name} is missing: the spectrum stage did not finish"):
+        spectrum.read_eigenvalues(tmp_path / "moved" / store_path)
+
+
+def test_stores_that_named_their_table_from_the_job_folder_find_it_beside_them(tmp_path, monkeypatch):
+    """Eigenvalue stores written before the table was named relative to the store recorded it relative to the job's
+    folder (``table``): it is looked for beside the store, wherever the job ran."""
+    values = {"second_moment": np.ones(2), "covariance": np.ones(2)}
+    legacy = {"table": "results/spectrum/0.parquet"}
+    path = store.write_store(tmp_path / "moved" / "0.zarr", store.EIGENVALUE_KIND, {"l": values}, legacy, {})
+    (tmp_path / "results" / "spectrum").mkdir(parents=True)
+    (tmp_path / "results" / "spectrum" / "0.parquet").write_text("x")  # where the job ran: not beside the store
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(EigpipeError, match="did not finish"):
+        spectrum.read_eigenvalues(path)
+    (tmp_path / "moved" / "0.parquet").write_text("x")
+    spectrum.read_eigenvalues(path)
+    monkeypatch.chdir(tmp_path / "moved")
+    spectrum.read_eigenvalues(Path("0.zarr"))

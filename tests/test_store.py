@@ -189,3 +189,78 @@ def test_store_without_checksums_is_read_with_one_warning(tmp_path: Path, capsys
     assert np.array_equal(read["backbone.body.conv1"][0]["mean"], fake_layers()["backbone.body.conv1"]["mean"])
     warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
     assert len(warnings) == 1 and "before integrity checksums" in warnings[0] and str(path) in warnings[0]
+
+
+# ---- stores that are not what they claim: refused in one line, nothing written (issue 18, item 8) --------------
+
+
+def _small(path: Path) -> Path:
+    rng = np.random.default_rng(3)
+    layers = {}
+    for name, c in (("body.conv1", 4), ("body.layer1.0.conv1", 5), ("body.layer1.0.conv2", 3)):
+        a = rng.normal(size=(c, 2 * c))
+        layers[name] = {"second_moment": a @ a.T / c, "mean": a.mean(axis=1)}
+    attrs = {name: {"count": 6, "forward_index": i} for i, name in enumerate(layers)}
+    return write(path, layers, layer_attrs=attrs)
+
+
+def _edit(path: Path, root: dict | None = None, layer: int | None = None, **changes: object) -> None:
+    """Set (or, with None, delete) attributes of the root or of the layer at that position; reconsolidate."""
+    import warnings
+
+    group = zarr.open_group(str(path), mode="r+", use_consolidated=False)
+    target = group if layer is None else group[group.attrs["layers"][layer]]
+    attrs = {**dict(target.attrs), **(root or {}), **changes}
+    target.attrs.put({k: v for k, v in attrs.items() if v is not None})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        zarr.consolidate_metadata(str(path))
+
+
+def _asymmetric(path: Path, layer: int) -> None:
+    group = zarr.open_group(str(path), mode="r+", use_consolidated=False)
+    name = group.attrs["layers"][layer]
+    second = group[name]["second_moment"][...]
+    second[0, -1] += 0.1 * np.abs(second).max()
+    group[name]["second_moment"][...] = second
+    integrity = {**group[name].attrs[store.INTEGRITY], "second_moment": store.fingerprint(second)}
+    _edit(path, layer=layer, **{store.INTEGRITY: integrity})  # checksums that match: only the matrix is wrong
+
+
+BROKEN = {
+    "one layer without checksums": (lambda p: _edit(p, layer=1, **{store.INTEGRITY: None}), "no integrity checksums"),
+    "last layer without checksums": (lambda p: _edit(p, layer=2, **{store.INTEGRITY: None}), "no integrity checksums"),
+    "a layer listed twice": (
+        lambda p: _edit(p, root={"layers": ["body.conv1", "body.layer1.0.conv1", "body.conv1"]}),
+        "listed twice",
+    ),
+    "a layer name that is no string": (lambda p: _edit(p, root={"layers": ["body.conv1", 7]}), "layer names"),
+    "count 0": (lambda p: _edit(p, layer=0, count=0), "count 0"),
+    "count -2": (lambda p: _edit(p, layer=2, count=-2), "count -2"),
+    "count 1.5": (lambda p: _edit(p, layer=1, count=1.5), "count 1.5"),
+    "format_version 2": (lambda p: _edit(p, root={"format_version": 2}), "format_version 2"),
+    "format_version '1'": (lambda p: _edit(p, root={"format_version": "1"}), "format_version '1'"),
+    "format_version true": (lambda p: _edit(p, root={"format_version": True}), "format_version True"),
+    "no format_version": (lambda p: _edit(p, root={"format_version": None}), "format_version None"),
+    "asymmetric second moment": (lambda p: _asymmetric(p, 1), "not symmetric"),
+    "asymmetric first layer": (lambda p: _asymmetric(p, 0), "not symmetric"),
+}
+
+
+@pytest.mark.parametrize("broken", BROKEN)
+def test_a_store_that_is_not_what_it_claims_is_refused_in_one_line(tmp_path, capsys, broken) -> None:
+    from eigpipe import cli
+
+    path = _small(tmp_path / "s.zarr")
+    damage, words = BROKEN[broken]
+    damage(path)
+    out = tmp_path / "t.parquet"
+    assert cli.main(["spectrum", "--config-json", json.dumps({"spectrum": {}}), str(path), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and str(path) in err and words in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.zarr"]
+
+
+def test_a_store_with_every_checksum_and_a_sound_matrix_is_read(tmp_path, capsys) -> None:
+    _, read = store.read_store(_small(tmp_path / "s.zarr"), COV, ARRAYS)
+    assert len(read) == 3 and "warning" not in capsys.readouterr().err

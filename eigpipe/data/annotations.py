@@ -154,6 +154,8 @@ def _check_annotation(path: Path, ann: dict, images: dict[int, dict], categories
         raise DataError(f"{path}: {name}: bbox {_short.repr(bbox)} has a negative width or height")
     if ann.get("iscrowd", 0) not in (0, 1):
         raise DataError(f"{path}: {name}: iscrowd {_short.repr(ann['iscrowd'])} is not 0 or 1")
+    if "area" in ann and not (_is_number(ann["area"]) and ann["area"] >= 0):  # COCOeval's size ranges read it
+        raise DataError(f"{path}: {name}: area {_short.repr(ann['area'])} is not a number >= 0")
     _check_segmentation(path, ann, images[ann["image_id"]])
 
 

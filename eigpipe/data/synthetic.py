@@ -24,6 +24,7 @@ from pycocotools import mask as mask_utils
 
 from eigpipe import config, provenance
 from eigpipe.errors import ConfigError
+from eigpipe.outputs import Kind, claim_outputs, json_keys
 
 SHAPES = ("circle", "square", "triangle", "cross")
 FILLS = ("solid", "striped")
@@ -36,6 +37,11 @@ MIN_VISIBLE_PIXELS = 20
 MIN_CONTRAST = 100.0  # RGB distance between an object's colour and the mean colour beneath it
 ATTEMPTS_PER_OBJECT = 30
 PNG_COMPRESSION = 1  # fast; PNG stays lossless and the bytes deterministic
+DATASET = Kind(
+    "a synthetic dataset folder made by eigpipe synth-data",
+    lambda path: {"counts", "classes", "seed", "provenance"} <= json_keys(path / "manifest.json"),
+    folder=True,
+)
 
 
 def settings(cfg: dict | None) -> dict:
@@ -279,7 +285,7 @@ def generate(cfg: dict, out: Path) -> None:
     all of it is written."""
     seed = cfg["seed"]
     cfg = settings(cfg["data"]["synthetic"])
-    provenance.check_writable(out)
+    claim_outputs((out, DATASET))
     counts: dict[str, Any] = {"detection": {}, "classification": {}}
     with provenance.publish(out) as root:
         root.mkdir()

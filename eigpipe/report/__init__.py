@@ -1,19 +1,89 @@
 """The ``eigpipe report`` stage: the study's plots and tables (spectra, dimensions, dynamics, the comparison of
-baseline and derived-width models)."""
+baseline and derived-width models).
+
+Every input is read and checked before anything is written; the folder is then built in a temp sibling and
+renamed into place whole, so a bad input, a kill or a full disk leaves the previous report (or nothing), and a
+rerun with fewer inputs leaves no file of the last one. ``report.json`` marks the folder as a report's (what
+it holds, from which inputs): only such a folder, an empty one, or one written before the marker (report files
+only) is ever replaced. Files in it that the report did not write (``snakemake --report``'s report.html, your
+notes) are kept: hard-linked into the new folder before it replaces the old one.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
 from matplotlib.figure import Figure
 
 from eigpipe import provenance
-from eigpipe.provenance import publish, write_table
+from eigpipe.errors import EigpipeError
+from eigpipe.outputs import Kind, claim_outputs, is_temp
 from eigpipe.report import comparison
 from eigpipe.report.figures import plot_dimensions, plot_dynamics, plot_eigenvalues, plot_widths, save_png
 from eigpipe.report.inputs import chosen_layers, final_snapshots, layer_order, load_dimensions, load_spectra, styles
 from eigpipe.report.tables import evaluation_table, spectra_table
+
+MARKER = "report.json"
+REPORT_KIND = "eigpipe.report"
+FILES = {
+    "eigenvalues": "eigenvalues.png",
+    "dimensions": "dimensions.png",
+    "dynamics": "dynamics.png",
+    "spectra": "spectra.csv",
+    "evaluation": "evaluation.csv",
+    "summary": "summary.csv",
+    "summary_md": "summary.md",
+    "widths": "widths.png",
+}
+COMPARISON = ("evaluation", "summary", "summary_md", "widths")  # written when evaluations are given
+
+
+LEGACY = {*FILES.values(), "report.html"}  # what a report folder held before its marker
+
+
+def _made(folder: Path) -> set[str] | None:
+    """The names the report wrote into ``folder`` (its marker's list; a folder from before the marker: report
+    files only), or None when ``folder`` is no report folder."""
+    if (folder / MARKER).is_file():
+        marker = json.loads((folder / MARKER).read_text())
+        return {*marker.get("files", []), MARKER} if marker.get("kind") == REPORT_KIND else None
+    names = {entry.name for entry in folder.iterdir() if not is_temp(entry.name)}
+    return set(FILES.values()) if names <= LEGACY else None
+
+
+REPORT_FOLDER = Kind(f"an eigpipe report folder (with its {MARKER})", lambda path: _made(path) is not None, True)
+
+
+def _kept(folder: Path, writes: set[str]) -> list[str]:
+    """Entries of the previous report folder that the report did not write; none may be one it writes now."""
+    if not folder.is_dir():
+        return []
+    made = _made(folder) or set()
+    kept = sorted(e.name for e in folder.iterdir() if e.name not in made and not is_temp(e.name))
+    if clash := [name for name in kept if name in writes]:
+        raise EigpipeError(
+            f"{folder / clash[0]}: not written by eigpipe report, but the report writes a file of that name"
+        )
+    return kept
+
+
+def _link(source: Path, target: Path) -> None:
+    """Hard links (copies across file systems): the old folder stays whole until the new one replaces it."""
+    if source.is_dir() and not source.is_symlink():
+        shutil.copytree(source, target, symlinks=True, copy_function=_link_file)
+    else:
+        _link_file(source, target)
+
+
+def _link_file(source: Path | str, target: Path | str) -> None:
+    try:
+        os.link(source, target, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(source, target, follow_symlinks=False)
 
 
 def make_report(
@@ -26,7 +96,9 @@ def make_report(
 ) -> dict[str, Path]:
     """The ``eigpipe report`` stage (section report): PNGs and CSV tables into ``out_dir``; returns what it wrote."""
     out_dir = Path(out_dir)
-    provenance.check_writable(out_dir / "spectra.csv")
+    inputs = [*dimensions, *eigenvalues, *evaluations, *widths_files]
+    claim_outputs((out_dir, REPORT_FOLDER), inputs=inputs)
+    # every input, read and checked before the first write
     table = load_dimensions(dimensions)
     finals = final_snapshots(table)
     order = layer_order(finals)
@@ -36,37 +108,36 @@ def make_report(
     for run in spectra:
         style.setdefault(run, {"color": "gray", "linestyle": "-", "label": run})
     threshold = float(table["threshold"].iloc[0])
-    written = {
-        "eigenvalues": plot_eigenvalues(spectra, layers, style, threshold, out_dir / "eigenvalues.png"),
-        "dimensions": plot_dimensions(finals, order, style, out_dir / "dimensions.png"),
-        "dynamics": plot_dynamics(table, layers, style, out_dir / "dynamics.png"),
-        "spectra": out_dir / "spectra.csv",
-    }
-    write_table(written["spectra"], spectra_table(finals))
+    compared = None
     if evaluations:
-        written["evaluation"] = out_dir / "evaluation.csv"
-        write_table(written["evaluation"], evaluation_table(evaluations))
-        written.update(_comparison(evaluations, widths_files, out_dir))
-    return written
-
-
-def _comparison(evaluations: Sequence[Path], widths_files: Sequence[Path], out_dir: Path) -> dict[str, Path]:
-    """summary.csv / summary.md (baseline and derived models side by side) and widths.png."""
-    table = comparison.comparison_table(evaluations)
-    written = {
-        name: out_dir / file
-        for name, file in (("summary", "summary.csv"), ("summary_md", "summary.md"), ("widths", "widths.png"))
-    }
-    write_table(written["summary"], table)
-    with publish(written["summary_md"]) as tmp:
-        tmp.write_text(comparison.markdown(table))
+        compared = (evaluation_table(evaluations), comparison.comparison_table(evaluations))
     derivations = comparison.read_derivations(widths_files)
-    figure = Figure(
-        figsize=(max(8.0, 0.2 * _most_layers(derivations)), 3.6 * max(1, len(derivations))), layout="constrained"
-    )
-    save_png(plot_widths(derivations, figure), written["widths"])
-    return written
+
+    names = [key for key in FILES if compared is not None or key not in COMPARISON]
+    kept = _kept(out_dir, {MARKER, *(FILES[key] for key in names)})
+    with provenance.publish(out_dir) as tmp:
+        tmp.mkdir()
+        plot_eigenvalues(spectra, layers, style, threshold, tmp / FILES["eigenvalues"])
+        plot_dimensions(finals, order, style, tmp / FILES["dimensions"])
+        plot_dynamics(table, layers, style, tmp / FILES["dynamics"])
+        provenance.write_table(tmp / FILES["spectra"], spectra_table(finals))
+        if compared is not None:
+            evaluation, summary = compared
+            provenance.write_table(tmp / FILES["evaluation"], evaluation)
+            provenance.write_table(tmp / FILES["summary"], summary)
+            (tmp / FILES["summary_md"]).write_text(comparison.markdown(summary))
+            save_png(plot_widths(derivations, _widths_figure(derivations)), tmp / FILES["widths"])
+        marker = {
+            "kind": REPORT_KIND,
+            "files": [FILES[key] for key in names],
+            "provenance": provenance.record(config=cfg["report"], inputs=[p for p in inputs if Path(p).is_file()]),
+        }
+        provenance.write_json(tmp / MARKER, marker)
+        for name in kept:
+            _link(out_dir / name, tmp / name)
+    return {key: out_dir / FILES[key] for key in names}
 
 
-def _most_layers(derivations: dict[str, dict]) -> int:
-    return max((len(record["layers"]) for record in derivations.values()), default=0)
+def _widths_figure(derivations: dict[str, dict]) -> Figure:
+    most = max((len(record["layers"]) for record in derivations.values()), default=0)
+    return Figure(figsize=(max(8.0, 0.2 * most), 3.6 * max(1, len(derivations))), layout="constrained")

@@ -17,6 +17,8 @@ from eigpipe.runs import group_of
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 COSTS = ("body_params", "detector_params", "body_macs", "detector_macs")
+DERIVATION_KEYS = ("layers", "measure", "alpha", "body")  # what the widths figure draws
+LAYER_KEYS = ("name", "original", "derived", "d")
 
 
 def _evaluation(path: Path) -> dict[str, Any]:
@@ -26,6 +28,18 @@ def _evaluation(path: Path) -> dict[str, Any]:
         raise EigpipeError(f"{path}: not a readable evaluation JSON ({exc})") from None
     if not isinstance(record, dict) or "bbox" not in record or "complexity" not in record:
         raise EigpipeError(f"{path}: an evaluation JSON needs 'bbox' and 'complexity'")
+    needed = {
+        "": ("run", "model_name"),
+        "complexity": ("input_size", *COSTS),
+        "bbox": METRICS,
+        **({"segm": METRICS} if "segm" in record else {}),
+    }
+    for section, keys in needed.items():
+        where = record[section] if section else record
+        missing = [key for key in keys if not isinstance(where, dict) or key not in where]
+        if missing:
+            key = f"{section}.{missing[0]}" if section else missing[0]
+            raise EigpipeError(f"{path}: the evaluation JSON has no {key!r} (not written by eigpipe evaluate?)")
     return record
 
 
@@ -105,6 +119,21 @@ def markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _derivation_problem(record: dict) -> str | None:
+    """The first key the widths figure needs that a derivation record lacks, or None."""
+    missing = [key for key in DERIVATION_KEYS if key not in record]
+    if missing:
+        return missing[0]
+    layers = record["layers"]
+    if not (isinstance(layers, list) and all(isinstance(layer, dict) for layer in layers)):
+        return "layers"
+    missing = [f"layers.{key}" for key in LAYER_KEYS if any(key not in layer for layer in layers)]
+    if missing:
+        return missing[0]
+    ratio = record["body"].get("ratio") if isinstance(record["body"], dict) else None
+    return None if isinstance(ratio, dict) and {"params", "macs"} <= set(ratio) else "body.ratio"
+
+
 def read_derivations(paths: Sequence[Path]) -> dict[str, dict]:
     """{spec name: derivation record} of derived widths YAMLs."""
     found = {}
@@ -112,5 +141,7 @@ def read_derivations(paths: Sequence[Path]) -> dict[str, dict]:
         data = read_yaml(path, "widths spec")
         if not isinstance(data, dict) or not isinstance(data.get("derivation"), dict):
             raise EigpipeError(f"{path}: a derived widths spec needs its 'derivation' record")
+        if (problem := _derivation_problem(data["derivation"])) is not None:
+            raise EigpipeError(f"{path}: the derivation record has no {problem!r} (not written by eigpipe widths?)")
         found[Path(path).stem] = data["derivation"]
     return found

@@ -28,11 +28,7 @@ NEEDED = ("run", "iteration", "layer", "canonical", "forward_index", "channels",
 def load_dimensions(paths: Sequence[str | Path]) -> pd.DataFrame:
     if not paths:
         raise EigpipeError("report: no dimension tables given")
-    frames = [read_table(p) for p in paths]
-    table = pd.concat(frames, ignore_index=True)
-    missing = [c for c in NEEDED if c not in table.columns]
-    if missing:
-        raise EigpipeError(f"report: dimension tables lack column(s) {', '.join(missing)}")
+    table = pd.concat([read_table(p, NEEDED) for p in paths], ignore_index=True)
     for column in ("init", "task", "model_name"):
         if column not in table.columns:
             table[column] = None

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Subset
 
 from eigpipe import provenance
 from eigpipe.errors import EigpipeError
+from eigpipe.outputs import claim_outputs
 from eigpipe.spectral import store
 from eigpipe.spectral.accumulator import CovarianceAccumulator
 from eigpipe.spectral.features import merge_ranks
@@ -119,7 +120,7 @@ def extract(cfg: dict, checkpoint: Path, annotations: Path, images: Path, out: P
     from eigpipe.models import load_checkpoint
 
     section = cfg["covariance"]
-    provenance.check_writable(out)
+    claim_outputs((out, store.COVARIANCE_STORE), inputs=[checkpoint, annotations, images])
     rt = runtime.setup(cfg["runtime"], seed=cfg["seed"])
     model, meta = load_checkpoint(checkpoint, rt.device)
     selected = select_layers(model, section["layers"])

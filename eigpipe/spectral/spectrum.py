@@ -12,6 +12,7 @@ alpha-ReQ exponent with its R^2. Each is given for the paper's uncentred second 
 from __future__ import annotations
 
 from collections.abc import Callable
+import os
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,8 @@ import pandas as pd
 
 from eigpipe.errors import ConfigError, EigpipeError, NumericalError
 from eigpipe.layer_paths import canonical
-from eigpipe.provenance import check_writable, record, remove, write_table
+from eigpipe.outputs import Kind, claim_outputs, table_columns
+from eigpipe.provenance import record, remove, write_table
 from eigpipe.spectral import store
 from eigpipe.spectral.measures import alpha_req, participation_ratio, rankme, saturation_dim
 
@@ -48,6 +50,33 @@ MEASURES = (
 SETTINGS = ("threshold", "relative_threshold", "soft_lambda", "saturation_threshold")
 COVARIANCE_ARRAYS = ("second_moment", "mean")
 EIGENVALUE_ARRAYS = ("second_moment", "covariance")
+# the columns that make a table a spectrum table (one row per layer of one snapshot); a dimensions table adds
+# the column "source" (the spectrum table each row came from)
+TABLE_COLUMNS = ("run", "iteration", "layer", "channels", "intrinsic_dim", "threshold")
+TABLE_REF = "spectrum_table"  # root attr of an eigenvalue store: its table, relative to the store's folder
+SPECTRUM_TABLE = Kind(
+    "an eigpipe spectrum table",
+    lambda path: set(TABLE_COLUMNS) <= set(columns := table_columns(path)) and "source" not in columns,
+)
+
+
+def check_symmetric(matrix: np.ndarray, what: str, tolerance: float = NEGATIVE_TOLERANCE) -> None:
+    """A NumericalError when ``matrix`` is not symmetric beyond ``tolerance`` x its largest entry (the stages
+    write exactly symmetric matrices: asymmetry means a damaged or foreign store)."""
+    a = np.asarray(matrix, dtype=np.float64)
+    if a.ndim != 2 or a.shape[0] != a.shape[1]:
+        raise NumericalError(f"{what}: shape {list(a.shape)} is not a square matrix")
+    scale = float(np.abs(a).max(initial=0.0))
+    gap = float(np.abs(a - a.T).max(initial=0.0))
+    if gap > tolerance * max(scale, np.finfo(float).tiny):
+        raise NumericalError(f"{what}: not symmetric (entries differ from their transpose by up to {gap:.3g})")
+
+
+def check_count(attrs: dict, where: str) -> None:
+    """A layer's recorded image count, where recorded, must be a positive integer (0: nothing was measured)."""
+    count = attrs.get("count")
+    if count is not None and (type(count) is not int or count < 1):
+        raise EigpipeError(f"{where}: count {count!r}: the statistics need at least one image")
 
 
 Eigvalsh = Callable[[np.ndarray], np.ndarray]
@@ -70,6 +99,7 @@ def eigenvalues(
     a = np.asarray(matrix, dtype=np.float64)
     if not np.isfinite(a).all():
         raise NumericalError(f"{what}: non-finite entries")
+    check_symmetric(a, what, tolerance)
     values = np.asarray(eigvalsh((a + a.T) / 2))[::-1]
     scale = float(np.abs(values).max(initial=0.0)) if scale is None else scale
     negative = values < 0
@@ -187,12 +217,14 @@ def decompose(cfg: dict, store_path: Path, out: Path, eigenvalues_out: Path | No
     """Eigenvalue store + one table row per layer of a covariance store (section spectrum)."""
     section = cfg["spectrum"]
     check_settings(section)
-    check_writable(out)
+    eigenvalues_out = Path(eigenvalues_out or eigenvalue_path(out))
+    claim_outputs((out, SPECTRUM_TABLE), (eigenvalues_out, store.EIGENVALUE_STORE), inputs=[store_path])
     remove(Path(out))  # never a new store beside an old table
     rows, eig_arrays, eig_attrs = [], {}, {}
     root = store.store_attrs(store_path, store.COVARIANCE_KIND)
     tolerance = negative_tolerance(root.get("precision"))
     for name, arrays, attrs in store.iter_layers(store_path, store.COVARIANCE_KIND, COVARIANCE_ARRAYS):
+        check_count(attrs, f"{store_path}: layer {name}")
         row, spectra = layer_row(root, name, attrs, arrays, section, f"{store_path}: layer {name}", tolerance)
         rows.append(row)
         eig_arrays[name] = {key: values for key, (values, _) in spectra.items()}
@@ -210,24 +242,34 @@ def decompose(cfg: dict, store_path: Path, out: Path, eigenvalues_out: Path | No
         "spectrum_provenance": record(config=section, seed=None, device="cpu"),
     }
     # Two outputs: the table is published last and the store names it, so a store whose table is missing
-    # (a kill in between) reads as unfinished, never as a complete half (see read_eigenvalues).
-    store.write_store(
-        eigenvalues_out or eigenvalue_path(out),
-        store.EIGENVALUE_KIND,
-        eig_arrays,
-        {**attrs, "table": str(out)},
-        eig_attrs,
-    )
+    # (a kill in between) reads as unfinished, never as a complete half (see read_eigenvalues). The name is
+    # relative to the store's folder, so it resolves wherever the results are copied or run from.
+    table_ref = os.path.relpath(Path(out).absolute(), eigenvalues_out.absolute().parent)
+    store.write_store(eigenvalues_out, store.EIGENVALUE_KIND, eig_arrays, {**attrs, TABLE_REF: table_ref}, eig_attrs)
     table = pd.DataFrame(rows)
     write_table(out, table)
     return table
 
 
+def table_of(path: str | Path, attrs: dict) -> Path | None:
+    """The spectrum table an eigenvalue store names, relative to the store's folder. Stores written before that
+    recorded it relative to the job's folder (``table``), which says nothing where the results are now: their
+    table is looked for beside the store (where the workflow and the default put it), by its name."""
+    if isinstance(attrs.get(TABLE_REF), str):
+        return Path(path).parent / attrs[TABLE_REF]
+    if isinstance(attrs.get("table"), str):
+        return Path(path).parent / Path(attrs["table"]).name
+    return None
+
+
 def read_eigenvalues(path: Path) -> tuple[dict, dict[str, tuple[store.Arrays, dict]]]:
     """A verified eigenvalue store whose spectrum table was published too (else a one-line error)."""
     attrs, layers = store.read_store(path, store.EIGENVALUE_KIND, EIGENVALUE_ARRAYS)
-    if "table" in attrs and not Path(attrs["table"]).is_file():
+    table = table_of(path, attrs)
+    if table is not None and not table.is_file():
         raise EigpipeError(
-            f"{path}: its spectrum table {attrs['table']} is missing: the spectrum stage did not finish; run it again"
+            f"{path}: its spectrum table {table} is missing: the spectrum stage did not finish; run it again"
         )
+    for name, (_arrays, layer_attrs) in layers.items():
+        check_count(layer_attrs, f"{path}: layer {name}")
     return attrs, layers

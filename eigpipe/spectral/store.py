@@ -27,10 +27,13 @@ import zarr
 from zarr.codecs import ZstdCodec
 
 from eigpipe.errors import EigpipeError
+from eigpipe.outputs import stores_of
 from eigpipe.provenance import publish
 
 COVARIANCE_KIND = "eigpipe.covariance"
 EIGENVALUE_KIND = "eigpipe.eigenvalues"
+COVARIANCE_STORE = stores_of(COVARIANCE_KIND, "an eigpipe covariance store")
+EIGENVALUE_STORE = stores_of(EIGENVALUE_KIND, "an eigpipe eigenvalue store")
 FORMAT_VERSION = 1
 CHUNK = 512  # [C, C] chunks of at most 512 x 512 float64 (2 MiB)
 INTEGRITY = "integrity"
@@ -101,8 +104,15 @@ def open_store(path: str | Path, kind: str) -> zarr.Group:
         raise EigpipeError(f"{path}: not a readable zarr group ({type(exc).__name__}: {exc})") from None
     if found != kind:
         raise EigpipeError(f"{path}: not an {kind} store (kind={found!r})")
-    if not isinstance(root.attrs.get("layers"), list):
-        raise EigpipeError(f"{path}: the root attrs have no list of layers")
+    version = root.attrs.get("format_version")
+    if type(version) is not int or version != FORMAT_VERSION:
+        raise EigpipeError(f"{path}: format_version {version!r} is not one this eigpipe reads ({FORMAT_VERSION})")
+    layers = root.attrs.get("layers")
+    if not isinstance(layers, list) or not all(isinstance(name, str) for name in layers):
+        raise EigpipeError(f"{path}: the root attrs have no list of layer names")
+    twice = next((name for i, name in enumerate(layers) if name in layers[:i]), None)
+    if twice is not None:
+        raise EigpipeError(f"{path}: layer {twice} is listed twice in the root attrs")
     return root
 
 
@@ -123,23 +133,31 @@ def _read_array(group: zarr.Group, name: str, where: str, expected: dict | None)
     return data
 
 
+def _groups(path: str | Path, root: zarr.Group) -> dict[str, zarr.Group]:
+    """Every listed layer's group; a store is legacy (read with one warning) only when no layer has checksums."""
+    groups = {}
+    for name in root.attrs["layers"]:
+        try:
+            groups[name] = root[name]
+        except KeyError:
+            raise EigpipeError(f"{path}: layer {name}: listed in the root attrs but has no group") from None
+    unrecorded = [name for name, group in groups.items() if INTEGRITY not in group.attrs]
+    if unrecorded and len(unrecorded) < len(groups):
+        raise EigpipeError(
+            f"{path}: layer {unrecorded[0]}: has no integrity checksums though the store's other layers have them"
+            " (damaged or edited store)"
+        )
+    if unrecorded:
+        print(f"warning: {path}: written before integrity checksums; its arrays are read unverified", file=sys.stderr)
+    return groups
+
+
 def iter_layers(path: str | Path, kind: str, arrays: Sequence[str]) -> Iterator[tuple[str, Arrays, dict]]:
     """(layer, {array: data}, layer attrs) in forward order, one layer in memory at a time, each verified."""
-    root = open_store(path, kind)
-    warned = False
-    for name in root.attrs["layers"]:
+    for name, group in _groups(path, open_store(path, kind)).items():
         where = f"{path}: layer {name}"
-        try:
-            group = root[name]
-        except KeyError:
-            raise EigpipeError(f"{where}: listed in the root attrs but has no group") from None
         attrs = dict(group.attrs)
         integrity = attrs.pop(INTEGRITY, None)
-        if integrity is None and not warned:
-            print(
-                f"warning: {path}: written before integrity checksums; its arrays are read unverified", file=sys.stderr
-            )
-            warned = True
         unrecorded = [a for a in arrays if integrity is not None and a not in integrity]
         if unrecorded:
             raise EigpipeError(f"{where}: array {unrecorded[0]} has no recorded checksum")

@@ -6,12 +6,21 @@ import math
 import sys
 from pathlib import Path
 
-import pandas as pd
 import yaml
 
 from eigpipe.errors import EigpipeError
 from eigpipe.models.widths import WidthSpec
-from eigpipe.spectral.derivation import derive_widths
+from eigpipe.outputs import Kind, claim_outputs
+from eigpipe.spectral.derivation import MEASURES, derive_widths
+from eigpipe.spectral.dimensions import read_table
+
+
+def _is_derived_spec(path: Path) -> bool:
+    data = yaml.safe_load(path.read_text())
+    return isinstance(data, dict) and isinstance(data.get("derivation"), dict) and "source" in data["derivation"]
+
+
+WIDTHS_SPEC = Kind("a widths spec derived by eigpipe widths", _is_derived_spec)
 
 
 def _detector(meta: dict, spec: WidthSpec, size: tuple[int, int]) -> dict[str, int]:
@@ -47,26 +56,19 @@ def _warn_fewer_groups(model_cfg: dict, layers: list[dict]) -> None:
 def derive(cfg: dict, dimensions: Path, checkpoint: Path, out: Path) -> dict:
     """The `eigpipe widths` stage: write a widths spec YAML with its `derivation` record; return the record."""
     from eigpipe import provenance
-    from eigpipe.models.checkpoint import read_checkpoint
+    from eigpipe.models.checkpoint import checkpoint_parts
 
     section = cfg["widths"]
     dimensions, checkpoint, out = Path(dimensions), Path(checkpoint), Path(out)
-    provenance.check_writable(out)
-    if not dimensions.is_file():
-        raise EigpipeError(f"{dimensions}: dimensions table not found")
-    table = pd.read_parquet(dimensions)
-    if "iteration" not in table.columns or table.empty:
-        raise EigpipeError(f"{dimensions}: not a dimensions table (no rows or no iteration column)")
+    claim_outputs((out, WIDTHS_SPEC), inputs=[dimensions, checkpoint])
+    measure = [section["measure"]] if section["measure"] in MEASURES else []  # an unknown one: derive_widths says
+    table = read_table(dimensions, ("run", "iteration", "layer", *measure))
     available = sorted(int(i) for i in table["iteration"].unique())
     iteration = available[-1] if section["source_iteration"] is None else int(section["source_iteration"])
     if iteration not in available:
         raise EigpipeError(f"{dimensions}: no iteration {iteration} (the table has {', '.join(map(str, available))})")
     table = table[table["iteration"] == iteration]
-    raw = read_checkpoint(checkpoint)
-    meta = {k: v for k, v in raw.items() if k != "state_dict"}
-    for key in ("model_config", "widths", "num_classes", "model_name"):
-        if key not in meta:
-            raise EigpipeError(f"{checkpoint}: checkpoint meta lacks {key!r} (not an eigpipe detector checkpoint)")
+    meta, _state = checkpoint_parts(checkpoint, task="detection")  # the source run's detector (its final.pt)
     original = WidthSpec.from_dict(meta["widths"], source=f"{checkpoint}: widths")
     runs = sorted({str(r) for r in table["run"]}) if "run" in table.columns else []
     if meta.get("run") is not None and runs and runs != [str(meta["run"])]:

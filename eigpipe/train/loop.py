@@ -21,9 +21,10 @@ from eigpipe.config import detector_schedule
 from eigpipe.errors import EigpipeError, NumericalError
 from eigpipe.models import build_detector, from_model_config, load_pretrained_body, save_checkpoint
 from eigpipe.models.checkpoint import unwrap
+from eigpipe.outputs import claim_outputs
 from eigpipe.train.batches import AugmentedDataset, IterationSampler
 from eigpipe.train.schedule import build_optimizer
-from eigpipe.train.state import RunFolder
+from eigpipe.train.state import RUN_FOLDER, RunFolder
 
 LossFn = Callable[[nn.Module, Any, torch.device], tuple[torch.Tensor, dict[str, float]]]
 
@@ -241,8 +242,9 @@ def train_detector(cfg: dict, model_name: str, init: str, annotations: Path, ima
     """Train one detector (sections model, train, data, runtime, seed) into the run folder ``out``."""
     from eigpipe.data import coco
 
-    provenance.check_writable(out / "final.pt")
     init_kind, init_path = parse_init(init)
+    claim_outputs((out, RUN_FOLDER), inputs=[annotations, images, init_path])
+    provenance.check_writable(out / "final.pt")
     seed, env = _seed_and_env(cfg)
     dataset = coco.CocoDetection(
         annotations, images, train=True, strict=cfg["data"]["strict"], masks=model_name == "mask_rcnn"
@@ -318,6 +320,7 @@ def train_classifier(cfg: dict, data: Path, out: Path) -> None:
     ``out``; report accuracy on ``data/val`` if present."""
     from eigpipe.models import Classifier, build_body
 
+    claim_outputs((out, RUN_FOLDER), inputs=[data])
     provenance.check_writable(out / "final.pt")
     seed, env = _seed_and_env(cfg)
     train_set = _image_folder(data / "train")

@@ -9,13 +9,37 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from eigpipe.models.checkpoint import FORMAT
+from eigpipe.outputs import Kind, is_temp, torch_archive_strings
 from eigpipe.provenance import publish
+
+# every file a run folder may hold, relative to it; checkpoints carry FORMAT, the resume state a fingerprint
+RUN_FILES = re.compile(r"(resume/)?(metrics\.jsonl|snapshots/\d+\.pt)|final\.pt|resume/state\.pt")
+
+
+def is_run_folder(path: Path) -> bool:
+    """Whether every file under ``path`` is one a training run writes (temp litter of killed runs aside)."""
+    for file in path.rglob("*"):
+        if file.is_dir() or is_temp(file.name):
+            continue
+        relative = file.relative_to(path).as_posix()
+        if not RUN_FILES.fullmatch(relative):
+            return False
+        if file.suffix == ".pt":
+            marker = "fingerprint" if relative == "resume/state.pt" else FORMAT
+            if marker not in torch_archive_strings(file):
+                return False
+    return True
+
+
+RUN_FOLDER = Kind("an eigpipe training run folder (final.pt, snapshots/, metrics.jsonl, resume/)", is_run_folder, True)
 
 
 class RunFolder:
