@@ -172,7 +172,7 @@ SPLITS = {
 @pytest.mark.parametrize("split", SPLITS)
 def test_a_split_without_ground_truth_that_counts_is_refused(tmp_path, data, capsys, tiny_model, split):
     dataset = CocoDetection(data / "instances_val.json", data / "val", train=False)
-    ckpt = checkpoint(tmp_path, "faster_rcnn", dataset, tiny_model)
+    ckpt = detector_checkpoint(tmp_path, "faster_rcnn", dataset, tiny_model)
     change, evaluate, words = SPLITS[split]
     records = json.loads((data / "instances_val.json").read_text())
     change(records)
@@ -204,7 +204,7 @@ BROKEN_WEIGHTS = {  # (change to the state dict, the words of the one line)
 @pytest.mark.parametrize("broken", BROKEN_WEIGHTS)
 def test_non_finite_weights_or_outputs_are_refused_naming_tensor_or_image(tmp_path, data, capsys, tiny_model, broken):
     dataset = CocoDetection(data / "instances_val.json", data / "val", train=False)
-    ckpt = checkpoint(tmp_path, "faster_rcnn", dataset, tiny_model)
+    ckpt = detector_checkpoint(tmp_path, "faster_rcnn", dataset, tiny_model)
     raw = torch.load(ckpt, weights_only=True)
     change, words = BROKEN_WEIGHTS[broken]
     change(raw["state_dict"])

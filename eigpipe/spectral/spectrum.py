@@ -11,8 +11,8 @@ alpha-ReQ exponent with its R^2. Each is given for the paper's uncentred second 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
