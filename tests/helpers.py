@@ -74,3 +74,12 @@ def crash_at(monkeypatch, name: str, iteration: int) -> dict:
 
     monkeypatch.setattr(loop, name, failing)
     return calls
+
+
+def one_line_error(capsys, *fragments: str) -> str:
+    """The captured stderr: exactly one line, no traceback, holding every fragment."""
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in err, err
+    return err

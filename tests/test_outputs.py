@@ -27,7 +27,7 @@ from eigpipe.spectral.spectrum import SPECTRUM_TABLE, TABLE_COLUMNS, eigenvalue_
 from eigpipe.spectral.widths import WIDTHS_SPEC
 from eigpipe.stages import STAGES
 from eigpipe.train.state import RUN_FOLDER, RunFolder
-from tests.test_reliability import one_line_error
+from tests.helpers import one_line_error
 
 SMOKE = Path(__file__).resolve().parents[1] / "config" / "smoke.yaml"
 

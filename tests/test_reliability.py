@@ -20,6 +20,7 @@ from eigpipe import cli, provenance
 from eigpipe.errors import ConfigError, EigpipeError
 from eigpipe.models import from_model_config, standard
 from eigpipe.spectral import spectrum, store
+from tests.helpers import one_line_error
 
 SPECTRUM_CFG = json.dumps({"spectrum": {}})
 SMOKE = Path(__file__).resolve().parents[1] / "config" / "smoke.yaml"
@@ -32,14 +33,6 @@ def covariance_store(tmp_path: Path) -> Path:
     layers = {"body.conv1": {"second_moment": a @ a.T / 9, "mean": a.mean(axis=1)}}
     root = {"run": "faster_rcnn-scratch", "iteration": 0, "init": "scratch", "task": "detection", "n_images": 3}
     return store.write_store(tmp_path / "cov.zarr", store.COVARIANCE_KIND, layers, root, {})
-
-
-def one_line_error(capsys: pytest.CaptureFixture, *fragments: str) -> str:
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "Traceback" not in err, err
-    for fragment in fragments:
-        assert fragment in err, err
-    return err
 
 
 def _blocked(tmp_path: Path) -> Path:
