@@ -50,7 +50,7 @@ OUTPUT_ARGS = [(name, arg) for name, stage in STAGES.items() for arg in stage.ar
 
 def test_every_stage_that_writes_declares_its_outputs() -> None:
     writers = {name for name, _ in OUTPUT_ARGS}
-    assert writers == set(STAGES) - {"check-data", "complexity"}  # these two only read and print
+    assert writers == set(STAGES) - {"check-data", "check-config", "complexity"}  # these only read and print
 
 
 def stage_argv(stage_name: str, root: Path, output_flag: str, output: Path) -> tuple[list[str], list[Path]]:
@@ -142,7 +142,6 @@ def covariance_store(path: Path) -> Path:
 @pytest.mark.parametrize(
     "args",
     [
-        ["--out", "S/final.parquet"],  # the default eigenvalue store beside the table is the input store
         ["--out", "T/t.parquet", "--eigenvalues", "S/final.zarr"],
         ["--out", "S/final.zarr"],
         ["--out", "S/../S/final.zarr/.."],  # the folder holding it, spelled another way
@@ -157,7 +156,24 @@ def test_spectrum_never_writes_over_its_covariance_store(tmp_path, monkeypatch, 
     one_line_error(capsys)
     assert snapshot(Path("S")) == before
     assert not Path("T").exists() or not any(Path("T").iterdir())  # nothing written before the refusal
-    assert eigenvalue_path("S/final.parquet") == Path("S/final.zarr")
+
+
+def test_spectrum_default_eigenvalue_store_is_never_its_input(tmp_path, monkeypatch) -> None:
+    """`spectrum S/final.zarr --out S/final.parquet`: the eigenvalues go beside the table, not over S/final.zarr."""
+    monkeypatch.chdir(tmp_path)
+    covariance_store(Path("S/final.zarr"))
+    before = snapshot(Path("S/final.zarr"))
+    assert (
+        cli.main(
+            ["spectrum", "--config-json", json.dumps({"spectrum": {}}), "S/final.zarr", "--out", "S/final.parquet"]
+        )
+        == 0
+    )
+    assert snapshot(Path("S/final.zarr")) == before
+    assert (
+        eigenvalue_path("S/final.parquet") == Path("S/final.eigenvalues.zarr")
+        and Path("S/final.eigenvalues.zarr").is_dir()
+    )
 
 
 def test_a_stage_replaces_its_own_earlier_output(tmp_path, capsys) -> None:

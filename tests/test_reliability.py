@@ -178,7 +178,7 @@ def test_widths_spec_of_other_depths_than_the_model_is_refused(tmp_path, complet
         from_model_config(complete("model", {"widths": str(path)}))
 
 
-@pytest.mark.parametrize("target", ["numpy.linalg.eigvalsh", "eigpipe.spectral.spectrum.record"])
+@pytest.mark.parametrize("target", ["eigpipe.spectral.spectrum.eigenvalues", "eigpipe.spectral.spectrum.record"])
 def test_an_os_error_that_names_no_file_names_the_output(tmp_path, covariance_store, capsys, monkeypatch, target):
     """An OS error without a file name raised outside a publication (say, a network file system failing while the
     stage works): the line names the stage's output, never just "I/O"."""

@@ -70,7 +70,7 @@ def test_planted_spectrum_gives_known_measures() -> None:
 def test_measures_at_their_boundaries_by_hand(scale) -> None:
     """Powers of two, so every product is exact: a value equal to a threshold does not count (strictly above)."""
     values = np.array([1.0, 0.5, 0.25, 0.125, 0.0]) * scale
-    cfg = {"threshold": 0.25 * scale, "relative_threshold": 0.25, "soft_lambda": 0.5 * scale}
+    cfg = {**CFG, "threshold": 0.25 * scale, "relative_threshold": 0.25, "soft_lambda": 0.5 * scale}
     m = spectrum.measures(values, cfg)
     assert m["intrinsic_dim"] == 2 and m["intrinsic_dim_ratio"] == 2 / 5  # 0.25 is not above 0.25
     assert m["relative_dim"] == 2  # 0.25 x top is not above 0.25 x top

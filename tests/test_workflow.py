@@ -243,7 +243,7 @@ def test_stages_receive_only_their_config_sections(smoke_dry_run):
     "changes, changed",
     [
         ({"spectrum.threshold": 0.01}, {"spectrum"}),
-        ({"report.layers": ["backbone.body.layer1.0.conv1"]}, {"report"}),
+        ({"report.layers": ["layer1.0.conv1"]}, {"report"}),
         ({"covariance.images": 4}, {"covariance"}),
         ({"evaluate.batch_size": 2}, {"evaluate"}),
         ({"train.schedule.lr": 0.02}, {"train_detector"}),

@@ -21,9 +21,11 @@ from eigpipe.layer_paths import BODY_PREFIXES
 from eigpipe.models.classifier import Classifier
 from eigpipe.models.detector import DETECTORS, build_body, build_detector
 from eigpipe.models.widths import Stage, WidthSpec
+from eigpipe.outputs import Kind, torch_archive_strings
 from eigpipe.provenance import publish, sha256_file
 
 FORMAT = "eigpipe-checkpoint/1"
+CHECKPOINT = Kind("an eigpipe checkpoint", lambda path: FORMAT in torch_archive_strings(path))
 MODELS = {"detection": DETECTORS, "classification": ("classifier",)}
 
 

@@ -17,6 +17,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from eigpipe import provenance
 from eigpipe.errors import EigpipeError
+from eigpipe.outputs import claim_outputs
+from eigpipe.spectral import store
 from eigpipe.spectral.buffers import ieee_float32
 from eigpipe.spectral.track import Tracker
 
@@ -118,7 +120,7 @@ def analyze(
     """Run the classifier on the folder's images (inference mode, IEEE float32) and publish the store."""
     from tqdm import tqdm
 
-    provenance.check_writable(out)
+    claim_outputs((out, store.COVARIANCE_STORE), inputs=[images, weights])
     if threads is not None:
         torch.set_num_threads(threads)
     if device == "cuda" and not torch.cuda.is_available():

@@ -209,8 +209,9 @@ def negative_tolerance(precision: str | None) -> float:
 
 
 def eigenvalue_path(out: str | Path) -> Path:
-    """Default eigenvalue store beside a table: ``final.parquet`` -> ``final.zarr``."""
-    return Path(out).with_suffix(".zarr")
+    """Default eigenvalue store beside a table: ``final.parquet`` -> ``final.eigenvalues.zarr`` (never the covariance
+    store ``final.zarr`` the table was computed from)."""
+    return Path(out).with_suffix(".eigenvalues.zarr")
 
 
 def decompose(cfg: dict, store_path: Path, out: Path, eigenvalues_out: Path | None = None) -> pd.DataFrame:

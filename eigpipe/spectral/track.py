@@ -30,6 +30,7 @@ from torch import nn
 from eigpipe import config, provenance
 from eigpipe.errors import EigpipeError
 from eigpipe.models.taps import built_by_eigpipe
+from eigpipe.outputs import claim_outputs
 from eigpipe.spectral import spectrum, store
 from eigpipe.spectral.accumulator import PRECISIONS, CovarianceAccumulator
 from eigpipe.spectral.extract import MATRIX, layer_attrs
@@ -199,7 +200,7 @@ class Tracker:
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         if distributed and torch.distributed.get_rank() != 0:
             return path
-        provenance.check_writable(path)
+        claim_outputs((path, store.COVARIANCE_STORE))
         layers, accs = self._results()
         per_layer = {layer.name: layer_attrs(layer, accs[layer.name]) for layer in layers if layer.name in accs}
         return store.write_store(path, store.COVARIANCE_KIND, arrays, root, per_layer)

@@ -19,6 +19,7 @@ from eigpipe import config, provenance
 from eigpipe.errors import EigpipeError
 from eigpipe.models.published import from_detectron2, from_mmdet, from_torchvision, mapping
 from eigpipe.models.published.presets import FAMILY_DEFAULTS, Preprocessing, Preset, find
+from eigpipe.outputs import claim_outputs
 
 FAMILY_MODULES = {"torchvision": from_torchvision, "detectron2": from_detectron2, "mmdet": from_mmdet}
 
@@ -284,6 +285,7 @@ def import_checkpoint(
     import json
 
     from eigpipe.models import save_checkpoint
+    from eigpipe.models.checkpoint import CHECKPOINT
 
     try:
         model = json.loads(model_json) if model_json else {}
@@ -292,7 +294,7 @@ def import_checkpoint(
     if not isinstance(model, dict):
         raise EigpipeError("--model-json: give an object of model-section keys")
     request = make_request(preset, family, pixel_mean, pixel_std, channel_order, category_ids, model)
-    provenance.check_writable(out)
+    claim_outputs((out, CHECKPOINT), inputs=[weights])
     model, meta = convert(Path(weights), request, run, init, {"schedule": schedule, "source": source_label})
     save_checkpoint(out, model, meta)
     print(
