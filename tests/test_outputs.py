@@ -63,6 +63,8 @@ def stage_argv(stage_name: str, root: Path, output_flag: str, output: Path) -> t
         argv += ["--config", str(given[-1])]
     for arg in stage.args:
         if arg.options.get("type") is not Path:
+            if arg.options.get("required"):  # a required non-path value: any will do (the claim comes first)
+                argv += [arg.flags[0], "x"]
             continue
         flag = arg.flags[0]
         if flag == output_flag:
@@ -185,8 +187,8 @@ def test_a_stage_replaces_its_own_earlier_output(tmp_path, capsys) -> None:
     assert cli.main(["dimensions", "--spectra", str(out), "--out", str(tmp_path / "d.parquet")]) == 0
     assert cli.main(["dimensions", "--spectra", str(out), "--out", str(tmp_path / "d.parquet")]) == 0
     # a spectrum table is not a dimensions table, nor the other way round
-    assert cli.main(["dimensions", "--spectra", str(out), "--out", str(tmp_path / "t.zarr")]) == 1
-    one_line_error(capsys, "t.zarr", "is not an eigpipe dimensions table")
+    assert cli.main(["dimensions", "--spectra", str(out), "--out", str(tmp_path / "t.eigenvalues.zarr")]) == 1
+    one_line_error(capsys, "t.eigenvalues.zarr", "is not an eigpipe dimensions table")
 
 
 # ---- each kind recognises its own artifacts and nothing else ----------------------------------------------------

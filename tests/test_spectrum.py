@@ -106,11 +106,11 @@ def test_decompose_store_matches_eigvalsh(tmp_path: Path) -> None:
     cov = write_store(tmp_path / "cov" / "40.zarr", layers, "faster_rcnn-scratch", 40)
     out = tmp_path / "spectra" / "40.parquet"
     table = decompose(cov, out, threshold=0.05, soft_lambda=0.01)
-    assert (tmp_path / "spectra" / "40.zarr").is_dir()
+    assert (tmp_path / "spectra" / "40.eigenvalues.zarr").is_dir()
     read = pd.read_parquet(out)
     assert list(read["layer"]) == list(layers) and len(read) == 3
     assert list(read["canonical"]) == ["conv1", "layer1.0.conv2", "backbone.fpn.layer_blocks.0"]
-    _, eigs = read_eigenvalues(tmp_path / "spectra" / "40.zarr")
+    _, eigs = read_eigenvalues(tmp_path / "spectra" / "40.eigenvalues.zarr")
     for row in read.itertuples():
         second, mean = layers[row.layer]
         ref = np.clip(np.linalg.eigvalsh(second)[::-1], 0, None)

@@ -134,7 +134,10 @@ def check_meta(
         _positive_int(meta, "iteration", path, 0)
     ids = meta.get("category_ids")
     if "category_ids" in meta and not (
-        isinstance(ids, list) and all(type(i) is int for i in ids) and len(ids) == meta["num_classes"] - 1
+        isinstance(ids, list)
+        and all(type(i) is int or i is None for i in ids)  # None: a label without a category (torchvision's N/A)
+        and any(type(i) is int for i in ids)
+        and len(ids) == meta["num_classes"] - 1
     ):
         raise _field(path, "category_ids", f"is not a list of {meta['num_classes'] - 1} integer category ids")
     return meta

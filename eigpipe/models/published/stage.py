@@ -287,6 +287,7 @@ def import_checkpoint(
     from eigpipe.models import save_checkpoint
     from eigpipe.models.checkpoint import CHECKPOINT
 
+    claim_outputs((out, CHECKPOINT), inputs=[weights])
     try:
         model = json.loads(model_json) if model_json else {}
     except json.JSONDecodeError as exc:
@@ -294,7 +295,6 @@ def import_checkpoint(
     if not isinstance(model, dict):
         raise EigpipeError("--model-json: give an object of model-section keys")
     request = make_request(preset, family, pixel_mean, pixel_std, channel_order, category_ids, model)
-    claim_outputs((out, CHECKPOINT), inputs=[weights])
     model, meta = convert(Path(weights), request, run, init, {"schedule": schedule, "source": source_label})
     save_checkpoint(out, model, meta)
     print(
