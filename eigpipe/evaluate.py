@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Subset
 from torchvision.ops import box_convert
 from tqdm import tqdm
 
-from eigpipe import provenance, runtime
+from eigpipe import matching, provenance, runtime
 from eigpipe.complexity import model_complexity
 from eigpipe.errors import EigpipeError
 from eigpipe.models import load_checkpoint
@@ -64,10 +64,15 @@ def predict(
     return results
 
 
-def coco_stats(coco_gt: Any, results: list[dict], iou_type: str, image_ids: list[int]) -> dict[str, float]:
-    """The 12 standard COCOeval numbers (zeros when there is no detection at all)."""
+def coco_stats(
+    coco_gt: Any, results: list[dict], iou_type: str, image_ids: list[int]
+) -> tuple[dict[str, float], matching.Matches]:
+    """The 12 standard COCOeval numbers (zeros when there is no detection at all) and the per-image matching of
+    that one ``evaluate()``, which the report's bootstrap over images re-accumulates."""
     if not results:
-        return dict.fromkeys(STAT_NAMES, 0.0)
+        params = COCOeval(iouType=iou_type).params
+        empty = matching.without_detections(coco_gt, image_ids, params.iouThrs, params.recThrs)
+        return dict.fromkeys(STAT_NAMES, 0.0), empty
     with contextlib.redirect_stdout(sys.stderr):
         coco_dt = coco_gt.loadRes(results)
         evaluator = COCOeval(coco_gt, coco_dt, iou_type)
@@ -75,17 +80,28 @@ def coco_stats(coco_gt: Any, results: list[dict], iou_type: str, image_ids: list
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
-    return {name: float(value) for name, value in zip(STAT_NAMES, evaluator.stats, strict=True)}
+    stats = {name: float(value) for name, value in zip(STAT_NAMES, evaluator.stats, strict=True)}
+    return stats, matching.from_evaluator(evaluator)
 
 
-def evaluate_checkpoint(cfg: dict, checkpoint: Path, annotations: Path, images: Path, out: Path) -> dict[str, Any]:
-    """COCO metrics, params and MACs of a detector checkpoint on a split (sections evaluate, runtime).
+def matches_path(out: Path) -> Path:
+    """The per-image matching file beside an evaluation JSON: ``E.json`` -> ``E.matches.npz``."""
+    return Path(out).with_suffix(".matches.npz")
+
+
+def evaluate_checkpoint(
+    cfg: dict, checkpoint: Path, annotations: Path, images: Path, out: Path, matches_out: Path | None = None
+) -> dict[str, Any]:
+    """COCO metrics, params and MACs of a detector checkpoint on a split (sections evaluate, runtime), and the
+    per-image matching of each IoU type in ``matches_out`` (default beside ``out``, see ``matches_path``).
 
     Evaluation draws no random numbers, so it reads no seed."""
     from eigpipe.data.coco import CocoDetection
 
     section = cfg["evaluate"]
+    matches_out = Path(matches_out) if matches_out else matches_path(out)
     provenance.check_writable(out)
+    provenance.check_writable(matches_out)
     env = runtime.setup(cfg["runtime"], seed=0)
     model, meta = load_checkpoint(checkpoint, env.device)
     if meta["task"] != "detection":
@@ -106,6 +122,8 @@ def evaluate_checkpoint(cfg: dict, checkpoint: Path, annotations: Path, images: 
         section["workers"],
     )
     size = meta["model_config"]["min_size"]
+    iou_types = ["bbox", "segm"] if meta["model_name"] == "mask_rcnn" else ["bbox"]
+    evaluated = {iou_type: coco_stats(dataset.coco, results, iou_type, image_ids) for iou_type in iou_types}
     report: dict[str, Any] = {
         "run": meta.get("run"),
         "model_name": meta["model_name"],
@@ -117,12 +135,12 @@ def evaluate_checkpoint(cfg: dict, checkpoint: Path, annotations: Path, images: 
         "checkpoint_sha256": meta["sha256"],
         "n_images": count,
         "n_detections": len(results),
-        "bbox": coco_stats(dataset.coco, results, "bbox", image_ids),
+        **{iou_type: stats for iou_type, (stats, _) in evaluated.items()},
         "complexity": {"input_size": [size, size], **model_complexity(model, size, size)},
         "provenance": provenance.record(config=cfg, inputs=[annotations], seed=None, device=str(env.device)),
     }
-    if meta["model_name"] == "mask_rcnn":
-        report["segm"] = coco_stats(dataset.coco, results, "segm", image_ids)
+    keep = {"run": report["run"], "checkpoint_sha256": meta["sha256"], "n_images": count}
+    matching.write(matches_out, {iou_type: found for iou_type, (_, found) in evaluated.items()}, keep)
     provenance.write_json(out, report)
     print(
         f"{meta.get('run')}: bbox AP {report['bbox']['AP']:.4f} AP50 {report['bbox']['AP50']:.4f} on {count} images",

@@ -124,6 +124,12 @@ STAGES: dict[str, Stage] = {
                 ANNOTATIONS,
                 IMAGE_DIR,
                 _path("--out", help="metrics JSON"),
+                _path(
+                    "--matches",
+                    help="per-image matching for the report's bootstrap (default: beside --out, .matches.npz)",
+                    required=False,
+                    dest="matches_out",
+                ),
                 THREADS,
             ),
         ),
