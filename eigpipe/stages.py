@@ -210,6 +210,13 @@ STAGES: dict[str, Stage] = {
                 _path(
                     "--widths", help="derived widths YAMLs", nargs="*", required=False, default=[], dest="widths_files"
                 ),
+                _path(
+                    "--matches",
+                    help="per-image matching files of the evaluations (AP intervals over images)",
+                    nargs="*",
+                    required=False,
+                    default=[],
+                ),
                 _path("--out-dir", help="report folder"),
             ),
         ),

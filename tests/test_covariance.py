@@ -369,6 +369,29 @@ def test_float32_store_records_its_precision(stage: dict) -> None:
         assert np.linalg.norm(layers_32[name][0]["second_moment"] - second) <= 1e-6 * np.linalg.norm(second), name
 
 
+@pytest.mark.parametrize("precision", ["float64", "float32"])
+def test_folds_leave_the_merged_statistics_bitwise_and_keep_each_fold(stage: dict, precision: str) -> None:
+    """covariance.folds 2 on 4 images in batches of 3 (the first batch straddles the folds): the merged arrays are
+    the bytes of an extraction without folds; the folds hold 2 images each and pool to the merged statistics."""
+    stage["cfg"]["covariance"]["precision"] = precision
+    plain = extract.extract(**{**stage, "out": stage["out"].with_name("plain.zarr")})
+    stage["cfg"]["covariance"]["folds"] = 2
+    folded = extract.extract(**stage)
+    folds = ("fold_second_moment", "fold_mean")
+    _, without = store.read_store(plain, store.COVARIANCE_KIND, ("second_moment", "mean"), optional=folds)
+    attrs, layers = store.read_store(folded, store.COVARIANCE_KIND, ("second_moment", "mean"), optional=folds)
+    assert attrs["folds"]["count"] == 2 and attrs["folds"]["sizes"] == [2, 2]
+    for name, (data, layer_attrs) in layers.items():
+        assert set(without[name][0]) == {"second_moment", "mean"}  # no fold arrays without folds
+        for key in ("second_moment", "mean"):
+            assert np.array_equal(data[key], without[name][0][key]), (name, key)  # bitwise
+        assert layer_attrs["folds"] == 2 and layer_attrs["fold_counts"] == [2, 2]
+        assert data["fold_second_moment"].shape == (2, *data["second_moment"].shape)
+        pooled = data["fold_second_moment"].mean(axis=0)  # equal folds: the plain average (float32: its products)
+        tolerance = 1e-12 if precision == "float64" else 1e-6
+        assert np.abs(pooled - data["second_moment"]).max() <= tolerance * np.abs(pooled).max(), name
+
+
 def test_killed_extraction_leaves_no_store(stage: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = {"n": 0}
     original = hooks.Extractor.run

@@ -14,6 +14,7 @@ from eigpipe.models.taps import is_detector, runner_path
 from eigpipe.spectral.accumulator import CovarianceAccumulator, FeatureBatch, NonFiniteFeature
 from eigpipe.spectral.affine import affine_maps, mapped_accumulator
 from eigpipe.spectral.buffers import Workspace, ieee_float32
+from eigpipe.spectral.folds import FoldedAccumulator, FoldPlan
 from eigpipe.spectral.layers import Layer
 
 
@@ -36,7 +37,8 @@ class Extractor:
     Only the smallest part of the model that runs every selected layer is run (the body, the backbone,
     or, for head layers, the whole model, whose own transform then sees the images). ``precision`` is
     the accumulators' Gram-product dtype (float64 or float32); in float32, layers that are one affine map
-    of another selected layer take their statistics from it (``finish()``, eigpipe.spectral.affine).
+    of another selected layer take their statistics from it (``finish()``, eigpipe.spectral.affine). With
+    ``folds``, per-image layers also keep their statistics per fold of the images (eigpipe.spectral.folds).
     """
 
     def __init__(
@@ -46,8 +48,10 @@ class Extractor:
         layers: Sequence[Layer],
         device: torch.device | str,
         precision: str = "float64",
+        folds: FoldPlan | None = None,
     ) -> None:
         self.model = model
+        self.folds = folds
         self.layers = list(layers)
         self.device = torch.device(device)
         self.precision = precision
@@ -147,13 +151,17 @@ class Extractor:
         crops = _crop_valid(feats, sizes, padded) if per_image else feats
         acc = self.accumulators.get(layer.name)
         if acc is None:
-            acc = self.accumulators[layer.name] = CovarianceAccumulator(
-                feats.shape[1], self.device, self.workspace, self.precision
-            )
+            args = (feats.shape[1], self.device, self.workspace, self.precision)
+            folded = self.folds is not None and per_image  # a region's fold is not known here
+            acc = FoldedAccumulator(*args, folds=self.folds.count) if folded else CovarianceAccumulator(*args)
+            self.accumulators[layer.name] = acc
             first = crops[0]
             layer.feature_shape = [int(s) for s in first.shape]
         try:
-            acc.update(crops)
+            if isinstance(acc, FoldedAccumulator):
+                acc.update(crops, [self.folds.of[i] for i in ids])
+            else:
+                acc.update(crops)
         except NonFiniteFeature as bad:
             where = f"image id {ids[bad.index]}" if per_image else f"the batch of image ids {list(ids)}"
             raise NumericalError(f"layer {layer.name}: non-finite feature in {where}") from None
@@ -176,12 +184,14 @@ def accumulate(
     device: torch.device | str,
     progress: Any = None,
     precision: str = "float64",
+    folds: FoldPlan | None = None,
 ) -> tuple[list[Layer], dict[str, CovarianceAccumulator]]:
     """Run every batch of (images, image ids) through the model; layers come back in forward order. The model's
     float32 convolutions and matmuls run in IEEE precision whatever runtime.tf32 says: TF32's ~1e-3 relative
-    error in the features would move small eigenvalues across the paper's absolute threshold."""
+    error in the features would move small eigenvalues across the paper's absolute threshold. ``folds``: keep
+    per-image layers' statistics per fold of the images too."""
     model.eval()
-    with torch.inference_mode(), ieee_float32(), Extractor(model, meta, layers, device, precision) as extractor:
+    with torch.inference_mode(), ieee_float32(), Extractor(model, meta, layers, device, precision, folds) as extractor:
         for images, ids in batches:
             extractor.run(images, ids)
             if progress is not None:

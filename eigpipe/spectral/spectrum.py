@@ -19,6 +19,7 @@ from eigpipe.errors import EigpipeError, NumericalError
 from eigpipe.layer_paths import canonical
 from eigpipe.provenance import check_writable, record, remove, write_table
 from eigpipe.spectral import store
+from eigpipe.spectral.jackknife import FOLD_ARRAYS, JACKKNIFE_ARRAYS, SE_MEASURES, leave_one_out, standard_errors
 
 # negative eigenvalues beyond this share of the largest one are not round-off: the matrix is broken
 NEGATIVE_TOLERANCE = 1e-9
@@ -117,6 +118,28 @@ def _row(root: dict, name: str, attrs: dict, spectra: dict, traces: dict, cfg: d
     return row
 
 
+def _jackknife(arrays: store.Arrays, attrs: dict, what: str, tolerance: float, cfg: dict) -> tuple[dict, dict]:
+    """({measure_se: jackknife SE}, {eigenvalue array: [K, C] leave-one-fold-out eigenvalues}) of a layer with folds
+    (covariance.folds; eigpipe.spectral.jackknife)."""
+    spectra = [
+        layer_spectra(moment, mean, what=f"{what} without fold {k}", tolerance=tolerance)
+        for k, (moment, mean) in enumerate(
+            leave_one_out(arrays["fold_second_moment"], arrays["fold_mean"], attrs["fold_counts"])
+        )
+    ]
+    values = [
+        {
+            prefix + name: value
+            for key, prefix in (("second_moment", ""), ("covariance", "centered_"))
+            for name, value in measures(found[key][0], cfg).items()
+        }
+        for found in spectra
+    ]
+    names = [prefix + name for prefix in ("", "centered_") for name in SE_MEASURES]
+    eigen = {JACKKNIFE_ARRAYS[key]: np.stack([found[key][0] for found in spectra]) for key in JACKKNIFE_ARRAYS}
+    return {"folds": len(spectra), **standard_errors(values, names)}, eigen
+
+
 def eigenvalue_path(out: str | Path) -> Path:
     """Default eigenvalue store beside a table: ``final.parquet`` -> ``final.zarr``."""
     return Path(out).with_suffix(".zarr")
@@ -130,12 +153,18 @@ def decompose(cfg: dict, store_path: Path, out: Path, eigenvalues_out: Path | No
     rows, eig_arrays, eig_attrs = [], {}, {}
     root = store.store_attrs(store_path, store.COVARIANCE_KIND)
     tolerance = NEGATIVE_TOLERANCE_FLOAT32 if root.get("precision") == "float32" else NEGATIVE_TOLERANCE
-    for name, arrays, attrs in store.iter_layers(store_path, store.COVARIANCE_KIND, COVARIANCE_ARRAYS):
+    layers = store.iter_layers(store_path, store.COVARIANCE_KIND, COVARIANCE_ARRAYS, optional=FOLD_ARRAYS)
+    for name, arrays, attrs in layers:
         second, mean = arrays["second_moment"], arrays["mean"]
-        spectra = layer_spectra(second, mean, what=f"{store_path}: layer {name}", tolerance=tolerance)
+        what = f"{store_path}: layer {name}"
+        spectra = layer_spectra(second, mean, what=what, tolerance=tolerance)
         traces = {"second_moment": float(np.trace(second)), "covariance": float(np.trace(second) - mean @ mean)}
         rows.append(_row(root, name, attrs, spectra, traces, section))
         eig_arrays[name] = {key: values for key, (values, _) in spectra.items()}
+        if "fold_second_moment" in arrays:
+            errors, jackknifed = _jackknife(arrays, attrs, what, tolerance, section)
+            rows[-1].update(errors)
+            eig_arrays[name].update(jackknifed)
         eig_attrs[name] = {
             **attrs,
             "n_negative_clipped": spectra["second_moment"][1],
@@ -164,8 +193,9 @@ def decompose(cfg: dict, store_path: Path, out: Path, eigenvalues_out: Path | No
 
 
 def read_eigenvalues(path: Path) -> tuple[dict, dict[str, tuple[store.Arrays, dict]]]:
-    """A verified eigenvalue store whose spectrum table was published too (else a one-line error)."""
-    attrs, layers = store.read_store(path, store.EIGENVALUE_KIND, EIGENVALUE_ARRAYS)
+    """A verified eigenvalue store whose spectrum table was published too (else a one-line error); the
+    leave-one-fold-out eigenvalues where the covariance store had folds."""
+    attrs, layers = store.read_store(path, store.EIGENVALUE_KIND, EIGENVALUE_ARRAYS, tuple(JACKKNIFE_ARRAYS.values()))
     if "table" in attrs and not Path(attrs["table"]).is_file():
         raise EigpipeError(
             f"{path}: its spectrum table {attrs['table']} is missing: the spectrum stage did not finish; run it again"
