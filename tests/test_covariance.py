@@ -525,7 +525,8 @@ def test_spectrum_of_a_float32_store_with_rank_deficient_layers(on_disk: dict, t
 
 @pytest.mark.slow
 def test_torchrun_ranks_share_images_and_merge(on_disk: dict, tmp_path: Path) -> None:
-    """Two CPU ranks (gloo), 5 images split 3 + 2: the same store as one process, written once."""
+    """Two CPU ranks (gloo), 5 images split 3 + 2: the same store as one process (folds of images included: each
+    rank's share of a fold merges into it), written once."""
     import os
     import shutil
     import subprocess
@@ -533,7 +534,8 @@ def test_torchrun_ranks_share_images_and_merge(on_disk: dict, tmp_path: Path) ->
     from eigpipe import cli
     from eigpipe.spectral import store
 
-    cfg = json.dumps({"covariance": {"images": 5, "batch_size": 2}, "runtime": {"threads": 1, "device": "cpu"}})
+    section = {"images": 5, "batch_size": 2, "folds": 2}
+    cfg = json.dumps({"covariance": section, "runtime": {"threads": 1, "device": "cpu"}})
     single, ddp = tmp_path / "single.zarr", tmp_path / "ddp.zarr"
     assert cli.main(covariance_args(on_disk, "faster_rcnn-scratch", cfg, single)) == 0
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
@@ -542,12 +544,13 @@ def test_torchrun_ranks_share_images_and_merge(on_disk: dict, tmp_path: Path) ->
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    arrays = ("second_moment", "mean")
-    attrs_1, layers_1 = store.read_store(single, store.COVARIANCE_KIND, arrays)
-    attrs_2, layers_2 = store.read_store(ddp, store.COVARIANCE_KIND, arrays)
+    arrays, folds = ("second_moment", "mean"), ("fold_second_moment", "fold_mean")
+    attrs_1, layers_1 = store.read_store(single, store.COVARIANCE_KIND, arrays, folds)
+    attrs_2, layers_2 = store.read_store(ddp, store.COVARIANCE_KIND, arrays, folds)
     assert attrs_2["provenance"]["world_size"] == 2 and attrs_2["layers"] == attrs_1["layers"]
     for name, (data, lattrs) in layers_1.items():
         assert layers_2[name][1]["count"] == lattrs["count"] == 5
+        assert layers_2[name][1]["fold_counts"] == lattrs["fold_counts"] == [3, 2] and len(data) == 4
         for key, value in data.items():
             assert np.allclose(layers_2[name][0][key], value, rtol=1e-5, atol=1e-7 * np.abs(value).max()), name
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp.zarr", "single.zarr"]
