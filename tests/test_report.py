@@ -166,6 +166,12 @@ def test_full_report(tmp_path: Path) -> None:
     }
     assert list(pd.read_csv(out / "summary.csv")["model"]) == ["faster_rcnn-scratch", "faster_rcnn-pretrained"]
     assert (out / "summary.md").read_text().startswith("| model | detector |")
+    # one seed, no matching files, no folds: differences without intervals, d/C differences without intervals
+    pairs = pd.read_csv(out / "comparisons.csv")
+    assert list(pairs["pairing"]) == ["one seed"] and "low" not in pairs
+    diffs = pd.read_csv(out / "dimension_differences.csv")
+    assert set(diffs["detector"]) == {"faster_rcnn"} and "low" not in diffs and (diffs["seeds"] == "1/1").all()
+    assert (out / "summary.md").read_text().endswith("- no two models of one detector with an interval to judge\n")
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
 
 

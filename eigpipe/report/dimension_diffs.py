@@ -25,6 +25,8 @@ from eigpipe.spectral.spectrum import measures
 KINDS = ("conv1", "conv2", "conv3", "downsample", "block output")
 LAYER = re.compile(r"layer(?P<stage>[1-4])\.\d+(?:\.(?P<part>conv[123]|downsample\.0))?")
 JACKKNIFE = JACKKNIFE_ARRAYS["second_moment"]
+COLUMNS = ["detector", "stage", "kind", "layers", "pretrained", "scratch", "difference", "pairing", "seeds", "sd"]
+COLUMNS += ["seeds_low", "seeds_high", "folds", "images_low", "images_high", "low", "high"]
 
 
 def stage_kind(canonical: str) -> tuple[str, str] | None:
@@ -92,7 +94,7 @@ def differences(stores: dict[str, tuple[dict, dict]]) -> pd.DataFrame:
         first = next(iter(by_init["scratch"].values()))
         for key in sorted(first.index, key=lambda k: (k[0], KINDS.index(k[1]))):
             rows.append({"detector": detector, "stage": key[0], "kind": key[1], **_difference(by_init, key)})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=COLUMNS).dropna(axis=1, how="all") if rows else pd.DataFrame(columns=COLUMNS)
 
 
 def _difference(by_init: dict[str, dict[int, pd.DataFrame]], key: tuple[str, str]) -> dict:

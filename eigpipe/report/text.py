@@ -121,5 +121,5 @@ def summary(
         ]
     verdicts = [row["verdict"] for _, row in pairs.iterrows() if isinstance(row.get("verdict"), str)]
     lines += [f"## Verdicts (95% intervals over seeds and images; margin {cfg['margin']:.3f} AP)", ""]
-    lines += [f"- {line}" for line in verdicts] or ["- no two models of one detector to compare"]
+    lines += [f"- {line}" for line in verdicts] or ["- no two models of one detector with an interval to judge"]
     return "\n".join(lines) + "\n"

@@ -134,7 +134,7 @@ def comparisons(table: pd.DataFrame, runs: pd.DataFrame, boot: dict, n_images: i
                 both = Interval(estimate, row["low"], row["high"])
                 row["verdict"] = verdict(f"{model} vs {reference}", metric, both, margin, len(values), row["images"])
             rows.append(row)
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows) if rows else pd.DataFrame(columns=["model", "reference", "metric", "difference"])
 
 
 def verdict(label: str, metric: str, interval: Interval, margin: float, seeds: int, images: int) -> str:
