@@ -355,3 +355,15 @@ def test_pretrained_vs_scratch_d_over_c_with_seeds_and_folds_by_hand(tmp_path: P
     ]
     unfolded = report.dimension_diffs.differences(inputs.load_stores(plain))
     assert "images_low" not in unfolded and "low" not in unfolded and unfolded["difference"].eq(0).all()
+
+
+def test_matching_files_of_other_images_are_refused(tmp_path: Path) -> None:
+    from eigpipe import matching
+    from eigpipe.report import uncertainty
+    from tests.test_matching import _evaluate, _study
+
+    first = _matches(tmp_path, "faster_rcnn-scratch", seed=0)
+    other = matching.from_evaluator(_evaluate(*_study(np.random.default_rng(0), n_images=12)))
+    second = matching.write(tmp_path / "other.matches.npz", {"bbox": other}, {"run": "faster_rcnn-derived"})
+    with pytest.raises(EigpipeError, match="other.matches.npz: evaluated other images than .*a paired bootstrap"):
+        uncertainty.bootstrap_runs([first, second], {"resamples": 10, "seed": 0})
