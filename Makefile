@@ -38,6 +38,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/covariance.py
+	$(BIN)/python benchmarks/folds.py
 	$(BIN)/python benchmarks/train.py
 	@if [ -d results/demo/covariance ]; then $(BIN)/python benchmarks/precision.py; \
 	else echo "benchmarks/precision.py skipped: it compares the demo's stores (run make demo first)"; fi
