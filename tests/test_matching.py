@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import time
 
 import numpy as np
 import pytest
@@ -102,12 +103,16 @@ def test_resamples_are_reproducible_and_sorted():
     assert not np.array_equal(a, matching.resamples(50, 3, seed=8))
 
 
-def test_matching_file_round_trip_and_damage(tmp_path):
+def test_matching_file_round_trip_and_damage(tmp_path, monkeypatch):
     gt, results = _study(np.random.default_rng(3))
     matches = matching.from_evaluator(_evaluate(gt, results))
     path = matching.write(tmp_path / "e.matches.npz", {"bbox": matches}, {"run": "r"})
     meta, read = matching.read(path)
     assert meta == {"run": "r", "iou_types": ["bbox"]}
+    later = time.time() + 7200
+    monkeypatch.setattr(time, "time", lambda: later)  # two hours later: no clock time in the file
+    again = matching.write(tmp_path / "again.matches.npz", {"bbox": matches}, {"run": "r"})
+    assert again.read_bytes() == path.read_bytes()  # no time stamps: a rerun writes the same bytes
     assert matching.average_precision(read["bbox"]) == matching.average_precision(matches)
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(EigpipeError, match="not a readable per-image matching file"):
