@@ -22,10 +22,10 @@ demo: $(STAMP)
 	$(BIN)/snakemake --cores $(CORES) --prioritize train_detector derive_widths
 	$(BIN)/snakemake --cores $(CORES) --report results/demo/report/report.html
 
-# The demo with two seeds per detector (train.seeds: [0, 1]): how much of an AP difference is noise.
+# The demo with three seeds per detector (train.seeds: [0, 1, 2]): every comparison with its interval over seeds.
 demo-seeds: $(STAMP)
-	$(BIN)/snakemake --cores $(CORES) --configfile config/config.yaml config/overlays/two-seeds.yaml
-	$(BIN)/snakemake --cores $(CORES) --configfile config/config.yaml config/overlays/two-seeds.yaml \
+	$(BIN)/snakemake --cores $(CORES) --configfile config/config.yaml config/overlays/three-seeds.yaml
+	$(BIN)/snakemake --cores $(CORES) --configfile config/config.yaml config/overlays/three-seeds.yaml \
 		--report results/demo/report/report.html
 
 test: $(STAMP)
@@ -38,6 +38,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/covariance.py
+	$(BIN)/python benchmarks/folds.py
 	$(BIN)/python benchmarks/train.py
 	@if [ -d results/demo/covariance ]; then $(BIN)/python benchmarks/precision.py; \
 	else echo "benchmarks/precision.py skipped: it compares the demo's stores (run make demo first)"; fi

@@ -16,14 +16,15 @@ from torch.utils.data import DataLoader, Subset
 from torchvision.ops import box_convert
 from tqdm import tqdm
 
-from eigpipe import provenance, runtime
+from eigpipe import matching, provenance, runtime
 from eigpipe.complexity import model_complexity
 from eigpipe.errors import DataError, EigpipeError, NumericalError
 from eigpipe.models import load_checkpoint
-from eigpipe.outputs import claim_outputs, json_with
+from eigpipe.outputs import Kind, claim_outputs, json_with
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 EVALUATION = json_with(("bbox", "complexity", "checkpoint_sha256"), "an eigpipe evaluation JSON")
+MATCHES = Kind("an eigpipe per-image matching file", matching.is_matching_file)
 
 
 class _NonFinite(Exception):
@@ -124,10 +125,15 @@ def predict(
     return results
 
 
-def coco_stats(coco_gt: Any, results: list[dict], iou_type: str, image_ids: list[int]) -> dict[str, float]:
-    """The 12 standard COCOeval numbers (zeros when there is no detection at all)."""
+def coco_stats(
+    coco_gt: Any, results: list[dict], iou_type: str, image_ids: list[int]
+) -> tuple[dict[str, float], matching.Matches]:
+    """The 12 standard COCOeval numbers (zeros when there is no detection at all) and the per-image matching of
+    that one ``evaluate()``, which the report's bootstrap over images re-accumulates."""
     if not results:
-        return dict.fromkeys(STAT_NAMES, 0.0)
+        params = COCOeval(iouType=iou_type).params
+        empty = matching.without_detections(coco_gt, image_ids, params.iouThrs, params.recThrs)
+        return dict.fromkeys(STAT_NAMES, 0.0), empty
     with contextlib.redirect_stdout(sys.stderr):
         coco_dt = coco_gt.loadRes(results)
         evaluator = COCOeval(coco_gt, coco_dt, iou_type)
@@ -135,7 +141,8 @@ def coco_stats(coco_gt: Any, results: list[dict], iou_type: str, image_ids: list
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
-    return {name: float(value) for name, value in zip(STAT_NAMES, evaluator.stats, strict=True)}
+    stats = {name: float(value) for name, value in zip(STAT_NAMES, evaluator.stats, strict=True)}
+    return stats, matching.from_evaluator(evaluator)
 
 
 def _check_ground_truth(coco: Any, image_ids: list[int], annotations: Path) -> None:
@@ -149,14 +156,23 @@ def _check_ground_truth(coco: Any, image_ids: list[int], annotations: Path) -> N
         )
 
 
-def evaluate_checkpoint(cfg: dict, checkpoint: Path, annotations: Path, images: Path, out: Path) -> dict[str, Any]:
-    """COCO metrics, params and MACs of a detector checkpoint on a split (sections evaluate, runtime).
+def matches_path(out: Path) -> Path:
+    """The per-image matching file beside an evaluation JSON: ``E.json`` -> ``E.matches.npz``."""
+    return Path(out).with_suffix(".matches.npz")
+
+
+def evaluate_checkpoint(
+    cfg: dict, checkpoint: Path, annotations: Path, images: Path, out: Path, matches_out: Path | None = None
+) -> dict[str, Any]:
+    """COCO metrics, params and MACs of a detector checkpoint on a split (sections evaluate, runtime), and the
+    per-image matching of each IoU type in ``matches_out`` (default beside ``out``, see ``matches_path``).
 
     Evaluation draws no random numbers, so it reads no seed."""
     from eigpipe.data.coco import CocoDetection
 
     section = cfg["evaluate"]
-    claim_outputs((out, EVALUATION), inputs=[checkpoint, annotations, images])
+    matches_out = Path(matches_out) if matches_out else matches_path(out)
+    claim_outputs((out, EVALUATION), (matches_out, MATCHES), inputs=[checkpoint, annotations, images])
     env = runtime.setup(cfg["runtime"], seed=0)
     model, meta = load_checkpoint(checkpoint, env.device, required=("category_ids", "iteration"), task="detection")
     dataset = CocoDetection(annotations, images, train=False)
@@ -179,6 +195,8 @@ def evaluate_checkpoint(cfg: dict, checkpoint: Path, annotations: Path, images: 
     except NumericalError as exc:
         raise NumericalError(f"{checkpoint} on {annotations}: {exc}") from None
     size = meta["model_config"]["min_size"]
+    iou_types = ["bbox", "segm"] if meta["model_name"] == "mask_rcnn" else ["bbox"]
+    evaluated = {iou_type: coco_stats(dataset.coco, results, iou_type, image_ids) for iou_type in iou_types}
     report: dict[str, Any] = {
         "run": meta.get("run"),
         "model_name": meta["model_name"],
@@ -193,12 +211,12 @@ def evaluate_checkpoint(cfg: dict, checkpoint: Path, annotations: Path, images: 
         "published": meta.get("published"),  # an imported checkpoint's published AP, beside the measured one
         "schedule": meta.get("schedule"),
         "imported_from": meta.get("imported_from"),
-        "bbox": coco_stats(dataset.coco, results, "bbox", image_ids),
+        **{iou_type: stats for iou_type, (stats, _) in evaluated.items()},
         "complexity": {"input_size": [size, size], **model_complexity(model, size, size)},
         "provenance": provenance.record(config=cfg, inputs=[annotations], seed=None, device=str(env.device)),
     }
-    if meta["model_name"] == "mask_rcnn":
-        report["segm"] = coco_stats(dataset.coco, results, "segm", image_ids)
+    keep = {"run": report["run"], "checkpoint_sha256": meta["sha256"], "n_images": count}
+    matching.write(matches_out, {iou_type: found for iou_type, (_, found) in evaluated.items()}, keep)
     provenance.write_json(out, report)
     print(
         f"{meta.get('run')}: bbox AP {report['bbox']['AP']:.4f} AP50 {report['bbox']['AP50']:.4f} on {count} images",

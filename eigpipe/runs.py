@@ -92,6 +92,12 @@ def analysed_runs(config: dict) -> list[str]:
     return [name for name, run in detector_runs(config).items() if run.seed == config["seed"]]
 
 
+def replicate_runs(config: dict) -> list[str]:
+    """Replicates (seeds other than the study's) of the configured-width runs: their final spectra give the
+    pre-trained vs scratch comparison of the spectra its spread over seeds."""
+    return [name for name, run in detector_runs(config).items() if run.seed != config["seed"] and not run.widths]
+
+
 def snapshots(config: dict) -> list[int]:
     """Snapshot iterations every base run has (each init's steps may differ: train.steps_by_init)."""
     if not config["train"]["inits"]:

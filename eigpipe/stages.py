@@ -179,6 +179,12 @@ STAGES: dict[str, Stage] = {
                 ANNOTATIONS,
                 IMAGE_DIR,
                 _out("--out", help="metrics JSON"),
+                _out(
+                    "--matches",
+                    help="per-image matching for the report's bootstrap (default: beside --out, .matches.npz)",
+                    required=False,
+                    dest="matches_out",
+                ),
                 THREADS,
             ),
         ),
@@ -281,6 +287,13 @@ STAGES: dict[str, Stage] = {
                 _path("--evaluations", help="evaluation JSONs", nargs="*", required=False, default=[]),
                 _path(
                     "--widths", help="derived widths YAMLs", nargs="*", required=False, default=[], dest="widths_files"
+                ),
+                _path(
+                    "--matches",
+                    help="per-image matching files of the evaluations (AP intervals over images)",
+                    nargs="*",
+                    required=False,
+                    default=[],
                 ),
                 _out("--out-dir", help="report folder"),
             ),

@@ -361,6 +361,29 @@ def test_float32_store_records_its_precision(stage: dict) -> None:
         assert np.linalg.norm(layers_32[name][0]["second_moment"] - second) <= 1e-6 * np.linalg.norm(second), name
 
 
+@pytest.mark.parametrize("precision", ["float64", "float32"])
+def test_folds_leave_the_merged_statistics_bitwise_and_keep_each_fold(stage: dict, precision: str) -> None:
+    """covariance.folds 2 on 4 images in batches of 3 (the first batch straddles the folds): the merged arrays are
+    the bytes of an extraction without folds; the folds hold 2 images each and pool to the merged statistics."""
+    stage["cfg"]["covariance"]["precision"] = precision
+    plain = extract.extract(**{**stage, "out": stage["out"].with_name("plain.zarr")})
+    stage["cfg"]["covariance"]["folds"] = 2
+    folded = extract.extract(**stage)
+    folds = ("fold_second_moment", "fold_mean")
+    _, without = store.read_store(plain, store.COVARIANCE_KIND, ("second_moment", "mean"), optional=folds)
+    attrs, layers = store.read_store(folded, store.COVARIANCE_KIND, ("second_moment", "mean"), optional=folds)
+    assert attrs["folds"]["count"] == 2 and attrs["folds"]["sizes"] == [2, 2]
+    for name, (data, layer_attrs) in layers.items():
+        assert set(without[name][0]) == {"second_moment", "mean"}  # no fold arrays without folds
+        for key in ("second_moment", "mean"):
+            assert np.array_equal(data[key], without[name][0][key]), (name, key)  # bitwise
+        assert layer_attrs["folds"] == 2 and layer_attrs["fold_counts"] == [2, 2]
+        assert data["fold_second_moment"].shape == (2, *data["second_moment"].shape)
+        pooled = data["fold_second_moment"].mean(axis=0)  # equal folds: the plain average (float32: its products)
+        tolerance = 1e-12 if precision == "float64" else 1e-6
+        assert np.abs(pooled - data["second_moment"]).max() <= tolerance * np.abs(pooled).max(), name
+
+
 def test_killed_extraction_leaves_no_store(stage: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = {"n": 0}
     original = hooks.Extractor.run
@@ -458,7 +481,8 @@ def test_spectrum_of_a_float32_store_with_rank_deficient_layers(on_disk: dict, t
 
 @pytest.mark.slow
 def test_torchrun_ranks_share_images_and_merge(on_disk: dict, tmp_path: Path) -> None:
-    """Two CPU ranks (gloo), 5 images split 3 + 2: the same store as one process, written once."""
+    """Two CPU ranks (gloo), 5 images split 3 + 2: the same store as one process (folds of images included: each
+    rank's share of a fold merges into it), written once."""
     import os
     import shutil
     import subprocess
@@ -466,7 +490,8 @@ def test_torchrun_ranks_share_images_and_merge(on_disk: dict, tmp_path: Path) ->
     from eigpipe import cli
     from eigpipe.spectral import store
 
-    cfg = json.dumps({"covariance": {"images": 5, "batch_size": 2}, "runtime": {"threads": 1, "device": "cpu"}})
+    section = {"images": 5, "batch_size": 2, "folds": 2}
+    cfg = json.dumps({"covariance": section, "runtime": {"threads": 1, "device": "cpu"}})
     single, ddp = tmp_path / "single.zarr", tmp_path / "ddp.zarr"
     assert cli.main(covariance_args(on_disk, "faster_rcnn-scratch", cfg, single)) == 0
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
@@ -475,12 +500,13 @@ def test_torchrun_ranks_share_images_and_merge(on_disk: dict, tmp_path: Path) ->
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    arrays = ("second_moment", "mean")
-    attrs_1, layers_1 = store.read_store(single, store.COVARIANCE_KIND, arrays)
-    attrs_2, layers_2 = store.read_store(ddp, store.COVARIANCE_KIND, arrays)
+    arrays, folds = ("second_moment", "mean"), ("fold_second_moment", "fold_mean")
+    attrs_1, layers_1 = store.read_store(single, store.COVARIANCE_KIND, arrays, folds)
+    attrs_2, layers_2 = store.read_store(ddp, store.COVARIANCE_KIND, arrays, folds)
     assert attrs_2["provenance"]["world_size"] == 2 and attrs_2["layers"] == attrs_1["layers"]
     for name, (data, lattrs) in layers_1.items():
         assert layers_2[name][1]["count"] == lattrs["count"] == 5
+        assert layers_2[name][1]["fold_counts"] == lattrs["fold_counts"] == [3, 2] and len(data) == 4
         for key, value in data.items():
             assert np.allclose(layers_2[name][0][key], value, rtol=1e-5, atol=1e-7 * np.abs(value).max()), name
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp.zarr", "single.zarr"]

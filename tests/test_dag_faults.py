@@ -199,8 +199,10 @@ def _cached_outputs(study: str) -> dict[str, list[str]]:
     return {
         "synth_data": [f"results/{study}/data"],
         "pretrain": [f"results/{study}/pretrain/final.pt"],
-        "base": [f"results/{study}/train/{run}/final.pt" for run in BASE_RUNS],
-        "derived": [f"results/{study}/train/{run}/final.pt" for run in DERIVED_RUNS],
+        "base": [f"results/{study}/train/{run}/final.pt" for run in BASE_RUNS + [f"{r}-s1" for r in BASE_RUNS]],
+        "derived": [
+            f"results/{study}/train/{run}/final.pt" for run in DERIVED_RUNS + [f"{r}-s1" for r in DERIVED_RUNS]
+        ],
     }
 
 
@@ -213,7 +215,7 @@ def _job_logs(root: Path, study: str) -> list[Path]:
 
 
 def _fetch_models(root: Path, study: str, config: str, extra: dict) -> str:
-    targets = [f"results/{study}/train/{run}/snapshots/3.pt" for run in BASE_RUNS]
+    targets = [f"results/{study}/train/{run}/snapshots/0.pt" for run in BASE_RUNS]
     proc = snakemake(root, *targets, "--cores", "2", "--cache", "--configfile", config, extra_env=extra)
     assert proc.returncode == 0, failure(proc, root)
     return proc.output

@@ -7,7 +7,7 @@ import torch
 import yaml
 from pycocotools import mask as mask_utils
 
-from eigpipe import cli
+from eigpipe import cli, matching
 from eigpipe.data.coco import CocoDetection
 from eigpipe.evaluate import STAT_NAMES, coco_stats, to_coco_results
 from tests.helpers import detector_checkpoint
@@ -31,8 +31,8 @@ def test_perfect_predictions_score_one(data):
     results = ground_truth_as_predictions(dataset, with_masks=True)
     first = dataset.coco.loadAnns(dataset.coco.getAnnIds(imgIds=dataset.ids[0]))[0]
     assert results[0]["bbox"] == pytest.approx(first["bbox"]) and results[0]["category_id"] == first["category_id"]
-    bbox = coco_stats(dataset.coco, results, "bbox", list(dataset.ids))
-    segm = coco_stats(dataset.coco, results, "segm", list(dataset.ids))
+    bbox, _ = coco_stats(dataset.coco, results, "bbox", list(dataset.ids))
+    segm, _ = coco_stats(dataset.coco, results, "segm", list(dataset.ids))
     assert list(bbox) == list(STAT_NAMES)
     assert bbox["AP"] == pytest.approx(1.0) and segm["AP"] == pytest.approx(1.0)
     assert mask_utils.area(results[0]["segmentation"]) == first["area"]
@@ -43,9 +43,13 @@ def test_shifted_predictions_score_less(data):
     results = ground_truth_as_predictions(dataset, with_masks=False)
     for record in results:
         record["bbox"][0] += record["bbox"][2] * 0.3
-    stats = coco_stats(dataset.coco, results, "bbox", list(dataset.ids))
+    stats, found = coco_stats(dataset.coco, results, "bbox", list(dataset.ids))
     assert 0.0 < stats["AP"] < 0.9 and stats["AP50"] > stats["AP75"]
-    assert coco_stats(dataset.coco, [], "bbox", list(dataset.ids))["AP"] == 0.0
+    # the kept per-image matching re-accumulates to COCOeval's own numbers
+    assert matching.average_precision(found) == {name: stats[name] for name in ("AP", "AP50", "AP75")}
+    none, empty = coco_stats(dataset.coco, [], "bbox", list(dataset.ids))
+    assert none["AP"] == 0.0 and matching.average_precision(empty)["AP"] == 0.0
+    assert empty.gt_count.sum() == len(dataset.coco.getAnnIds(imgIds=list(dataset.ids), iscrowd=False))
 
 
 @pytest.mark.parametrize("name", ["faster_rcnn", "mask_rcnn"])
@@ -73,6 +77,10 @@ def test_evaluate_checkpoint_writes_the_metrics(tmp_path, data, name, tiny_model
     report = json.loads(out.read_text())
     assert set(report["bbox"]) == set(STAT_NAMES) and report["n_images"] == 4 and report["iteration"] == 3
     assert ("segm" in report) == (name == "mask_rcnn")
+    meta, found = matching.read(tmp_path / "eval.matches.npz")  # beside --out by default
+    assert meta["run"] == name and sorted(found) == sorted(k for k in ("bbox", "segm") if k in report)
+    for iou_type, matches in found.items():
+        assert matching.average_precision(matches)["AP"] == report[iou_type]["AP"]
     assert report["complexity"]["body_params"] > 0 and report["complexity"]["input_size"] == [64, 64]
     assert torch.__version__.startswith(report["provenance"]["versions"]["torch"])
 

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
 import yaml
 
-from eigpipe import cli, report
+from eigpipe import cli, config, intervals, report
 from eigpipe.errors import EigpipeError
 from eigpipe.report import comparison, inputs
 from eigpipe.spectral import store
@@ -23,6 +26,9 @@ RUNS = {
     "faster_rcnn-pretrained": ("pretrained", "detection", "faster_rcnn", [0, 100, 200], "backbone.body.", BODY + FPN),
     "faster_rcnn-scratch": ("scratch", "detection", "faster_rcnn", [0, 100, 200], "backbone.body.", BODY + FPN),
 }
+
+
+REPORT = {"report": config.validate({}, "test", config.schema()["properties"]["report"])}
 
 
 def dimension_tables(tmp_path: Path, runs: dict = RUNS) -> list[Path]:
@@ -56,7 +62,8 @@ def eigenvalue_stores(tmp_path: Path, runs: dict = RUNS) -> list[Path]:
             values = np.sort(np.exp(-np.arange(16) * 0.8))[::-1]
             values[-2:] = 0.0
             eigs[full] = {"second_moment": values, "covariance": values / 2}
-        root = {"run": run, "init": init, "iteration": iterations[-1]}
+        spectrum = {"threshold": 1e-3, "relative_threshold": 1e-3, "soft_lambda": 1e-3}
+        root = {"run": run, "init": init, "iteration": iterations[-1], "spectrum": spectrum}
         paths.append(store.write_store(tmp_path / f"{run}.zarr", store.EIGENVALUE_KIND, eigs, root, {}))
     return paths
 
@@ -129,7 +136,7 @@ def is_png(path: Path) -> bool:
 def test_full_report(tmp_path: Path) -> None:
     out = tmp_path / "report"
     written = report.make_report(
-        {"report": {"layers": []}},
+        REPORT,
         dimension_tables(tmp_path),
         out,
         eigenvalue_stores(tmp_path),
@@ -156,16 +163,24 @@ def test_full_report(tmp_path: Path) -> None:
         "summary",
         "summary_md",
         "widths",
+        "comparisons",
+        "dimension_differences",
     }
     assert list(pd.read_csv(out / "summary.csv")["model"]) == ["faster_rcnn-scratch", "faster_rcnn-pretrained"]
     assert (out / "summary.md").read_text().startswith("| model | detector |")
+    # one seed, no matching files, no folds: differences without intervals, d/C differences without intervals
+    pairs = pd.read_csv(out / "comparisons.csv")
+    assert list(pairs["pairing"]) == ["one seed"] and "low" not in pairs
+    diffs = pd.read_csv(out / "dimension_differences.csv")
+    assert set(diffs["detector"]) == {"faster_rcnn"} and "low" not in diffs and (diffs["seeds"] == "1/1").all()
+    assert (out / "summary.md").read_text().endswith("- no two models of one detector with an interval to judge\n")
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
 
 
 def test_missing_runs_and_inputs_degrade_gracefully(tmp_path: Path) -> None:
     only_scratch = {"faster_rcnn-scratch": RUNS["faster_rcnn-scratch"]}
     out = tmp_path / "report"
-    written = report.make_report({"report": {"layers": []}}, dimension_tables(tmp_path, only_scratch), out)
+    written = report.make_report(REPORT, dimension_tables(tmp_path, only_scratch), out)
     assert all(is_png(out / n) for n in ("eigenvalues.png", "dimensions.png", "dynamics.png"))
     assert "evaluation" not in written and not (out / "evaluation.csv").exists()
     assert len(pd.read_csv(out / "spectra.csv")) == 1
@@ -214,9 +229,17 @@ def test_comparison_table_means_spreads_and_deltas(tmp_path: Path) -> None:
         evaluation(tmp_path, "faster_rcnn-derived", 0.65, 0, 1_000_000, derived),
         evaluation(tmp_path, "faster_rcnn-derived-s1", 0.63, 1, 1_000_000, derived),
         evaluation(tmp_path, "mask_rcnn-scratch", 0.5, segm=0.4),
+        evaluation(tmp_path, "mask_rcnn-scratch-s1", 0.5, 1, segm=0.4),
         evaluation(tmp_path, "mask_rcnn-derived", 0.45, 0, 700_000, str(tmp_path / "mask_rcnn-derived.yaml"), 0.42),
     ]
+    record = json.loads(paths[7].read_text())  # a Mask R-CNN's detector MACs follow its detections: seeds differ
+    record["complexity"]["detector_macs"] = 61_000_000
+    paths[7].write_text(json.dumps(record))
     table = comparison.comparison_table(paths).set_index("model")
+    assert (
+        table.loc["mask_rcnn-scratch", "detector_macs"] == 70_000_000
+        and table.loc["mask_rcnn-scratch", "seeds"] == "0 1"
+    )
     assert list(table.index) == [
         "faster_rcnn-pretrained",
         "faster_rcnn-scratch",
@@ -414,3 +437,123 @@ def test_a_file_of_the_users_named_like_a_report_file_is_refused(study, capsys) 
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and str(out / "summary.md") in err, err
     assert tree(out) == before
+
+
+# ---- how sure: intervals over seeds and images, verdicts, the d/C differences ----
+
+
+@functools.cache
+def _synthetic_matching(seed: int) -> Any:
+    from eigpipe import matching
+    from tests.test_matching import _evaluate, _study
+
+    return matching.from_evaluator(_evaluate(*_study(np.random.default_rng(seed), n_images=20)))
+
+
+def _matches(tmp_path: Path, run: str, seed: int) -> Path:
+    """A per-image matching file of a synthetic evaluation (the same images for every run)."""
+    from eigpipe import matching
+
+    return matching.write(tmp_path / "eval" / f"{run}.matches.npz", {"bbox": _synthetic_matching(seed)}, {"run": run})
+
+
+def test_intervals_and_verdicts_in_the_summary(tmp_path: Path) -> None:
+    aps = {"scratch": [0.60, 0.64, 0.68], "derived": [0.65, 0.66, 0.70], "pretrained": [0.70, 0.72]}
+    paths, matches = [], []
+    for init, values in aps.items():
+        for seed, ap in enumerate(values):
+            run = f"faster_rcnn-{init}" + (f"-s{seed}" if seed else "")
+            widths = str(tmp_path / "faster_rcnn-derived.yaml") if init == "derived" else None
+            paths.append(evaluation(tmp_path, run, ap, seed, widths=widths))
+            # derived and scratch runs share their per-image results: their difference is 0 on every resample
+            matches.append(_matches(tmp_path, run, seed=1 if init == "pretrained" else 0))
+    out = tmp_path / "report"
+    out.mkdir()
+    cfg = {**REPORT["report"], "bootstrap": {"resamples": 200, "seed": 0}}
+    report._comparison(cfg, paths, [], matches, pd.DataFrame(), out)  # the tables of make_report, without its plots
+    table = pd.read_csv(out / "summary.csv").set_index("model")
+    scratch, derived, pretrained = (table.loc[f"faster_rcnn-{i}"] for i in ("scratch", "derived", "pretrained"))
+    half = 4.3026527 * 0.04 / math.sqrt(3)  # t(2) x sd / sqrt(3) of 0.60, 0.64, 0.68
+    assert scratch["AP_sd"] == pytest.approx(0.04)
+    assert (scratch["AP_seeds_low"], scratch["AP_seeds_high"]) == pytest.approx((0.64 - half, 0.64 + half), abs=1e-6)
+    assert scratch["AP_images_low"] < scratch["AP_images_high"]  # the images move each model's own AP
+    assert derived["delta_AP_pairing"] == "paired by seed" and pretrained["delta_AP_pairing"] == "unpaired (Welch)"
+    assert derived["delta_AP_images_low"] == derived["delta_AP_images_high"] == 0.0  # paired by image
+    # differences 0.05, 0.02, 0.02: the images add nothing, so both intervals are the paired t-interval
+    sd = float(np.std([0.05, 0.02, 0.02], ddof=1))
+    paired = (0.03 - 4.3026527 * sd / math.sqrt(3), 0.03 + 4.3026527 * sd / math.sqrt(3))
+    assert (derived["delta_AP_low"], derived["delta_AP_high"]) == pytest.approx(paired, abs=1e-6)
+    pairs = pd.read_csv(out / "comparisons.csv")
+    assert list(zip(pairs["model"], pairs["reference"], strict=True)) == [
+        ("faster_rcnn-derived", "faster_rcnn-scratch"),
+        ("faster_rcnn-pretrained", "faster_rcnn-scratch"),
+        ("faster_rcnn-derived", "faster_rcnn-pretrained"),
+    ]
+    lines = (out / "summary.md").read_text().rstrip("\n").splitlines()
+    assert lines[-3].startswith("- faster_rcnn-derived vs faster_rcnn-scratch: AP +0.030 [95% CI ")
+    assert "over 3 seeds x 20 images: the interval includes 0" in lines[-3]
+    assert "over 2 seeds x 20 images" in lines[-2] and lines[-2].startswith("- faster_rcnn-pretrained vs")
+
+
+def _eigen_store(tmp_path: Path, run: str, ratios: list[float], loo: list[list[float]] | None) -> Path:
+    """A final eigenvalue store whose layer1.0.conv2 (4 channels) has d/C ``ratios[0]`` and, per left-out fold,
+    ``loo`` (layer2.0 block output: ``ratios[1]``)."""
+
+    def spectrum_of(ratio: float) -> np.ndarray:
+        above = round(ratio * 4)
+        return np.array([1.0] * above + [1e-6] * (4 - above))
+
+    layers = {}
+    for i, name in enumerate(("backbone.body.layer1.0.conv2", "backbone.body.layer2.0")):
+        arrays = {"second_moment": spectrum_of(ratios[i]), "covariance": spectrum_of(ratios[i])}
+        if loo is not None:
+            stack = np.stack([spectrum_of(fold[i]) for fold in loo])
+            arrays.update(second_moment_jackknife=stack, covariance_jackknife=stack)
+        layers[name] = arrays
+    spectrum = {"threshold": 1e-3, "relative_threshold": 1e-3, "soft_lambda": 1e-3}
+    init = "pretrained" if "pretrained" in run else "scratch"
+    attrs = {"run": run, "init": init, "spectrum": spectrum}
+    return store.write_store(tmp_path / f"{run}.zarr", store.EIGENVALUE_KIND, layers, attrs, {})
+
+
+def test_pretrained_vs_scratch_d_over_c_with_seeds_and_folds_by_hand(tmp_path: Path) -> None:
+    stores = [
+        _eigen_store(tmp_path, "faster_rcnn-pretrained", [0.75, 1.0], [[1.0, 1.0], [0.75, 1.0], [0.75, 1.0]]),
+        _eigen_store(tmp_path, "faster_rcnn-scratch", [0.5, 1.0], [[0.5, 1.0], [0.5, 1.0], [0.5, 1.0]]),
+        _eigen_store(tmp_path, "faster_rcnn-pretrained-s1", [0.75, 1.0], [[0.75, 1.0]] * 3),
+        _eigen_store(tmp_path, "faster_rcnn-scratch-s1", [0.75, 1.0], [[0.75, 1.0]] * 3),
+    ]
+    diffs = report.dimension_diffs.differences(inputs.load_stores(stores)).set_index(["stage", "kind"])
+    row = diffs.loc[("s1", "conv2")]
+    assert (row["pretrained"], row["scratch"], row["difference"]) == pytest.approx((0.75, 0.625, 0.125))
+    assert row["pairing"] == "paired by seed" and row["folds"] == 3
+    # seeds: differences 0.25 and 0.0, sd 0.1768, se 0.125, 1 df
+    assert (row["seeds_low"], row["seeds_high"]) == pytest.approx(
+        (0.125 - 12.7062047 * 0.125, 0.125 + 12.7062047 * 0.125)
+    )
+    # images: fold k left out of every run, seed-mean difference (0.5 + 0) / 2, (0.25 + 0) / 2, (0.25 + 0) / 2
+    loo = np.array([0.25, 0.125, 0.125])
+    se = math.sqrt(2 / 3 * ((loo - loo.mean()) ** 2).sum())
+    assert se == pytest.approx(1 / 12)
+    assert (row["images_low"], row["images_high"]) == pytest.approx((0.125 - 4.3026527 * se, 0.125 + 4.3026527 * se))
+    both = intervals.combined(0.125, intervals.paired_interval([0.25, 0.0], [0.0, 0.0]), se, 2)
+    assert (row["low"], row["high"]) == pytest.approx((both.low, both.high))
+    assert diffs.loc[("s2", "block output"), "difference"] == 0.0
+    # stores without folds: an interval over seeds only
+    plain = [
+        _eigen_store(tmp_path / "plain", r, [0.5, 1.0], None) for r in ("faster_rcnn-pretrained", "faster_rcnn-scratch")
+    ]
+    unfolded = report.dimension_diffs.differences(inputs.load_stores(plain))
+    assert "images_low" not in unfolded and "low" not in unfolded and unfolded["difference"].eq(0).all()
+
+
+def test_matching_files_of_other_images_are_refused(tmp_path: Path) -> None:
+    from eigpipe import matching
+    from eigpipe.report import uncertainty
+    from tests.test_matching import _evaluate, _study
+
+    first = _matches(tmp_path, "faster_rcnn-scratch", seed=0)
+    other = matching.from_evaluator(_evaluate(*_study(np.random.default_rng(0), n_images=12)))
+    second = matching.write(tmp_path / "other.matches.npz", {"bbox": other}, {"run": "faster_rcnn-derived"})
+    with pytest.raises(EigpipeError, match="other.matches.npz: evaluated other images than .*a paired bootstrap"):
+        uncertainty.bootstrap_runs([first, second], {"resamples": 10, "seed": 0})

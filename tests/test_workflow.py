@@ -24,6 +24,7 @@ from eigpipe.stages import STAGES
 from tests.workflow_helpers import (
     BASE_RUNS,
     DERIVED_RUNS,
+    REPLICATE_RUNS,
     REPO,
     SMOKE,
     SNAKEMAKE,
@@ -38,9 +39,10 @@ from tests.workflow_helpers import (
 SMOKE_JOBS = {
     "synth_data": 1,
     "pretrain": 1,
-    "train_detector": 6,  # {faster_rcnn, mask_rcnn} x {pretrained, scratch, derived}
-    "evaluate": 6,
-    "covariance": 15,  # 4 runs x (snapshots 0, 3 + final) + 2 derived (final) + the classifier
+    "train_detector": 12,  # {faster_rcnn, mask_rcnn} x {pretrained, scratch, derived} x seeds {0, 1}
+    "evaluate": 12,
+    # 4 runs x (snapshot 0 + final) + 2 derived (final) + the classifier + the 4 seed-1 replicates (final)
+    "covariance": 15,
     "spectrum": 15,
     "dimensions": 7,
     "derive_widths": 2,
@@ -56,6 +58,8 @@ REPORT_FILES = [
     "summary.csv",
     "summary.md",
     "widths.png",
+    "comparisons.csv",
+    "dimension_differences.csv",
 ]
 
 
@@ -249,26 +253,28 @@ def test_stages_receive_only_their_config_sections(smoke_dry_run):
         ({"train.schedule.lr": 0.02}, {"train_detector"}),
         ({"pretrain.schedule.lr": 0.05}, {"pretrain"}),
         ({"data.synthetic.val_images": 9}, {"synth_data", "train_detector"}),
-        ({"seed": 1}, {"synth_data", "pretrain", "train_detector", "covariance"}),
+        # (without replicates: their names follow the study seed, <run>-s<seed> for the others)
+        ({"seed": 1, "train.seeds": None}, {"synth_data", "pretrain", "train_detector", "covariance"}),
         ({"runtime.threads": 2}, {"pretrain", "train_detector", "evaluate", "covariance"}),
     ],
 )
 def test_a_config_change_reaches_only_the_stages_that_read_it(workdir, tmp_path, smoke_dry_run, changes, changed):
     # (Edited copies, not --config: Snakemake parses nested --config values as strings.)
     before = jobs(smoke_dry_run)
+    if "seed" in changes:  # compared with the study without replicates
+        before = jobs(
+            dry_run(workdir, "--configfile", str(write_config(tmp_path / "b.yaml", SMOKE, **{"train.seeds": None})))
+        )
     after = jobs(dry_run(workdir, "--configfile", str(write_config(tmp_path / "c.yaml", SMOKE, **changes))))
     assert after.keys() == before.keys()
     assert {job[0] for job in before if before[job] != after[job]} == changed
 
 
 def test_adding_a_model_or_a_seed_leaves_the_existing_runs_alone(workdir, tmp_path):
-    before = jobs(
-        dry_run(
-            workdir, "--configfile", str(write_config(tmp_path / "a.yaml", SMOKE, **{"train.models": ["faster_rcnn"]}))
-        )
-    )
+    one = {"train.models": ["faster_rcnn"], "train.seeds": None}
+    before = jobs(dry_run(workdir, "--configfile", str(write_config(tmp_path / "a.yaml", SMOKE, **one))))
     for change, trained in [
-        ({"train.models": ["faster_rcnn", "mask_rcnn"]}, 6),
+        ({"train.models": ["faster_rcnn", "mask_rcnn"], "train.seeds": None}, 6),
         ({"train.models": ["faster_rcnn"], "train.seeds": [0, 1]}, 6),
     ]:
         after = jobs(dry_run(workdir, "--configfile", str(write_config(tmp_path / "c.yaml", SMOKE, **change))))
@@ -278,7 +284,11 @@ def test_adding_a_model_or_a_seed_leaves_the_existing_runs_alone(workdir, tmp_pa
     seeds = jobs(dry_run(workdir, "--configfile", str(tmp_path / "c.yaml")))
     replicates = [out for (rule, out) in seeds if rule == "train_detector" and "-s1/" in out]
     assert len(replicates) == 3 and all(config_json(seeds[("train_detector", out)])["seed"] == 1 for out in replicates)
-    assert not [out for (rule, out) in seeds if rule == "covariance" and "-s1/" in out]  # replicates: accuracy only
+    # the replicates of the configured-width runs get their final spectra (the spread over seeds), no snapshots
+    measured = sorted(out for (rule, out) in seeds if rule == "covariance" and "-s1/" in out)
+    assert measured == [
+        f"results/smoke/covariance/faster_rcnn-{init}-s1/final.zarr" for init in ("pretrained", "scratch")
+    ]
 
 
 def test_a_widths_knob_changes_only_the_derivation(workdir, tmp_path, smoke_dry_run):
@@ -288,7 +298,8 @@ def test_a_widths_knob_changes_only_the_derivation(workdir, tmp_path, smoke_dry_
     )
     assert {job for job in before if before[job] != after[job]} == {job for job in before if job[0] == "derive_widths"}
     derived = [cmd for (rule, out), cmd in after.items() if rule == "train_detector" and "derived" in out]
-    assert len(derived) == 2 and all(config_json(cmd)["model"]["widths"].endswith("-derived.yaml") for cmd in derived)
+    assert len(derived) == 4  # both detectors, both seeds: the seed-1 retrains read the same widths
+    assert all(config_json(cmd)["model"]["widths"].endswith("-derived.yaml") for cmd in derived)
 
 
 def test_steps_of_one_init_change_only_its_runs(workdir, tmp_path, smoke_dry_run):
@@ -300,10 +311,9 @@ def test_steps_of_one_init_change_only_its_runs(workdir, tmp_path, smoke_dry_run
     after = jobs(dry_run(workdir, "--configfile", str(longer_cfg)))
     changed = {job for job in before if before[job] != after[job]}
     assert {rule for rule, _ in changed} == {"train_detector"}
-    # the scratch baselines and the derived retrains (the scratch schedule) of both detectors
-    assert sorted(out.split("/")[3] for _, out in changed) == sorted(
-        DERIVED_RUNS + [r for r in BASE_RUNS if "scratch" in r]
-    )
+    # the scratch baselines and the derived retrains (the scratch schedule) of both detectors, for both seeds
+    wanted = DERIVED_RUNS + [r for r in BASE_RUNS if "scratch" in r]
+    assert sorted(out.split("/")[3] for _, out in changed) == sorted(wanted + [f"{r}-s1" for r in wanted])
     assert all(config_json(after[job])["train"]["schedule"]["steps"] == steps + 2 for job in changed)
 
 
@@ -393,19 +403,20 @@ def test_editing_a_module_changes_only_the_hashes_of_stages_that_run_it(tmp_path
 def expected_outputs(root: Path) -> list[Path]:
     r = root / "results/smoke"
     files = [r / "data", r / "pretrain/final.pt", r / "pretrain/metrics.jsonl"]
-    for run in BASE_RUNS + DERIVED_RUNS:
+    for run in BASE_RUNS + DERIVED_RUNS + REPLICATE_RUNS:
         files += [r / f"train/{run}/final.pt", r / f"train/{run}/metrics.jsonl", r / f"eval/{run}.json"]
-        files += [r / f"train/{run}/snapshots/{i}.pt" for i in (0, 3)]
+        files += [r / f"train/{run}/snapshots/{i}.pt" for i in (0,)] + [r / f"eval/{run}.matches.npz"]
     files += [r / f"widths/{run}.yaml" for run in DERIVED_RUNS]
-    analysed = [(run, ["0", "3", "final"]) for run in BASE_RUNS] + [(run, ["final"]) for run in DERIVED_RUNS]
-    for run, iterations in [*analysed, ("classifier", ["final"])]:
+    analysed = [(run, ["0", "final"]) for run in BASE_RUNS] + [(run, ["final"]) for run in DERIVED_RUNS]
+    files += [r / f"dimensions/{run}.parquet" for run, _ in [*analysed, ("classifier", [])]]
+    replicates = [(f"{run}-s1", ["final"]) for run in BASE_RUNS]  # the spread over seeds of the final spectra
+    for run, iterations in [*analysed, ("classifier", ["final"]), *replicates]:
         for it in iterations:
             files += [
                 r / f"covariance/{run}/{it}.zarr",
                 r / f"spectrum/{run}/{it}.parquet",
                 r / f"spectrum/{run}/{it}.zarr",
             ]
-        files.append(r / f"dimensions/{run}.parquet")
     files += [r / "report" / name for name in REPORT_FILES]
     return files
 
@@ -435,7 +446,8 @@ def test_threshold_change_reruns_only_the_analysis(smoke_run, frozen_src, tmp_pa
     # the derived specs come from the scratch runs' dimensions: those are rederived and retrained
     counts = job_counts(output)
     assert counts["spectrum"] == 15 and counts["dimensions"] == 7 and counts["report"] == 1
-    assert counts.get("train_detector", 0) == counts.get("derive_widths", 0) == 2 and "pretrain" not in counts
+    # the derived retrains of both seeds
+    assert counts["train_detector"] == 4 and counts["derive_widths"] == 2 and "pretrain" not in counts
 
 
 @pytest.mark.slow
@@ -444,9 +456,9 @@ def test_widths_change_retrains_only_the_derived_models(smoke_run, frozen_src, t
     output = dry_run(smoke_run, "--configfile", str(edited), extra_env={"PYTHONPATH": str(frozen_src)})
     assert job_counts(output) == {
         "derive_widths": 2,
-        "train_detector": 2,
-        "evaluate": 2,
-        "covariance": 2,
+        "train_detector": 4,  # both seeds' derived retrains
+        "evaluate": 4,
+        "covariance": 2,  # the study seed's derived models (final spectra)
         "spectrum": 2,
         "dimensions": 2,
         "report": 1,
@@ -469,6 +481,38 @@ def test_the_comparison_table_has_every_model(smoke_run):
         spec = yaml.safe_load((smoke_run / f"results/smoke/widths/{run}.yaml").read_text())
         assert summary.loc[run, "body_params"] == spec["derivation"]["detector"]["derived"]["body_params"]
         assert spec["derivation"]["body"]["ratio"]["macs"] <= 1.0
+
+
+@pytest.mark.slow
+def test_the_two_seed_summary_gives_intervals_and_verdicts(smoke_run):
+    """Seeds 0 and 1 with folds of images: every AP and AP difference has its intervals over seeds, images and
+    both; summary.md ends with one verdict per comparison; d/C differences come with intervals and the spectra
+    with jackknife standard errors."""
+    import pandas as pd
+
+    report = smoke_run / "results/smoke/report"
+    summary = pd.read_csv(report / "summary.csv").set_index("model")
+    for column in ("AP_sd", "AP_seeds_low", "AP_seeds_high", "AP_images_low", "AP_images_high", "AP_low", "AP_high"):
+        assert summary[column].notna().all(), column
+    assert (summary["AP_seeds_low"] <= summary["AP"]).all() and (summary["AP"] <= summary["AP_seeds_high"]).all()
+    compared = summary.drop(index=["faster_rcnn-scratch", "mask_rcnn-scratch"])
+    assert set(compared["delta_AP_pairing"]) == {"paired by seed"} and compared["delta_AP_low"].notna().all()
+    assert summary.loc["mask_rcnn-derived", "delta_segm_AP_high"] >= summary.loc["mask_rcnn-derived", "delta_segm_AP"]
+    pairs = pd.read_csv(report / "comparisons.csv")
+    assert len(pairs) == 3 * 2 + 3  # three pairs per detector, and Mask R-CNN's segm AP too
+    verdicts = (report / "summary.md").read_text().rstrip("\n").splitlines()[-len(pairs) :]
+    assert [line.removeprefix("- ") for line in verdicts] == list(pairs["verdict"])
+    assert all(
+        re.search(r"\[95% CI [-+]\d\.\d{3}, [-+]\d\.\d{3}\] over 2 seeds x 8 images: the interval", v) for v in verdicts
+    )
+    diffs = pd.read_csv(report / "dimension_differences.csv")
+    assert set(diffs["detector"]) == {"faster_rcnn", "mask_rcnn"} and set(diffs["stage"]) == {"s1", "s2", "s3", "s4"}
+    assert set(diffs["kind"]) == {"conv1", "conv2", "conv3", "downsample", "block output"}
+    assert (
+        (diffs["folds"] == 2).all() and diffs["seeds"].eq("2/2").all() and diffs["pairing"].eq("paired by seed").all()
+    )
+    spectra = pd.read_parquet(smoke_run / "results/smoke/spectrum/faster_rcnn-scratch/final.parquet")
+    assert (spectra["folds"] == 2).all() and spectra["intrinsic_dim_se"].notna().all()
 
 
 @pytest.mark.slow

@@ -20,6 +20,8 @@ SNAKEMAKE = str(BIN / "snakemake") if (BIN / "snakemake").exists() else "snakema
 SMOKE = "config/smoke.yaml"
 BASE_RUNS = [f"{model}-{init}" for model in ("faster_rcnn", "mask_rcnn") for init in ("pretrained", "scratch")]
 DERIVED_RUNS = ["faster_rcnn-derived", "mask_rcnn-derived"]
+# the smoke study trains every detector with seeds 0 (the study seed: plain names) and 1 (<run>-s1)
+REPLICATE_RUNS = [f"{run}-s1" for run in BASE_RUNS + DERIVED_RUNS]
 
 
 def make_workdir(path: Path, copy_config: bool = False) -> Path:

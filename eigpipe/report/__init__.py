@@ -1,5 +1,5 @@
 """The ``eigpipe report`` stage: the study's plots and tables (spectra, dimensions, dynamics, the comparison of
-baseline and derived-width models).
+baseline and derived-width models), each comparison with how sure it is.
 
 Every input is read and checked before anything is written; the folder is then built in a temp sibling and
 renamed into place whole, so a bad input, a kill or a full disk leaves the previous report (or nothing), and a
@@ -17,14 +17,23 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
+import pandas as pd
 from matplotlib.figure import Figure
 
 from eigpipe import provenance
 from eigpipe.errors import EigpipeError
 from eigpipe.outputs import Kind, claim_outputs, is_temp
-from eigpipe.report import comparison
+from eigpipe.report import comparison, dimension_diffs, text, uncertainty
 from eigpipe.report.figures import plot_dimensions, plot_dynamics, plot_eigenvalues, plot_widths, save_png
-from eigpipe.report.inputs import chosen_layers, final_snapshots, layer_order, load_dimensions, load_spectra, styles
+from eigpipe.report.inputs import (
+    chosen_layers,
+    final_snapshots,
+    layer_order,
+    load_dimensions,
+    load_stores,
+    second_moments,
+    styles,
+)
 from eigpipe.report.tables import evaluation_table, spectra_table
 
 MARKER = "report.json"
@@ -37,9 +46,11 @@ FILES = {
     "evaluation": "evaluation.csv",
     "summary": "summary.csv",
     "summary_md": "summary.md",
+    "comparisons": "comparisons.csv",
+    "dimension_differences": "dimension_differences.csv",
     "widths": "widths.png",
 }
-COMPARISON = ("evaluation", "summary", "summary_md", "widths")  # written when evaluations are given
+COMPARISON = ("evaluation", "summary", "summary_md", "comparisons", "widths")  # written when evaluations are given
 
 
 LEGACY = {*FILES.values(), "report.html"}  # what a report folder held before its marker
@@ -93,10 +104,13 @@ def make_report(
     eigenvalues: Sequence[Path] = (),
     evaluations: Sequence[Path] = (),
     widths_files: Sequence[Path] = (),
+    matches: Sequence[Path] = (),
 ) -> dict[str, Path]:
-    """The ``eigpipe report`` stage (section report): PNGs and CSV tables into ``out_dir``; returns what it wrote."""
+    """The ``eigpipe report`` stage (section report): PNGs and CSV tables into ``out_dir``; returns what it wrote.
+    ``eigenvalues`` may include replicate runs' final stores (the d/C differences' spread over seeds); ``matches``,
+    the evaluations' per-image matching files, give every AP its interval over images."""
     out_dir = Path(out_dir)
-    inputs = [*dimensions, *eigenvalues, *evaluations, *widths_files]
+    inputs = [*dimensions, *eigenvalues, *evaluations, *widths_files, *matches]
     claim_outputs((out_dir, REPORT_FOLDER), inputs=inputs)
     # every input, read and checked before the first write
     table = load_dimensions(dimensions)
@@ -104,28 +118,30 @@ def make_report(
     order = layer_order(finals)
     layers = chosen_layers(order, cfg["report"]["layers"])
     style = styles(table)
-    spectra = load_spectra(eigenvalues)
+    stores = load_stores(eigenvalues)
+    spectra = second_moments(stores)
+    diffs = dimension_diffs.differences(stores)
     for run in spectra:
         style.setdefault(run, {"color": "gray", "linestyle": "-", "label": run})
     threshold = float(table["threshold"].iloc[0])
-    compared = None
-    if evaluations:
-        compared = (evaluation_table(evaluations), comparison.comparison_table(evaluations))
+    compared = _comparison(cfg["report"], evaluations, matches, diffs) if evaluations else None
     derivations = comparison.read_derivations(widths_files)
 
-    names = [key for key in FILES if compared is not None or key not in COMPARISON]
+    names = [key for key in FILES if (compared is not None or key not in COMPARISON)]
+    names = [key for key in names if eigenvalues or key != "dimension_differences"]
     kept = _kept(out_dir, {MARKER, *(FILES[key] for key in names)})
     with provenance.publish(out_dir) as tmp:
         tmp.mkdir()
         plot_eigenvalues(spectra, layers, style, threshold, tmp / FILES["eigenvalues"])
-        plot_dimensions(finals, order, style, tmp / FILES["dimensions"])
+        plot_dimensions(finals, order, style, tmp / FILES["dimensions"], diffs)
         plot_dynamics(table, layers, style, tmp / FILES["dynamics"])
         provenance.write_table(tmp / FILES["spectra"], spectra_table(finals))
+        if eigenvalues:
+            provenance.write_table(tmp / FILES["dimension_differences"], diffs)
         if compared is not None:
-            evaluation, summary = compared
-            provenance.write_table(tmp / FILES["evaluation"], evaluation)
-            provenance.write_table(tmp / FILES["summary"], summary)
-            (tmp / FILES["summary_md"]).write_text(comparison.markdown(summary))
+            for key in ("evaluation", "summary", "comparisons"):
+                provenance.write_table(tmp / FILES[key], compared[key])
+            (tmp / FILES["summary_md"]).write_text(compared["summary_md"])
             save_png(plot_widths(derivations, _widths_figure(derivations)), tmp / FILES["widths"])
         marker = {
             "kind": REPORT_KIND,
@@ -136,6 +152,23 @@ def make_report(
         for name in kept:
             _link(out_dir / name, tmp / name)
     return {key: out_dir / FILES[key] for key in names}
+
+
+def _comparison(cfg: dict, evaluations: Sequence[Path], matches: Sequence[Path], diffs: pd.DataFrame) -> dict:
+    """The comparison tables, computed before anything is written: evaluation.csv, summary.csv / summary.md
+    (baseline and derived models side by side, with intervals and verdicts) and comparisons.csv (every two
+    models of one detector)."""
+    main = comparison.comparison_table(evaluations)
+    runs = comparison.run_table(evaluations)
+    boot, n_images = uncertainty.bootstrap_runs(matches, cfg["bootstrap"])
+    pairs = uncertainty.comparisons(main, runs, boot, n_images, cfg["margin"])
+    table = comparison.with_intervals(main, uncertainty.model_intervals(runs, boot, n_images), pairs)
+    return {
+        "evaluation": evaluation_table(evaluations),
+        "summary": table,
+        "comparisons": pairs,
+        "summary_md": text.summary(main, table, pairs, diffs, cfg, n_images),
+    }
 
 
 def _widths_figure(derivations: dict[str, dict]) -> Figure:

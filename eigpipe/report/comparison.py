@@ -60,16 +60,24 @@ def _row(record: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def comparison_table(evaluations: Sequence[Path]) -> pd.DataFrame:
-    """One row per model: costs, mean AP over its seeds (min/max when several), deltas against the
-    scratch baseline of the same detector (``<detector>-scratch``)."""
-    runs = pd.DataFrame([_row(_evaluation(path)) for path in evaluations])
+def run_table(evaluations: Sequence[Path]) -> pd.DataFrame:
+    """One row per evaluated run (its model, i.e. the run name without a seed suffix, and seed), costs and AP."""
+    runs = pd.DataFrame([{"run": str(record["run"]), **_row(record)} for record in map(_evaluation, evaluations)])
     if runs.empty:
         raise EigpipeError("report: no evaluations to compare")
+    return runs
+
+
+def comparison_table(evaluations: Sequence[Path]) -> pd.DataFrame:
+    """One row per model: costs, mean AP over its seeds (min/max when several), deltas against the
+    scratch baseline of the same detector (``<detector>-scratch``). A Mask R-CNN's detector MACs depend on its
+    detections (the mask head runs on each), so they differ by seed: the row gives their mean."""
+    runs = run_table(evaluations).drop(columns="run")
     metrics = [c for c in runs.columns if c in METRICS or c.startswith("segm_")]
-    keys = ["model", "detector", "init", "widths_source", "input_size", *COSTS]
+    keys = ["model", "detector", "init", "widths_source", "input_size", *(c for c in COSTS if c != "detector_macs")]
     grouped = runs.groupby(keys, sort=False, dropna=False)
-    table = grouped[metrics].mean().reset_index()
+    table = grouped[["detector_macs", *metrics]].mean().reset_index()
+    table = table[[*keys[:5], *COSTS, *metrics]]
     table.insert(4, "seeds", grouped["seed"].apply(lambda s: " ".join(map(str, sorted(s)))).to_numpy())
     if grouped.size().max() > 1:
         for metric in ("AP", "segm_AP"):
@@ -93,6 +101,22 @@ def _with_deltas(table: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
             table.loc[i, "delta_segm_AP"] = row["segm_AP"] - reference["segm_AP"]
         for cost in ("body_params", "body_macs", "detector_params"):
             table.loc[i, f"{cost}_ratio"] = row[cost] / reference[cost]
+    return table.dropna(axis=1, how="all")
+
+
+def with_intervals(table: pd.DataFrame, models: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
+    """The table with each model's intervals (uncertainty.model_intervals) and, for its delta against the scratch
+    baseline, the pairing of seeds and the intervals of that comparison (uncertainty.comparisons)."""
+    table = table.join(models, on="model")
+    if pairs.empty:
+        return table
+    baseline = table.set_index("model")["detector"] + "-scratch"
+    against_base = pairs[pairs["reference"] == pairs["model"].map(baseline)]
+    for metric in ("AP", "segm_AP"):
+        rows = against_base[against_base["metric"] == metric].set_index("model")
+        for column in ("pairing", "sd", "seeds_low", "seeds_high", "images_low", "images_high", "low", "high"):
+            if column in rows:
+                table[f"delta_{metric}_{column}"] = table["model"].map(rows[column])
     return table.dropna(axis=1, how="all")
 
 

@@ -10,8 +10,11 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from eigpipe import intervals
 from eigpipe.provenance import publish
 from eigpipe.report.inputs import role, run_key
+
+OTHER = ("tab:blue", "tab:red", "tab:green", "tab:purple")
 
 
 def save_png(fig: Figure, path: Path) -> Path:
@@ -63,24 +66,75 @@ def plot_eigenvalues(
     return save_png(fig, path)
 
 
-def plot_dimensions(finals: pd.DataFrame, order: Sequence[str], style: dict, path: Path) -> Path:
-    """Intrinsic dimensionality (and its share of channels) per layer in forward order, a line per model."""
-    fig = Figure(figsize=(max(8.0, 0.16 * len(order)), 7), layout="constrained")
-    top, bottom = fig.subplots(2, 1, sharex=True)
+def plot_dimensions(
+    finals: pd.DataFrame, order: Sequence[str], style: dict, path: Path, differences: pd.DataFrame | None = None
+) -> Path:
+    """Intrinsic dimensionality (and its share of channels) per layer in forward order, a line per model, with its
+    95% band over images where the stores had folds; below, the pre-trained minus scratch mean d/C per stage and
+    layer kind with its interval over seeds and images (report.dimension_diffs)."""
+    fig = Figure(figsize=(max(8.0, 0.16 * len(order)), 10), layout="constrained")
+    top, bottom, diff = fig.subplots(3, 1, gridspec_kw={"height_ratios": [1, 1, 0.9]})
     position = {name: i for i, name in enumerate(order)}
     for run, rows in sorted(finals.groupby("run"), key=lambda kv: run_key(kv[0])):
         rows = rows.assign(x=rows["canonical"].map(position)).sort_values("x")
-        top.plot(rows["x"], rows["intrinsic_dim"], marker=".", ms=3, **style[run])
-        bottom.plot(rows["x"], rows["intrinsic_dim"] / rows["channels"], marker=".", ms=3, **style[run])
+        share = rows["intrinsic_dim"] / rows["channels"]
+        for ax, column, values in (
+            (top, "intrinsic_dim", rows["intrinsic_dim"]),
+            (bottom, "intrinsic_dim_ratio", share),
+        ):
+            ax.plot(rows["x"], values, marker=".", ms=3, **style[run])
+            half = _band(rows, f"{column}_se")
+            if half is not None:  # (the top axis is logarithmic: the band stops at half a direction)
+                low = np.maximum(values - half, 0.5 if ax is top else 0.0)
+                ax.fill_between(rows["x"], low, values + half, color=style[run]["color"], alpha=0.2, lw=0)
     top.set_ylabel("intrinsic dimensionality")
     top.set_yscale("log")
     bottom.set_ylabel("share of channels")
     bottom.set_ylim(0, 1.05)
-    bottom.set_xticks(range(len(order)))
+    for ax in (top, bottom):
+        ax.set_xticks(range(len(order)))
+        ax.set_xlim(-0.5, len(order) - 0.5)
+    top.set_xticklabels([])
     bottom.set_xticklabels(order, rotation=90, fontsize=6)
     top.legend(fontsize=8)
-    top.set_title("Intrinsic dimensionality per layer (final snapshots)")
+    top.set_title("Intrinsic dimensionality per layer (final snapshots; bands: 95% over images, covariance.folds)")
+    _plot_differences(diff, differences)
     return save_png(fig, path)
+
+
+def _band(rows: pd.DataFrame, column: str) -> np.ndarray | None:
+    """Half-width of the 95% t band (folds - 1 degrees of freedom) from a jackknife SE column, or None."""
+    if column not in rows or "folds" not in rows or rows[column].isna().all():
+        return None
+    folds = rows["folds"].fillna(2).clip(lower=2).to_numpy()
+    quantiles = np.array([intervals.t_quantile(0.975, k - 1) for k in folds])
+    return np.nan_to_num(rows[column].to_numpy(dtype=float)) * quantiles
+
+
+def _plot_differences(ax: Axes, differences: pd.DataFrame | None) -> None:
+    if differences is None or differences.empty:
+        _note(ax, "no pre-trained and scratch final spectra of one detector to compare")
+        ax.set_axis_off()
+        return
+    labels, offset = [], 0
+    for i, (detector, rows) in enumerate(differences.groupby("detector", sort=False)):
+        x = np.arange(offset, offset + len(rows))
+        low = rows["low"] if "low" in rows else rows["difference"]
+        high = rows["high"] if "high" in rows else rows["difference"]
+        error = np.vstack(
+            [rows["difference"] - low.fillna(rows["difference"]), high.fillna(rows["difference"]) - rows["difference"]]
+        )
+        ax.errorbar(
+            x, rows["difference"], yerr=error, fmt="o", ms=4, capsize=3, color=OTHER[i % len(OTHER)], label=detector
+        )
+        labels += [f"{s} {k}" for s, k in zip(rows["stage"], rows["kind"], strict=True)]
+        offset += len(rows)
+    ax.axhline(0.0, color="gray", lw=0.8)
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, rotation=90, fontsize=7)
+    ax.set_ylabel("d/C pre-trained - scratch")
+    ax.set_title("Mean d/C difference per stage and layer kind, 95% interval over seeds and images", fontsize=9)
+    ax.legend(fontsize=8)
 
 
 def plot_dynamics(table: pd.DataFrame, layers: Sequence[str], style: dict, path: Path) -> Path:

@@ -17,6 +17,7 @@ import pandas as pd
 
 from eigpipe.errors import EigpipeError
 from eigpipe.layer_paths import canonical
+from eigpipe.runs import group_of
 from eigpipe.spectral.dimensions import read_table
 from eigpipe.spectral.spectrum import read_eigenvalues
 
@@ -98,11 +99,24 @@ def chosen_layers(order: Sequence[str], wanted: Sequence[str]) -> list[str]:
     return picks
 
 
-def load_spectra(paths: Sequence[str | Path]) -> dict[str, dict[str, np.ndarray]]:
-    """{run: {canonical layer: second-moment eigenvalues}} from eigenvalue stores (final models)."""
-    spectra: dict[str, dict[str, np.ndarray]] = {}
+def load_stores(paths: Sequence[str | Path]) -> dict[str, tuple[dict, dict]]:
+    """{run: (root attrs, {layer: (arrays, layer attrs)})} of eigenvalue stores (final models), verified."""
+    stores = {}
     for path in paths:
         attrs, layers = read_eigenvalues(path)
-        run = attrs.get("run") or Path(path).stem
-        spectra[run] = {canonical(name): arrays["second_moment"] for name, (arrays, _attrs) in layers.items()}
-    return spectra
+        stores[attrs.get("run") or Path(path).stem] = (attrs, layers)
+    return stores
+
+
+def second_moments(stores: dict[str, tuple[dict, dict]]) -> dict[str, dict[str, np.ndarray]]:
+    """{run: {canonical layer: second-moment eigenvalues}} of the study seed's runs (replicates left out)."""
+    return {
+        run: {canonical(name): arrays["second_moment"] for name, (arrays, _attrs) in layers.items()}
+        for run, (_attrs, layers) in stores.items()
+        if group_of(run) == run
+    }
+
+
+def load_spectra(paths: Sequence[str | Path]) -> dict[str, dict[str, np.ndarray]]:
+    """{run: {canonical layer: second-moment eigenvalues}} from eigenvalue stores (final models)."""
+    return second_moments(load_stores(paths))

@@ -22,6 +22,7 @@ from torchvision.ops import FrozenBatchNorm2d
 from eigpipe.errors import NumericalError
 from eigpipe.models.resnet import Bottleneck
 from eigpipe.spectral.accumulator import CovarianceAccumulator
+from eigpipe.spectral.folds import from_state
 from eigpipe.spectral.layers import Layer
 
 
@@ -56,19 +57,23 @@ def affine_maps(model: nn.Module, layers: Sequence[Layer]) -> dict[str, AffineMa
 
 
 def mapped_accumulator(name: str, source: CovarianceAccumulator, affine: AffineMap) -> CovarianceAccumulator:
-    """Layer ``name``'s statistics from its source's: same images and positions, mapped mean and scatter."""
-    state = source.state_dict()  # on the CPU: the products run on the source's device
-    device = source.device
+    """Layer ``name``'s statistics from its source's: same images and positions (and folds), mapped mean and
+    scatter."""
+    device = source.device  # state_dict is on the CPU: the products run on the source's device
     matrix, shift = affine.matrix.to(device), affine.shift.to(device)
-    mean = matrix @ state["mean"].to(device) + shift
-    scatter = matrix @ state["scatter"].to(device) @ matrix.T
-    if not (torch.isfinite(mean).all() and torch.isfinite(scatter).all()):
-        raise NumericalError(
-            f"layer {name}: non-finite statistics mapped from {affine.source} (non-finite conv3/bn3 weights or "
-            "running statistics)"
-        )
-    state.update(channels=matrix.shape[0], mean=mean, scatter=scatter)
-    return CovarianceAccumulator.from_state_dict(state, source.device)
+
+    def mapped(state: dict) -> dict:
+        mean = matrix @ state["mean"].to(device) + shift
+        scatter = matrix @ state["scatter"].to(device) @ matrix.T
+        if not (torch.isfinite(mean).all() and torch.isfinite(scatter).all()):
+            raise NumericalError(
+                f"layer {name}: non-finite statistics mapped from {affine.source} (non-finite conv3/bn3 weights or "
+                "running statistics)"
+            )
+        folds = {"folds": [mapped(fold) for fold in state["folds"]]} if "folds" in state else {}
+        return {**state, "channels": matrix.shape[0], "mean": mean, "scatter": scatter, **folds}
+
+    return from_state(mapped(source.state_dict()), device)
 
 
 def _pointwise_matrix(conv: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:

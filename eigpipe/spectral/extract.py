@@ -17,6 +17,7 @@ from eigpipe.outputs import claim_outputs
 from eigpipe.spectral import store
 from eigpipe.spectral.accumulator import CovarianceAccumulator
 from eigpipe.spectral.features import merge_ranks
+from eigpipe.spectral.folds import ASSIGNMENT, FoldedAccumulator, FoldPlan
 from eigpipe.spectral.hooks import accumulate, input_transform
 from eigpipe.spectral.layers import Layer, select_layers
 
@@ -63,7 +64,14 @@ def transform_attrs(transform: nn.Module) -> dict[str, Any]:
 
 
 def root_attrs(
-    meta: dict, paths: dict[str, Path], n_images: int, cfg: dict, transform: nn.Module, device: str, world_size: int
+    meta: dict,
+    paths: dict[str, Path],
+    n_images: int,
+    cfg: dict,
+    transform: nn.Module,
+    device: str,
+    world_size: int,
+    folds: FoldPlan | None = None,
 ) -> dict[str, Any]:
     """Root attributes of a covariance store: what was measured, on what, and how."""
     annotations_sha = provenance.sha256_file(paths["annotations"])
@@ -90,6 +98,7 @@ def root_attrs(
         "input": transform_attrs(transform),
         "matrix": MATRIX,
         "provenance": record,
+        **({"folds": {"count": folds.count, "sizes": folds.sizes(), "assignment": ASSIGNMENT}} if folds else {}),
     }
 
 
@@ -104,14 +113,23 @@ def layer_attrs(layer: Layer, acc: CovarianceAccumulator) -> dict[str, Any]:
         "positions": int(acc.positions),
         "forward_index": int(layer.forward_index),
         "statistics": f"mapped from {layer.mapped_from}" if layer.mapped_from else "accumulated",
+        **({"folds": len(acc.folds), "fold_counts": acc.fold_counts} if isinstance(acc, FoldedAccumulator) else {}),
     }
+
+
+def layer_arrays(acc: CovarianceAccumulator) -> dict[str, Any]:
+    """The arrays of one layer group: the merged statistics, and the folds' where they were kept."""
+    folds = acc.fold_arrays() if isinstance(acc, FoldedAccumulator) else {}
+    return {"second_moment": acc.second_moment, "mean": acc.mean, **folds}
 
 
 def extract(cfg: dict, checkpoint: Path, annotations: Path, images: Path, out: Path) -> Path | None:
     """One covariance store for one checkpoint (sections covariance, runtime, seed).
 
     Under torchrun every rank takes a strided share of the images; rank 0 merges and writes. The Gram
-    products run in ``covariance.precision``, recorded in the store's root attribute ``precision``.
+    products run in ``covariance.precision``, recorded in the store's root attribute ``precision``. With
+    ``covariance.folds`` K, every per-image layer also keeps its statistics per fold of the images (arrays
+    ``fold_second_moment`` [K, C, C] and ``fold_mean`` [K, C]; eigpipe.spectral.folds).
     """
     from tqdm import tqdm
 
@@ -130,20 +148,18 @@ def extract(cfg: dict, checkpoint: Path, annotations: Path, images: Path, out: P
         raise EigpipeError(f"{annotations}: no images to extract features from")
     if n < section["images"] and rt.is_main:
         print(f"covariance: only {n} images in {annotations} (asked for {section['images']})", file=sys.stderr)
+    folds = FoldPlan.consecutive(dataset.ids[:n], section["folds"]) if section["folds"] else None
     share = list(range(rt.rank, n, rt.world_size))
     desc = f"covariance {meta.get('run')}@{meta.get('iteration')}"
     with tqdm(total=len(share), desc=desc, unit="img", file=sys.stderr, disable=not rt.is_main) as bar:
         batches = _batches(dataset, share, section["batch_size"], section["workers"], rt.device.type == "cuda")
-        ordered, accs = accumulate(model, meta, selected, batches, rt.device, bar, section["precision"])
+        ordered, accs = accumulate(model, meta, selected, batches, rt.device, bar, section["precision"], folds)
     if rt.distributed:
         ordered, accs = merge_ranks(ordered, accs)  # every rank's images, on every rank; rank 0 writes
         if not rt.is_main:
             return None
     paths = {"checkpoint": Path(checkpoint), "annotations": Path(annotations), "images": Path(images)}
-    attrs = root_attrs(meta, paths, n, cfg, input_transform(model, meta), str(rt.device), rt.world_size)
-    arrays = {
-        layer.name: {"second_moment": accs[layer.name].second_moment, "mean": accs[layer.name].mean}
-        for layer in ordered
-    }
+    attrs = root_attrs(meta, paths, n, cfg, input_transform(model, meta), str(rt.device), rt.world_size, folds)
+    arrays = {layer.name: layer_arrays(accs[layer.name]) for layer in ordered}
     per_layer = {layer.name: layer_attrs(layer, accs[layer.name]) for layer in ordered}
     return store.write_store(out, store.COVARIANCE_KIND, arrays, attrs, per_layer)

@@ -22,6 +22,7 @@ from eigpipe.errors import NumericalError
 from eigpipe.models.taps import is_detector
 from eigpipe.spectral.accumulator import CovarianceAccumulator, FeatureBatch, NonFiniteFeature
 from eigpipe.spectral.buffers import Workspace
+from eigpipe.spectral.folds import FoldedAccumulator, FoldPlan, from_state
 from eigpipe.spectral.layers import Layer
 from eigpipe.spectral.layouts import Layout
 
@@ -52,8 +53,10 @@ class FeatureHooks:
         precision: str = "float64",
         layouts: Callable[[str], Layout] | None = None,
         mapped: Sequence[str] = (),
+        folds: FoldPlan | None = None,
     ) -> None:
         self.model = model
+        self.folds = folds  # per-image layers also keep their statistics per fold of the images
         self.layers = list(layers)
         self.precision = precision
         self.layouts = {layer.name: (layouts(layer.name) if layouts else DEFAULT_LAYOUT) for layer in self.layers}
@@ -136,17 +139,20 @@ class FeatureHooks:
         per_image = isinstance(feats, torch.Tensor) and self.geometry is not None and not layer.per_region
         if per_image and feats.shape[0] == len(self.geometry[0]):
             feats = crop_valid(feats, *self.geometry)
+        folded = self.folds is not None and per_image and self.ids is not None  # a region's fold is not known
         if stream is None:
             first = feats[0]
-            acc = CovarianceAccumulator(first.shape[0], first.device, self.workspace, self.precision)
+            args = (first.shape[0], first.device, self.workspace, self.precision)
+            acc = FoldedAccumulator(*args, folds=self.folds.count) if folded else CovarianceAccumulator(*args)
             stream = self._new_stream(layer, call, acc, [int(s) for s in first.shape])
+        extra = ([self.folds.of[i] for i in self.ids],) if isinstance(stream.acc, FoldedAccumulator) else ()
         device_type = stream.acc.device.type
         try:
             if torch.is_autocast_enabled(device_type):
                 with torch.autocast(device_type, enabled=False):
-                    stream.acc.update(feats)
+                    stream.acc.update(feats, *extra)
             else:
-                stream.acc.update(feats)
+                stream.acc.update(feats, *extra)
         except NonFiniteFeature as bad:
             where = f"sample {bad.index} of batch {self.batches}"
             if self.ids is not None:
@@ -194,7 +200,7 @@ def merge_ranks(
     merged: dict[str, CovarianceAccumulator] = {}
     for rank_items in gathered:
         for layer, state in rank_items:
-            other = CovarianceAccumulator.from_state_dict(state, device)
+            other = from_state(state, device)
             if layer.name in merged:
                 merged[layer.name].merge(other)
             else:

@@ -15,6 +15,7 @@ from eigpipe.spectral.accumulator import CovarianceAccumulator
 from eigpipe.spectral.affine import affine_maps, mapped_accumulator
 from eigpipe.spectral.buffers import ieee_float32
 from eigpipe.spectral.features import FeatureHooks
+from eigpipe.spectral.folds import FoldPlan
 from eigpipe.spectral.layers import Layer
 
 
@@ -39,7 +40,8 @@ class Extractor:
     or, for head layers, the whole model, whose own transform then sees the images). ``precision`` is
     the accumulators' Gram-product dtype (float64 or float32); in float32, layers that are one affine map
     of another selected layer take their statistics from it (``finish()``, eigpipe.spectral.affine).
-    A selected layer whose module does not run in a batch is an error.
+    A selected layer whose module does not run in a batch is an error. With ``folds``, per-image layers also
+    keep their statistics per fold of the images (eigpipe.spectral.folds).
     """
 
     def __init__(
@@ -49,6 +51,7 @@ class Extractor:
         layers: Sequence[Layer],
         device: torch.device | str,
         precision: str = "float64",
+        folds: FoldPlan | None = None,
     ) -> None:
         self.model = model
         self.device = torch.device(device)
@@ -58,7 +61,7 @@ class Extractor:
         self.affine = affine_maps(model, layers) if precision == "float32" else {}
         for layer in layers:
             layer.mapped_from = self.affine[layer.name].source if layer.name in self.affine else ""
-        self.hooks = FeatureHooks(model, layers, precision, mapped=list(self.affine))
+        self.hooks = FeatureHooks(model, layers, precision, mapped=list(self.affine), folds=folds)
 
     def __enter__(self) -> Extractor:
         self.hooks.__enter__()
@@ -109,12 +112,15 @@ def accumulate(
     device: torch.device | str,
     progress: Any = None,
     precision: str = "float64",
+    folds: FoldPlan | None = None,
 ) -> tuple[list[Layer], dict[str, CovarianceAccumulator]]:
     """Run every batch of (images, image ids) through the model; layers come back in forward order. The model's
     float32 convolutions and matmuls run in IEEE precision whatever runtime.tf32 says: TF32's ~1e-3 relative
-    error in the features would move small eigenvalues across the paper's absolute threshold."""
+    error in the features would move small eigenvalues across the paper's absolute threshold. ``folds``: keep
+    per-image layers' statistics per fold of the images too."""
     model.eval()
-    with torch.inference_mode(), ieee_float32(), Extractor(model, meta, layers, device, precision) as extractor:
+    extractor = Extractor(model, meta, layers, device, precision, folds)
+    with torch.inference_mode(), ieee_float32(), extractor:
         for images, ids in batches:
             extractor.run(images, ids)
             if progress is not None:

@@ -24,6 +24,7 @@ from eigpipe.layer_paths import canonical
 from eigpipe.outputs import Kind, claim_outputs, table_columns
 from eigpipe.provenance import record, remove, write_table
 from eigpipe.spectral import store
+from eigpipe.spectral.jackknife import FOLD_ARRAYS, JACKKNIFE_ARRAYS, SE_MEASURES, leave_one_out, standard_errors
 from eigpipe.spectral.measures import alpha_req, participation_ratio, rankme, saturation_dim
 
 # negative eigenvalues beyond this share of the largest one are not round-off: the matrix is broken
@@ -208,6 +209,28 @@ def negative_tolerance(precision: str | None) -> float:
     return NEGATIVE_TOLERANCE_FLOAT32 if precision == "float32" else NEGATIVE_TOLERANCE
 
 
+def _jackknife(arrays: store.Arrays, attrs: dict, what: str, tolerance: float, cfg: dict) -> tuple[dict, dict]:
+    """({measure_se: jackknife SE}, {eigenvalue array: [K, C] leave-one-fold-out eigenvalues}) of a layer with folds
+    (covariance.folds; eigpipe.spectral.jackknife)."""
+    spectra = [
+        layer_spectra(moment, mean, what=f"{what} without fold {k}", tolerance=tolerance)
+        for k, (moment, mean) in enumerate(
+            leave_one_out(arrays["fold_second_moment"], arrays["fold_mean"], attrs["fold_counts"])
+        )
+    ]
+    values = [
+        {
+            prefix + name: value
+            for key, prefix in (("second_moment", ""), ("covariance", "centered_"))
+            for name, value in measures(found[key][0], cfg).items()
+        }
+        for found in spectra
+    ]
+    names = [prefix + name for prefix in ("", "centered_") for name in SE_MEASURES]
+    eigen = {JACKKNIFE_ARRAYS[key]: np.stack([found[key][0] for found in spectra]) for key in JACKKNIFE_ARRAYS}
+    return {"folds": len(spectra), **standard_errors(values, names)}, eigen
+
+
 def eigenvalue_path(out: str | Path) -> Path:
     """Default eigenvalue store beside a table: ``final.parquet`` -> ``final.eigenvalues.zarr`` (never the covariance
     store ``final.zarr`` the table was computed from)."""
@@ -224,11 +247,17 @@ def decompose(cfg: dict, store_path: Path, out: Path, eigenvalues_out: Path | No
     rows, eig_arrays, eig_attrs = [], {}, {}
     root = store.store_attrs(store_path, store.COVARIANCE_KIND)
     tolerance = negative_tolerance(root.get("precision"))
-    for name, arrays, attrs in store.iter_layers(store_path, store.COVARIANCE_KIND, COVARIANCE_ARRAYS):
-        check_count(attrs, f"{store_path}: layer {name}")
-        row, spectra = layer_row(root, name, attrs, arrays, section, f"{store_path}: layer {name}", tolerance)
+    layers = store.iter_layers(store_path, store.COVARIANCE_KIND, COVARIANCE_ARRAYS, optional=FOLD_ARRAYS)
+    for name, arrays, attrs in layers:
+        what = f"{store_path}: layer {name}"
+        check_count(attrs, what)
+        row, spectra = layer_row(root, name, attrs, arrays, section, what, tolerance)
         rows.append(row)
         eig_arrays[name] = {key: values for key, (values, _) in spectra.items()}
+        if "fold_second_moment" in arrays:
+            errors, jackknifed = _jackknife(arrays, attrs, what, tolerance, section)
+            rows[-1].update(errors)
+            eig_arrays[name].update(jackknifed)
         eig_attrs[name] = {
             **attrs,
             "n_negative_clipped": spectra["second_moment"][1],
@@ -264,8 +293,9 @@ def table_of(path: str | Path, attrs: dict) -> Path | None:
 
 
 def read_eigenvalues(path: Path) -> tuple[dict, dict[str, tuple[store.Arrays, dict]]]:
-    """A verified eigenvalue store whose spectrum table was published too (else a one-line error)."""
-    attrs, layers = store.read_store(path, store.EIGENVALUE_KIND, EIGENVALUE_ARRAYS)
+    """A verified eigenvalue store whose spectrum table was published too (else a one-line error); the
+    leave-one-fold-out eigenvalues where the covariance store had folds."""
+    attrs, layers = store.read_store(path, store.EIGENVALUE_KIND, EIGENVALUE_ARRAYS, tuple(JACKKNIFE_ARRAYS.values()))
     table = table_of(path, attrs)
     if table is not None and not table.is_file():
         raise EigpipeError(

@@ -85,6 +85,8 @@ def write_store(
             for array_name, value in arrays.items():
                 data = as_numpy(value)
                 chunks = tuple(min(s, CHUNK) for s in data.shape) or ()
+                if data.ndim == 3:  # a stack of [C, C] matrices (folds): one matrix per chunk row
+                    chunks = (1, *chunks[1:])
                 group.create_array(array_name, data=data, chunks=chunks, compressors=ZstdCodec(level=3))
                 integrity[array_name] = fingerprint(data)
             group.attrs.update(_jsonable({**layer_attrs.get(name, {}), INTEGRITY: integrity}))
@@ -152,8 +154,11 @@ def _groups(path: str | Path, root: zarr.Group) -> dict[str, zarr.Group]:
     return groups
 
 
-def iter_layers(path: str | Path, kind: str, arrays: Sequence[str]) -> Iterator[tuple[str, Arrays, dict]]:
-    """(layer, {array: data}, layer attrs) in forward order, one layer in memory at a time, each verified."""
+def iter_layers(
+    path: str | Path, kind: str, arrays: Sequence[str], optional: Sequence[str] = ()
+) -> Iterator[tuple[str, Arrays, dict]]:
+    """(layer, {array: data}, layer attrs) in forward order, one layer in memory at a time, each verified.
+    ``optional`` arrays are read where the layer has them (stores written before them lack them)."""
     for name, group in _groups(path, open_store(path, kind)).items():
         where = f"{path}: layer {name}"
         attrs = dict(group.attrs)
@@ -161,10 +166,14 @@ def iter_layers(path: str | Path, kind: str, arrays: Sequence[str]) -> Iterator[
         unrecorded = [a for a in arrays if integrity is not None and a not in integrity]
         if unrecorded:
             raise EigpipeError(f"{where}: array {unrecorded[0]} has no recorded checksum")
-        data = {a: _read_array(group, a, where, integrity[a] if integrity else None) for a in arrays}
+        present = [a for a in optional if (a in integrity if integrity is not None else a in group)]
+        data = {a: _read_array(group, a, where, integrity[a] if integrity else None) for a in (*arrays, *present)}
         yield name, data, attrs
 
 
-def read_store(path: str | Path, kind: str, arrays: Sequence[str]) -> tuple[dict, dict[str, tuple[Arrays, dict]]]:
+def read_store(
+    path: str | Path, kind: str, arrays: Sequence[str], optional: Sequence[str] = ()
+) -> tuple[dict, dict[str, tuple[Arrays, dict]]]:
     """(root attrs, {layer: ({array: data}, layer attrs)}) of a whole store, verified."""
-    return store_attrs(path, kind), {name: (data, attrs) for name, data, attrs in iter_layers(path, kind, arrays)}
+    layers = iter_layers(path, kind, arrays, optional)
+    return store_attrs(path, kind), {name: (data, attrs) for name, data, attrs in layers}

@@ -21,6 +21,7 @@ CONDA_ENV = "../../environment.yml"
 RUNS = runs.detector_runs(config)
 DERIVED = runs.derived_specs(config)
 ANALYSED = runs.analysed_runs(config)  # runs whose spectra are measured (the study seed's)
+REPLICATES = runs.replicate_runs(config)  # other seeds' configured-width runs: final spectra only
 SNAPSHOTS = runs.snapshots(config)
 THREADS = config["runtime"]["threads"]
 
@@ -32,7 +33,7 @@ def _alternatives(names):
 wildcard_constraints:
     study=re.escape(config["study"]),
     detector=_alternatives(RUNS),
-    run=_alternatives([*ANALYSED, "classifier"]),
+    run=_alternatives([*ANALYSED, *REPLICATES, "classifier"]),
     spec=_alternatives(DERIVED),
     split="train|val",
     iteration=r"\d+|final",
@@ -185,7 +186,9 @@ def model_arg(wildcards):
 
 
 def iterations(run):
-    if run == "classifier" or RUNS[run].widths or RUNS[run].imported:  # one final model (derived: is each width used)
+    # derived runs: is each layer's width used (final model); replicates: the spread over seeds (final model);
+    # imported runs: one published model
+    if run == "classifier" or RUNS[run].widths or RUNS[run].imported or run in REPLICATES:
         return ["final"]
     return [*map(str, SNAPSHOTS), "final"]
 
@@ -220,7 +223,7 @@ def run_spectra(wildcards):
 
 
 REPORT_FILES = ["eigenvalues.png", "dimensions.png", "dynamics.png", "spectra.csv", "evaluation.csv", "summary.csv",
-                "summary.md", "widths.png"]
+                "summary.md", "widths.png", "comparisons.csv", "dimension_differences.csv"]
 
 
 def report_outputs():

@@ -3,7 +3,9 @@ rule evaluate:
         checkpoint=lambda wildcards: final_checkpoint(wildcards.study, wildcards.detector),
         data=dataset_input,
     output:
-        "results/{study}/eval/{detector}.json",
+        metrics="results/{study}/eval/{detector}.json",
+        # pycocotools' per-image matching: the report's bootstrap over images re-accumulates it
+        matches="results/{study}/eval/{detector}.matches.npz",
     params:
         cfg=stage_config("evaluate"),
         code=code_hash("evaluate"),
@@ -22,4 +24,5 @@ rule evaluate:
         CONDA_ENV
     shell:
         "eigpipe evaluate --config-json {params.cfg:q} --checkpoint {input.checkpoint}"
-        " --data {params.annotations} --image-dir {params.images} --out {output} --threads {threads} > {log} 2>&1"
+        " --data {params.annotations} --image-dir {params.images} --out {output.metrics} --matches {output.matches}"
+        " --threads {threads} > {log} 2>&1"

@@ -1,8 +1,9 @@
 rule report:
     input:
         dimensions=expand("results/{{study}}/dimensions/{run}.parquet", run=[*ANALYSED, "classifier"]),
-        eigenvalues=expand("results/{{study}}/spectrum/{run}/final.zarr", run=[*ANALYSED, "classifier"]),
+        eigenvalues=expand("results/{{study}}/spectrum/{run}/final.zarr", run=[*ANALYSED, "classifier", *REPLICATES]),
         evaluations=expand("results/{{study}}/eval/{run}.json", run=RUNS),
+        matches=expand("results/{{study}}/eval/{run}.matches.npz", run=RUNS),
         widths=expand("results/{{study}}/widths/{spec}.yaml", spec=DERIVED),
     output:
         eigenvalues=report(
@@ -21,6 +22,14 @@ rule report:
         summary=report("results/{study}/report/summary.csv", caption="../report/summary.rst", category="widths"),
         summary_md=report("results/{study}/report/summary.md", caption="../report/summary.rst", category="widths"),
         widths=report("results/{study}/report/widths.png", caption="../report/widths.rst", category="widths"),
+        comparisons=report(
+            "results/{study}/report/comparisons.csv", caption="../report/comparisons.rst", category="evaluation"
+        ),
+        dimension_differences=report(
+            "results/{study}/report/dimension_differences.csv",
+            caption="../report/dimension_differences.rst",
+            category="eigenspectrum",
+        ),
     params:
         cfg=stage_config("report"),
         code=code_hash("report"),
@@ -38,5 +47,5 @@ rule report:
         CONDA_ENV
     shell:
         "eigpipe report --config-json {params.cfg:q} --dimensions {input.dimensions}"
-        " --eigenvalues {input.eigenvalues} --evaluations {input.evaluations} {params.widths}"
+        " --eigenvalues {input.eigenvalues} --evaluations {input.evaluations} --matches {input.matches} {params.widths}"
         " --out-dir {params.out} > {log} 2>&1"
