@@ -44,7 +44,7 @@ COCO_PATHS = {
 OVERRIDES = {
     "data.source": {"data.source": "coco", "data.coco": COCO_PATHS},  # the smoke data, read as a COCO dataset
     "data.coco": {"data.coco": COCO_PATHS},
-    "train.seeds": {"train.seeds": [0, 1]},
+    "train.seeds": {"train.seeds": [0, 1, 2]},
     "train.steps_by_init.scratch": {"train.steps_by_init.scratch": 8},
     "covariance.layers": {"covariance.layers": ["default", "*body.conv1"]},
     "report.layers": {"report.layers": ["conv1"]},
