@@ -299,13 +299,19 @@ def child(spec: dict) -> dict:
 # ---- parent ---------------------------------------------------------------------------------------------
 
 
-def measure(spec: dict) -> dict:
+def run_child(script: str, spec: dict) -> dict:
+    """Run ``script --child SPEC`` in a fresh process (its own peak memory, no state shared with other cases)
+    and return the JSON it prints last."""
     done = subprocess.run(
-        [sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True, cwd=ROOT
+        [sys.executable, script, "--child", json.dumps(spec)], capture_output=True, text=True, cwd=ROOT
     )
     if done.returncode != 0:
         raise RuntimeError(f"{spec}: failed\n{done.stderr[-3000:]}")
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def measure(spec: dict) -> dict:
+    result = run_child(__file__, spec)
     head = f"{result['device']:4} {result['case']:13} n={result['images']:3}"
     if spec["kind"] == "throughput":
         rates = "  ".join(f"{k} {v:.2f} img/s" for k, v in result["images_per_s"].items())

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -79,12 +78,9 @@ def child(spec: dict) -> dict:
 
 
 def measure(spec: dict) -> dict:
-    done = subprocess.run(
-        [sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True, cwd=ROOT
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"{spec}: failed\n{done.stderr[-3000:]}")
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    from covariance import run_child
+
+    result = run_child(__file__, spec)
     print(
         f"{result['case']:13} K={result['folds']:2} {result['images_per_s']:6.2f} img/s  "
         f"+{result['peak_rss_increase_mib']:7.1f} MiB RSS  states {result['state_mib']:7.1f} MiB  "

@@ -132,15 +132,26 @@ def check_meta(
     _positive_int(meta, "num_classes", path, 2 if task == "detection" else 1)
     if "iteration" in meta:
         _positive_int(meta, "iteration", path, 0)
-    ids = meta.get("category_ids")
-    if "category_ids" in meta and not (
+    if "category_ids" in meta:
+        _check_category_ids(path, meta)
+    return meta
+
+
+def _check_category_ids(path: str | Path, meta: dict[str, Any]) -> None:
+    """A detector names the COCO category of each label but the background (None: torchvision's "N/A" labels);
+    a classifier names none."""
+    ids = meta["category_ids"]
+    if meta["task"] == "classification":
+        if ids != []:
+            raise _field(path, "category_ids", "is not empty (a classifier has no COCO categories)")
+        return
+    if not (
         isinstance(ids, list)
-        and all(type(i) is int or i is None for i in ids)  # None: a label without a category (torchvision's N/A)
+        and all(type(i) is int or i is None for i in ids)
         and any(type(i) is int for i in ids)
         and len(ids) == meta["num_classes"] - 1
     ):
         raise _field(path, "category_ids", f"is not a list of {meta['num_classes'] - 1} integer category ids")
-    return meta
 
 
 def check_state(path: str | Path, state: Any, expected: dict[str, torch.Tensor], strict: bool = True) -> None:
