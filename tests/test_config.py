@@ -233,7 +233,10 @@ def test_values_beyond_sensible_bounds_are_refused(tmp_path, key, value):
     [
         ({"train.schedule.snapshots": [0, 6]}, "train.schedule.snapshots"),  # 6 steps: the final model, no snapshot
         ({"train.schedule.snapshots": [0, 3, 50]}, "train.schedule.snapshots"),
-        ({"train.steps_by_init": {"pretrained": 2}}, "train.schedule.snapshots"),  # 3 is past the pretrained runs
+        (  # 3 is inside the scratch runs (6 steps), past the pretrained ones
+            {"train.steps_by_init": {"pretrained": 2}, "train.schedule.snapshots": [0, 3]},
+            "train.schedule.snapshots",
+        ),
         ({"pretrain.schedule.snapshots": [4]}, "pretrain.schedule.snapshots"),
         ({"train.schedule.lr_steps": [100]}, "train.schedule.lr_steps"),
         ({"train.schedule.lr_steps": [2.5]}, "train.schedule.lr_steps"),

@@ -443,7 +443,7 @@ def test_cli_covariance_spectrum_dimensions_report(on_disk: dict, tmp_path: Path
         assert cli.main(["spectrum", "--config-json", cfg, str(cov), "--out", str(spec)]) == 0
         dims.append(tmp_path / "dims" / f"{run}.parquet")
         assert cli.main(["dimensions", "--spectra", str(spec), "--out", str(dims[-1])]) == 0
-    eigs = [str(tmp_path / "spectra" / run / "30.zarr") for run in ("faster_rcnn-scratch", "classifier")]
+    eigs = [str(tmp_path / "spectra" / run / "30.eigenvalues.zarr") for run in ("faster_rcnn-scratch", "classifier")]
     report_args = ["report", "--config-json", json.dumps({"report": {}}), "--dimensions", *map(str, dims)]
     report_args += ["--eigenvalues", *eigs]
     assert cli.main([*report_args, "--out-dir", str(tmp_path / "report")]) == 0
@@ -473,7 +473,7 @@ def test_spectrum_of_a_float32_store_with_rank_deficient_layers(on_disk: dict, t
             "spectrum": {},
         }
     )
-    cov, spec = tmp_path / "covariance" / "30.zarr", tmp_path / "30.csv"  # the eigenvalues go to 30.zarr beside spec
+    cov, spec = tmp_path / "covariance" / "30.zarr", tmp_path / "30.csv"  # eigenvalues: 30.eigenvalues.zarr
     assert cli.main(covariance_args(on_disk, "classifier", cfg, cov)) == 0
     assert cli.main(["spectrum", "--config-json", cfg, str(cov), "--out", str(spec)]) == 0
     assert set(pd.read_csv(spec)["precision"]) == {"float32"}

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from eigpipe import intervals
+from eigpipe import config, intervals
 from eigpipe.errors import EigpipeError
 from eigpipe.spectral import spectrum, store
 from eigpipe.spectral.accumulator import CovarianceAccumulator
@@ -21,7 +21,12 @@ from eigpipe.spectral.folds import FoldedAccumulator, FoldPlan, from_state
 from eigpipe.spectral.jackknife import JACKKNIFE_ARRAYS, leave_one_out, standard_errors
 
 torch.set_num_threads(1)
-CFG = {"threshold": 1e-3, "relative_threshold": 1e-3, "soft_lambda": 1e-3}
+# The spectrum section as stages receive it: the schema's defaults (alpha_ranks, saturation_threshold) filled in.
+CFG = config.validate(
+    {"threshold": 1e-3, "relative_threshold": 1e-3, "soft_lambda": 1e-3},
+    "test spectrum",
+    subschema=config.schema()["properties"]["spectrum"],
+)
 
 
 def _batches(seed: int = 0, channels: int = 40) -> list[torch.Tensor | list[torch.Tensor]]:
@@ -139,7 +144,7 @@ def test_known_dimension_comes_with_zero_error_and_the_spectrum_stage_reports_it
     row = table.iloc[0]
     assert row["intrinsic_dim"] == 4 and row["intrinsic_dim_se"] == 0.0 and row["folds"] == 5
     assert row["intrinsic_dim_ratio_se"] == 0.0 and row["soft_dof_se"] > 0 and row["centered_soft_dof_se"] > 0
-    attrs, layers = spectrum.read_eigenvalues(tmp_path / "t.zarr")
+    attrs, layers = spectrum.read_eigenvalues(tmp_path / "t.eigenvalues.zarr")
     jackknifed = layers["layer"][0][JACKKNIFE_ARRAYS["second_moment"]]
     assert jackknifed.shape == (5, 6) and ((jackknifed > 1e-3).sum(axis=1) == 4).all()
 
@@ -176,7 +181,7 @@ def test_stores_without_folds_still_read(tmp_path: Path) -> None:
     table = spectrum.decompose({"spectrum": CFG}, _write(tmp_path / "c.zarr", plain), tmp_path / "t.csv")
     assert table.iloc[0]["intrinsic_dim"] == 4 and not [c for c in table.columns if c.endswith("_se")]
     assert "folds" not in pd.read_csv(tmp_path / "t.csv").columns
-    _, layers = spectrum.read_eigenvalues(tmp_path / "t.zarr")
+    _, layers = spectrum.read_eigenvalues(tmp_path / "t.eigenvalues.zarr")
     assert set(layers["layer"][0]) == set(spectrum.EIGENVALUE_ARRAYS)
 
 

@@ -467,11 +467,9 @@ def test_intervals_and_verdicts_in_the_summary(tmp_path: Path) -> None:
             paths.append(evaluation(tmp_path, run, ap, seed, widths=widths))
             # derived and scratch runs share their per-image results: their difference is 0 on every resample
             matches.append(_matches(tmp_path, run, seed=1 if init == "pretrained" else 0))
-    out = tmp_path / "report"
-    out.mkdir()
     cfg = {**REPORT["report"], "bootstrap": {"resamples": 200, "seed": 0}}
-    report._comparison(cfg, paths, [], matches, pd.DataFrame(), out)  # the tables of make_report, without its plots
-    table = pd.read_csv(out / "summary.csv").set_index("model")
+    compared = report._comparison(cfg, paths, matches, pd.DataFrame())  # the tables of make_report, without plots
+    table = compared["summary"].set_index("model")
     scratch, derived, pretrained = (table.loc[f"faster_rcnn-{i}"] for i in ("scratch", "derived", "pretrained"))
     half = 4.3026527 * 0.04 / math.sqrt(3)  # t(2) x sd / sqrt(3) of 0.60, 0.64, 0.68
     assert scratch["AP_sd"] == pytest.approx(0.04)
@@ -483,13 +481,13 @@ def test_intervals_and_verdicts_in_the_summary(tmp_path: Path) -> None:
     sd = float(np.std([0.05, 0.02, 0.02], ddof=1))
     paired = (0.03 - 4.3026527 * sd / math.sqrt(3), 0.03 + 4.3026527 * sd / math.sqrt(3))
     assert (derived["delta_AP_low"], derived["delta_AP_high"]) == pytest.approx(paired, abs=1e-6)
-    pairs = pd.read_csv(out / "comparisons.csv")
+    pairs = compared["comparisons"]
     assert list(zip(pairs["model"], pairs["reference"], strict=True)) == [
         ("faster_rcnn-derived", "faster_rcnn-scratch"),
         ("faster_rcnn-pretrained", "faster_rcnn-scratch"),
         ("faster_rcnn-derived", "faster_rcnn-pretrained"),
     ]
-    lines = (out / "summary.md").read_text().rstrip("\n").splitlines()
+    lines = compared["summary_md"].rstrip("\n").splitlines()
     assert lines[-3].startswith("- faster_rcnn-derived vs faster_rcnn-scratch: AP +0.030 [95% CI ")
     assert "over 3 seeds x 20 images: the interval includes 0" in lines[-3]
     assert "over 2 seeds x 20 images" in lines[-2] and lines[-2].startswith("- faster_rcnn-pretrained vs")

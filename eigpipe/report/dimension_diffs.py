@@ -20,7 +20,7 @@ from eigpipe.layer_paths import canonical
 from eigpipe.report.uncertainty import seed_interval
 from eigpipe.runs import SEED_SUFFIX, group_of
 from eigpipe.spectral.jackknife import JACKKNIFE_ARRAYS
-from eigpipe.spectral.spectrum import measures
+from eigpipe.spectral.spectrum import intrinsic_dim_ratio
 
 KINDS = ("conv1", "conv2", "conv3", "downsample", "block output")
 LAYER = re.compile(r"layer(?P<stage>[1-4])\.\d+(?:\.(?P<part>conv[123]|downsample\.0))?")
@@ -39,7 +39,7 @@ def stage_kind(canonical: str) -> tuple[str, str] | None:
 
 
 def _ratio(values: np.ndarray, spectrum_cfg: dict) -> float:
-    return float(measures(values, spectrum_cfg)["intrinsic_dim_ratio"])
+    return intrinsic_dim_ratio(values, spectrum_cfg["threshold"])
 
 
 def run_ratios(attrs: dict, layers: dict) -> pd.DataFrame:

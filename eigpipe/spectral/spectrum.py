@@ -109,6 +109,11 @@ def eigenvalues(
     return np.where(negative, 0.0, values), int(negative.sum())
 
 
+def intrinsic_dim_ratio(values: np.ndarray, threshold: float) -> float:
+    """The paper's d/C: the share of a layer's eigenvalues above ``threshold`` (NaN for a layer of no channels)."""
+    return float((np.asarray(values) > threshold).sum() / len(values)) if len(values) else float("nan")
+
+
 def measures(values: np.ndarray, cfg: dict, trace: float | None = None) -> dict:
     """Dimension measures of a clipped, descending spectrum (see the module docstring); ``cfg`` is the
     spectrum section (threshold, relative_threshold, soft_lambda, saturation_threshold, alpha_ranks)."""
@@ -126,7 +131,7 @@ def measures(values: np.ndarray, cfg: dict, trace: float | None = None) -> dict:
     alpha, alpha_r2 = alpha_req(values, cfg["alpha_ranks"])
     return {
         "intrinsic_dim": intrinsic,
-        "intrinsic_dim_ratio": intrinsic / channels if channels else float("nan"),
+        "intrinsic_dim_ratio": intrinsic_dim_ratio(values, cfg["threshold"]),
         "relative_dim": int((values > cfg["relative_threshold"] * top).sum()) if top > 0 else 0,
         "soft_dof": float((values / (values + cfg["soft_lambda"])).sum()),
         "effective_rank": effective_rank,

@@ -230,6 +230,21 @@ def report_outputs():
     return expand("results/{study}/report/{name}", study=config["study"], name=REPORT_FILES)
 
 
+def unread_outputs():
+    """Outputs no later job reads: training logs, the snapshots of runs analysed at their final model only, the
+    eigenvalues of snapshots. Targets too, so that every job's outputs all exist: Snakemake compares a job's params,
+    input and code only when each of its outputs has metadata (snakemake/dag.py, update_needrun: no_metadata), so
+    one unread output gone missing would silence every rerun trigger of its job."""
+    study = config["study"]
+    trained = [run for run in RUNS if not RUNS[run].imported]
+    found = [f"results/{study}/pretrain/metrics.jsonl"] if config["pretrain"]["source"] == "synthetic" else []
+    found += expand("results/{study}/train/{run}/metrics.jsonl", study=study, run=trained)
+    found += expand("results/{study}/train/{run}/snapshots/{i}.pt", study=study, run=trained, i=SNAPSHOTS)
+    for run in [*ANALYSED, "classifier", *REPLICATES]:
+        found += expand("results/{study}/spectrum/{run}/{i}.zarr", study=study, run=run, i=iterations(run))
+    return found
+
+
 # ---- imported checkpoints (rules/import.smk) ----
 
 
