@@ -445,9 +445,9 @@ def test_a_file_of_the_users_named_like_a_report_file_is_refused(study, capsys) 
 @functools.cache
 def _synthetic_matching(seed: int) -> Any:
     from eigpipe import matching
-    from tests.test_matching import _evaluate, _study
+    from tests.coco_study import evaluate_bbox, scored_study
 
-    return matching.from_evaluator(_evaluate(*_study(np.random.default_rng(seed), n_images=20)))
+    return matching.from_evaluator(evaluate_bbox(*scored_study(np.random.default_rng(seed), n_images=20)))
 
 
 def _matches(tmp_path: Path, run: str, seed: int) -> Path:
@@ -548,10 +548,10 @@ def test_pretrained_vs_scratch_d_over_c_with_seeds_and_folds_by_hand(tmp_path: P
 def test_matching_files_of_other_images_are_refused(tmp_path: Path) -> None:
     from eigpipe import matching
     from eigpipe.report import uncertainty
-    from tests.test_matching import _evaluate, _study
+    from tests.coco_study import evaluate_bbox, scored_study
 
     first = _matches(tmp_path, "faster_rcnn-scratch", seed=0)
-    other = matching.from_evaluator(_evaluate(*_study(np.random.default_rng(0), n_images=12)))
+    other = matching.from_evaluator(evaluate_bbox(*scored_study(np.random.default_rng(0), n_images=12)))
     second = matching.write(tmp_path / "other.matches.npz", {"bbox": other}, {"run": "faster_rcnn-derived"})
     with pytest.raises(EigpipeError, match="other.matches.npz: evaluated other images than .*a paired bootstrap"):
         uncertainty.bootstrap_runs([first, second], {"resamples": 10, "seed": 0})

@@ -232,7 +232,7 @@ def report_outputs():
 
 def unread_outputs():
     """Outputs no later job reads: training logs, the snapshots of runs analysed at their final model only, the
-    eigenvalues of snapshots. Targets too, so that every job's outputs all exist: Snakemake compares a job's params,
+    eigenvalues of snapshots, the spectrum tables of replicates. Targets too, so that every job's outputs all exist: Snakemake compares a job's params,
     input and code only when each of its outputs has metadata (snakemake/dag.py, update_needrun: no_metadata), so
     one unread output gone missing would silence every rerun trigger of its job."""
     study = config["study"]
@@ -241,7 +241,8 @@ def unread_outputs():
     found += expand("results/{study}/train/{run}/metrics.jsonl", study=study, run=trained)
     found += expand("results/{study}/train/{run}/snapshots/{i}.pt", study=study, run=trained, i=SNAPSHOTS)
     for run in [*ANALYSED, "classifier", *REPLICATES]:
-        found += expand("results/{study}/spectrum/{run}/{i}.zarr", study=study, run=run, i=iterations(run))
+        found += expand("results/{study}/spectrum/{run}/{i}.{ext}", study=study, run=run, i=iterations(run),
+                        ext=["parquet", "zarr"])
     return found
 
 
