@@ -39,7 +39,9 @@ def saved(tmp_path_factory: pytest.TempPathFactory, tiny_model: dict) -> dict:
     meta |= {"num_classes": 3, "category_ids": [1, 2], "iteration": 4, "run": "faster_rcnn-scratch"}
     save_checkpoint(root / "d.pt", model, meta)
     classifier = Classifier(build_body(tiny_model), 8)
-    save_checkpoint(root / "c.pt", classifier, {**meta, "task": "classification", "model_name": "classifier"})
+    classifier_meta = {**meta, "task": "classification", "model_name": "classifier", "num_classes": 8}
+    classifier_meta["category_ids"] = []
+    save_checkpoint(root / "c.pt", classifier, classifier_meta)
     return {
         "detector": torch.load(root / "d.pt", weights_only=True),
         "classifier": root / "c.pt",
@@ -120,6 +122,17 @@ def test_a_checkpoint_with_a_missing_or_mangled_field_is_one_line(saved, tmp_pat
     with pytest.raises(EigpipeError) as info:
         load_checkpoint(path, required=("category_ids", "iteration"))  # what evaluate asks of a checkpoint
     one_line(info, str(path), words)
+
+
+def test_a_classifier_names_no_categories(saved, tmp_path) -> None:
+    """Imported and trained classifiers carry ``category_ids: []``; a classifier with COCO ids is refused."""
+    assert load_checkpoint(saved["classifier"])[1]["category_ids"] == []
+    raw = torch.load(saved["classifier"], weights_only=True)
+    raw["category_ids"] = [1, 2]
+    torch.save(raw, tmp_path / "c.pt")
+    with pytest.raises(EigpipeError) as info:
+        load_checkpoint(tmp_path / "c.pt")
+    one_line(info, str(tmp_path / "c.pt"), "'category_ids' is not empty")
 
 
 def test_shape_mismatch_names_the_tensor_and_both_shapes(saved, tmp_path) -> None:

@@ -232,9 +232,10 @@ def report_outputs():
 
 def unread_outputs():
     """Outputs no later job reads: training logs, the snapshots of runs analysed at their final model only, the
-    eigenvalues of snapshots, the spectrum tables of replicates. Targets too, so that every job's outputs all exist: Snakemake compares a job's params,
-    input and code only when each of its outputs has metadata (snakemake/dag.py, update_needrun: no_metadata), so
-    one unread output gone missing would silence every rerun trigger of its job."""
+    eigenvalues of snapshots, the spectrum tables of replicates. Targets too, so that every job's outputs all
+    exist: Snakemake compares a job's params, input and code only when each of its outputs has metadata
+    (snakemake/dag.py, update_needrun: no_metadata), so one unread output gone missing would silence every rerun
+    trigger of its job."""
     study = config["study"]
     trained = [run for run in RUNS if not RUNS[run].imported]
     found = [f"results/{study}/pretrain/metrics.jsonl"] if config["pretrain"]["source"] == "synthetic" else []
