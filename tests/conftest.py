@@ -3,7 +3,6 @@ and checkpoints on disk, and one run of the whole smoke DAG per session. Plain h
 
 from __future__ import annotations
 
-import copy
 import shutil
 import time
 from collections.abc import Callable
@@ -15,8 +14,8 @@ import torch
 import yaml
 from PIL import Image
 
-from eigpipe import codehash, config
-from tests.helpers import SMALL_MODEL
+from eigpipe import codehash
+from tests.helpers import SMALL_MODEL, complete_section
 from tests.workflow_helpers import SMOKE, failure, make_workdir, snakemake
 
 TINY_MODEL = {
@@ -37,12 +36,6 @@ TINY_MODEL = {
 }
 
 
-def _complete(section: str, partial: dict | None = None) -> dict:
-    """A config section with the schema's defaults filled in (what stages receive)."""
-    sub = config.schema()["properties"][section]
-    return config.validate(copy.deepcopy(partial or {}), f"test {section}", subschema=sub)
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests marked `cuda` are skipped where no CUDA device is available."""
     import torch
@@ -58,13 +51,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def complete() -> Callable[..., dict]:
     """complete(section, partial) -> the validated section."""
-    return _complete
+    return complete_section
 
 
 @pytest.fixture(scope="session")
 def tiny_model() -> dict:
     """A 1/16-width ResNet-50 FPN detector on 64 px images: the model section most tests build."""
-    return _complete("model", TINY_MODEL)
+    return complete_section("model", TINY_MODEL)
 
 
 @pytest.fixture(scope="session")
@@ -72,7 +65,7 @@ def stage_cfg() -> Callable[..., dict]:
     """stage_cfg(seed=0, section=partial, ...) -> the validated sections a stage function takes."""
 
     def build(seed: int = 0, **sections: dict) -> dict:
-        return {"seed": seed, **{name: _complete(name, partial) for name, partial in sections.items()}}
+        return {"seed": seed, **{name: complete_section(name, partial) for name, partial in sections.items()}}
 
     return build
 

@@ -3,6 +3,7 @@ test module imports another."""
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from eigpipe import cli, config
 from eigpipe.models import build_detector, load_checkpoint, save_checkpoint, standard
 from eigpipe.train import loop
 
-SMALL_MODEL = {  # completed by the schema below, as every stage receives it
+SMALL_MODEL = {  # completed by the schema below (complete_section), as every stage receives it
     "depths": [1, 1, 1, 1],
     "width_multiplier": 0.125,
     "norm": "gn",
@@ -23,7 +24,15 @@ SMALL_MODEL = {  # completed by the schema below, as every stage receives it
     "min_size": 64,
     "max_size": 64,
 }
-SMALL_MODEL = config.validate(SMALL_MODEL, "test", config.schema()["properties"]["model"])
+
+
+def complete_section(section: str, partial: dict | None = None) -> dict:
+    """A config section with the schema's defaults filled in (what stages receive)."""
+    sub = config.schema()["properties"][section]
+    return config.validate(copy.deepcopy(partial or {}), f"test {section}", subschema=sub)
+
+
+SMALL_MODEL = complete_section("model", SMALL_MODEL)
 
 
 def covariance_args(on_disk: dict, run: str, cfg: str, out: Path) -> list[str]:

@@ -12,21 +12,18 @@ import pandas as pd
 import pytest
 import torch
 
-from eigpipe import config, intervals
+from eigpipe import intervals
 from eigpipe.errors import EigpipeError
 from eigpipe.spectral import spectrum, store
 from eigpipe.spectral.accumulator import CovarianceAccumulator
 from eigpipe.spectral.affine import AffineMap, mapped_accumulator
 from eigpipe.spectral.folds import FoldedAccumulator, FoldPlan, from_state
 from eigpipe.spectral.jackknife import JACKKNIFE_ARRAYS, leave_one_out, standard_errors
+from tests.helpers import complete_section
 
 torch.set_num_threads(1)
 # The spectrum section as stages receive it: the schema's defaults (alpha_ranks, saturation_threshold) filled in.
-CFG = config.validate(
-    {"threshold": 1e-3, "relative_threshold": 1e-3, "soft_lambda": 1e-3},
-    "test spectrum",
-    subschema=config.schema()["properties"]["spectrum"],
-)
+CFG = complete_section("spectrum", {"threshold": 1e-3, "relative_threshold": 1e-3, "soft_lambda": 1e-3})
 
 
 def _batches(seed: int = 0, channels: int = 40) -> list[torch.Tensor | list[torch.Tensor]]:

@@ -22,6 +22,7 @@ RUNS = runs.detector_runs(config)
 DERIVED = runs.derived_specs(config)
 ANALYSED = runs.analysed_runs(config)  # runs whose spectra are measured (the study seed's)
 REPLICATES = runs.replicate_runs(config)  # other seeds' configured-width runs: final spectra only
+MEASURED = [*ANALYSED, "classifier", *REPLICATES]  # every run with covariance stores and spectra
 SNAPSHOTS = runs.snapshots(config)
 THREADS = config["runtime"]["threads"]
 
@@ -33,7 +34,7 @@ def _alternatives(names):
 wildcard_constraints:
     study=re.escape(config["study"]),
     detector=_alternatives(RUNS),
-    run=_alternatives([*ANALYSED, *REPLICATES, "classifier"]),
+    run=_alternatives(MEASURED),
     spec=_alternatives(DERIVED),
     split="train|val",
     iteration=r"\d+|final",
@@ -241,9 +242,10 @@ def unread_outputs():
     found = [f"results/{study}/pretrain/metrics.jsonl"] if config["pretrain"]["source"] == "synthetic" else []
     found += expand("results/{study}/train/{run}/metrics.jsonl", study=study, run=trained)
     found += expand("results/{study}/train/{run}/snapshots/{i}.pt", study=study, run=trained, i=SNAPSHOTS)
-    for run in [*ANALYSED, "classifier", *REPLICATES]:
-        found += expand("results/{study}/spectrum/{run}/{i}.{ext}", study=study, run=run, i=iterations(run),
-                        ext=["parquet", "zarr"])
+    for run in MEASURED:
+        found += expand(
+            "results/{study}/spectrum/{run}/{i}.{ext}", study=study, run=run, i=iterations(run), ext=["parquet", "zarr"]
+        )
     return found
 
 

@@ -1,7 +1,7 @@
 rule report:
     input:
         dimensions=expand("results/{{study}}/dimensions/{run}.parquet", run=[*ANALYSED, "classifier"]),
-        eigenvalues=expand("results/{{study}}/spectrum/{run}/final.zarr", run=[*ANALYSED, "classifier", *REPLICATES]),
+        eigenvalues=expand("results/{{study}}/spectrum/{run}/final.zarr", run=MEASURED),
         evaluations=expand("results/{{study}}/eval/{run}.json", run=RUNS),
         matches=expand("results/{{study}}/eval/{run}.matches.npz", run=RUNS),
         widths=expand("results/{{study}}/widths/{spec}.yaml", spec=DERIVED),
