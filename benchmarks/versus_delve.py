@@ -109,11 +109,14 @@ def throughput(case: str, rounds: int) -> dict[str, Any]:
 
         for batch in batches[:1]:
             model(batch)  # warm-up
+        # each tool keeps one tracker for the whole stream, as delve keeps its hooks: ours are entered per round
+        ours = eigpipe.track(model, selectors(case), tap="output")
+        ours_float32 = eigpipe.track(model, selectors(case), tap="output", precision="float32")
         for round_ in range(rounds):
             stream(model, "plain")
-            with eigpipe.track(model, selectors(case), tap="output") as ours:
+            with ours:
                 stream(model, "eigpipe")
-            with eigpipe.track(model, selectors(case), tap="output", precision="float32"):
+            with ours_float32:
                 stream(model, "eigpipe_float32")
             stream(delve_model, "delve")
             if round_ == 0:  # the one-off finalisation, once

@@ -218,6 +218,19 @@ class CovarianceAccumulator:
             products = torch.bmm(part, part.transpose(1, 2), out=self._buffer((len(part), c, c), torch.float32, 2))
             self._scatter.add_(products.sum(dim=0, dtype=torch.float64), alpha=alpha)
 
+    @property
+    def mean_state(self) -> torch.Tensor:
+        """The running mean itself (not a copy), for batched merges (eigpipe.spectral.grouped)."""
+        return self._mu
+
+    def add_batch(self, images: int, positions: int, mean_shift: torch.Tensor, scatter: torch.Tensor) -> None:
+        """Add a batch merged elsewhere: the change of the mean, and the scatter increment (full [C, C], float64:
+        the batch's scatter about its mean plus Chan's cross term)."""
+        self._mu.add_(mean_shift)
+        self._scatter.add_(scatter)
+        self._n += images
+        self.positions += positions
+
     def _merge_stats(self, n_b: int, mu_b: torch.Tensor, scatter_b: torch.Tensor) -> None:
         """Chan et al.'s pairwise update of (count, mean, scatter) with another set's statistics."""
         if n_b == 0:

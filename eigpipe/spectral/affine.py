@@ -67,8 +67,8 @@ def mapped_accumulator(name: str, source: CovarianceAccumulator, affine: AffineM
         scatter = matrix @ state["scatter"].to(device) @ matrix.T
         if not (torch.isfinite(mean).all() and torch.isfinite(scatter).all()):
             raise NumericalError(
-                f"layer {name}: non-finite statistics mapped from {affine.source} (non-finite conv3/bn3 weights or "
-                "running statistics)"
+                f"layer {name}: non-finite statistics mapped from {affine.source} (non-finite weights or running "
+                "statistics)"
             )
         folds = {"folds": [mapped(fold) for fold in state["folds"]]} if "folds" in state else {}
         return {**state, "channels": matrix.shape[0], "mean": mean, "scatter": scatter, **folds}

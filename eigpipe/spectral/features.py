@@ -5,7 +5,9 @@ A batch is one forward pass of the model (its driver calls ``begin_batch``/``end
 that runs several times in one forward pass (a reused ReLU, a shared block, a head run per pyramid level) is kept
 apart per call: its k-th call of every batch goes into its own accumulator, named ``<layer>#k`` (a module that
 runs once keeps its plain name). Hooks are always removed on exit, errors included; nothing is written onto the
-model's modules. Statistics are taken from detached outputs (never part of autograd) with autocast off.
+model's modules. Statistics are taken from detached outputs (never part of autograd) with autocast off. Small
+layers' features are copied as the hooks run and computed together at the batch's end (eigpipe.spectral.grouped);
+in the float32 mode, layers that widen their input are measured at it (eigpipe.spectral.widening).
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ from eigpipe.models.taps import is_detector
 from eigpipe.spectral.accumulator import CovarianceAccumulator, FeatureBatch, NonFiniteFeature
 from eigpipe.spectral.buffers import Workspace
 from eigpipe.spectral.folds import FoldedAccumulator, FoldPlan, from_state
+from eigpipe.spectral.grouped import BatchGroups, GroupNonFinite, groupable
 from eigpipe.spectral.layers import Layer
 from eigpipe.spectral.layouts import Layout
+from eigpipe.spectral.widening import Widening, widening_input, widens
 
 DEFAULT_LAYOUT = Layout()
 
@@ -36,6 +40,7 @@ class Stream:
     layer: Layer
     call: int
     acc: CovarianceAccumulator | None  # None for a layer whose statistics are mapped from another's (float32)
+    widening: Widening | bool | None = None  # its input's statistics when it widens its input (float32); False: not
 
 
 class FeatureHooks:
@@ -72,6 +77,7 @@ class FeatureHooks:
         self.geometry: tuple[list[tuple[int, int]], tuple[int, int]] | None = None  # image sizes, padded size
         self.token_mask: torch.Tensor | None = None  # [N, T] real tokens of the current batch
         self.outside: set[str] = set()  # taps that ran outside a batch (not taken)
+        self.groups = BatchGroups()  # the small layers' features of this batch, computed together at its end
         self._calls: dict[str, int] = {}
         self._handles: list[Any] = []
 
@@ -91,6 +97,7 @@ class FeatureHooks:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self.groups.clear(buffers=True)
         self.active = False
 
     def keep(self, handle: Any) -> None:
@@ -100,14 +107,14 @@ class FeatureHooks:
     def _hook(self, tap: str) -> Callable[..., None]:
         layers = self.by_tap[tap]
 
-        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
             if not self.active:
                 self.outside.add(tap)
                 return
             call = self._calls.get(tap, 0)
             self._calls[tap] = call + 1
             for layer in layers:
-                self._take(layer, call, output)
+                self._take(layer, call, module, inputs, output)
 
         return hook
 
@@ -118,47 +125,93 @@ class FeatureHooks:
     # ---- batches ---------------------------------------------------------------------------------
     def begin_batch(self, ids: Sequence[Any] | None = None) -> None:
         self._calls.clear()
+        self.groups.clear()
         self.ids, self.geometry, self.active = ids, None, True
 
     def end_batch(self) -> list[str]:
-        """Close the batch; returns the selected layers whose module did not run in it."""
+        """Close the batch (the small layers' statistics are computed now, in groups); returns the selected layers
+        whose module did not run in it."""
         self.active = False
-        self.batches += 1
-        self.token_mask = None
+        try:
+            self.groups.flush()
+        except GroupNonFinite as bad:
+            raise self._non_finite(bad.tag, bad.index) from None
+        finally:
+            self.batches += 1
+            self.token_mask = None
         return [layer.name for layer in self.layers if layer.tap not in self._calls]
 
     # ---- accumulation ----------------------------------------------------------------------------
-    def _take(self, layer: Layer, call: int, output: Any) -> None:
+    def _take(self, layer: Layer, call: int, module: nn.Module, inputs: Any, output: Any) -> None:
         stream = self.streams.get((layer.name, call))
         if layer.name in self.mapped:
             if stream is None:
                 self._new_stream(layer, call, None, [])
             return
         layout = self.layouts[layer.name]
-        feats = layout.features(layout.tensor(output, layer.name), layer.name, self.token_mask)
-        per_image = isinstance(feats, torch.Tensor) and self.geometry is not None and not layer.per_region
-        if per_image and feats.shape[0] == len(self.geometry[0]):
-            feats = crop_valid(feats, *self.geometry)
-        folded = self.folds is not None and per_image and self.ids is not None  # a region's fold is not known
+        tensor = layout.tensor(output, layer.name)
+        feats, per_image = self._features(layer, layout, tensor)
         if stream is None:
             first = feats[0]
             args = (first.shape[0], first.device, self.workspace, self.precision)
+            folded = self.folds is not None and per_image and self.ids is not None  # a region's fold is not known
             acc = FoldedAccumulator(*args, folds=self.folds.count) if folded else CovarianceAccumulator(*args)
             stream = self._new_stream(layer, call, acc, [int(s) for s in first.shape])
-        extra = ([self.folds.of[i] for i in self.ids],) if isinstance(stream.acc, FoldedAccumulator) else ()
+        source, inputs_acc = self._widening_input(stream, layer, module, inputs, tensor, layout)
+        if inputs_acc is not None:
+            feats, _ = self._features(layer, layout, source)
+        target = stream.acc if inputs_acc is None else inputs_acc
         device_type = stream.acc.device.type
         try:
             if torch.is_autocast_enabled(device_type):
                 with torch.autocast(device_type, enabled=False):
-                    stream.acc.update(feats, *extra)
+                    self._update(stream, target, feats)
             else:
-                stream.acc.update(feats, *extra)
+                self._update(stream, target, feats)
         except NonFiniteFeature as bad:
-            where = f"sample {bad.index} of batch {self.batches}"
-            if self.ids is not None:
-                known = bad.index < len(self.ids)  # per-region layers: the index is a region's
-                where = f"image id {self.ids[bad.index]}" if known else f"the batch of image ids {list(self.ids)}"
-            raise NumericalError(f"layer {stream.layer.name}: non-finite feature in {where}") from None
+            raise self._non_finite(stream, bad.index) from None
+
+    def _features(self, layer: Layer, layout: Layout, tensor: torch.Tensor) -> tuple[FeatureBatch, bool]:
+        """(the layer's features of a tensor, cropped to each image's valid part on a detector; whether per image)."""
+        feats = layout.features(tensor, layer.name, self.token_mask)
+        per_image = isinstance(feats, torch.Tensor) and self.geometry is not None and not layer.per_region
+        if per_image and feats.shape[0] == len(self.geometry[0]):
+            feats = crop_valid(feats, *self.geometry)
+        return feats, per_image
+
+    def _widening_input(
+        self, stream: Stream, layer: Layer, module: nn.Module, inputs: Any, output: torch.Tensor, layout: Layout
+    ) -> tuple[torch.Tensor, CovarianceAccumulator | None]:
+        """(the tensor to take, and where its features go when it is the layer's input: float32 mode, a layer that
+        widens its input, eigpipe.spectral.widening); (output, None) to take the output."""
+        if stream.widening is None:
+            plain = self.precision != "float32" or self.folds is not None or layer.per_region
+            stream.widening = False if plain or not widens(module) else Widening(stream.layer, module, stream.acc)
+        source = widening_input(module, inputs, output, layout) if stream.widening else None
+        if source is None:
+            return output, None
+        acc = stream.widening.accumulator(self.workspace)
+        return (output, None) if acc is None else (source, acc)
+
+    def _update(self, stream: Stream, target: CovarianceAccumulator, feats: FeatureBatch) -> None:
+        """Small batches join their group, computed at the batch's end (a folded layer's folds are updated now);
+        others are folded in at once."""
+        folds = [self.folds.of[i] for i in self.ids] if isinstance(stream.acc, FoldedAccumulator) else None
+        if groupable(feats, target.device):
+            if folds is not None:
+                stream.acc.update_folds(feats, folds)
+            self.groups.add(target, feats, stream)
+        elif folds is not None:
+            stream.acc.update(feats, folds)
+        else:
+            target.update(feats)
+
+    def _non_finite(self, stream: Stream, index: int) -> NumericalError:
+        where = f"sample {index} of batch {self.batches}"
+        if self.ids is not None:
+            known = index < len(self.ids)  # per-region layers: the index is a region's
+            where = f"image id {self.ids[index]}" if known else f"the batch of image ids {list(self.ids)}"
+        return NumericalError(f"layer {stream.layer.name}: non-finite feature in {where}")
 
     def _new_stream(self, layer: Layer, call: int, acc: CovarianceAccumulator | None, shape: list[int]) -> Stream:
         named = replace(layer, name=layer.name if call == 0 else f"{layer.name}#{call}", feature_shape=shape)
@@ -170,6 +223,9 @@ class FeatureHooks:
 
     def results(self) -> tuple[list[Layer], dict[str, CovarianceAccumulator]]:
         """(layers in forward order, {layer name: accumulator}) of every layer that has statistics."""
+        for stream in self.streams.values():
+            if stream.widening:
+                stream.widening.settle()
         ordered = sorted(self.streams.values(), key=lambda stream: stream.layer.forward_index)
         return [s.layer for s in ordered], {s.layer.name: s.acc for s in ordered if s.acc is not None}
 

@@ -65,6 +65,10 @@ class FoldedAccumulator(CovarianceAccumulator):
         if folds is None:
             raise ValueError("a folded accumulator needs the fold of each image")
         super().update(features)  # first: a non-finite feature raises before any state changes
+        self.update_folds(features, folds)
+
+    def update_folds(self, features: FeatureBatch, folds: Sequence[int]) -> None:
+        """Add images to their folds' statistics only (the merged ones: ``update``, or eigpipe.spectral.grouped)."""
         batch = features.unsqueeze(0) if isinstance(features, torch.Tensor) and features.dim() == 3 else features
         if len(folds) != len(batch):
             raise ValueError(f"{len(folds)} fold indices for {len(batch)} images")

@@ -57,11 +57,18 @@ class Layout:
             raise EigpipeError(f"layer {layer}: a {output.dim()}-D output has no batch and channel axes")
         return output.detach()
 
+    def _axis(self, dims: int) -> int:
+        return (-1 if dims == 3 else 1) if self.channel_axis is None else self.channel_axis
+
+    def resolved_axis(self, dims: int) -> int:
+        """The channel axis of a ``dims``-D output, counted from 0 (by rank unless declared)."""
+        return self._axis(dims) % dims
+
     def features(self, output: torch.Tensor, layer: str, token_mask: torch.Tensor | None = None) -> FeatureBatch:
         """[N, C, P, 1] (or [N, C, H, W] for conv maps), or a list of [C, P_i, 1] where a mask leaves samples with
         different numbers of tokens."""
         dims = output.dim()
-        axis = (-1 if dims == 3 else 1) if self.channel_axis is None else self.channel_axis
+        axis = self._axis(dims)
         if not -dims <= axis < dims or axis % dims == 0:
             raise EigpipeError(
                 f"layer {layer}: channel_axis {axis} does not fit its {dims}-D output (axis 0 is the batch)"

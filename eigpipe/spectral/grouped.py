@@ -1,0 +1,131 @@
+"""One batched computation of the batch statistics of many small layers of equal shape (CPU).
+
+A model's narrow layers cost little arithmetic each, so per-layer work is dominated by the fixed cost of a dozen
+small tensor operations. Layers whose features in a batch have the same shape [N, C, H, W] and precision are
+stacked: their batch means and scatters (per-image centring, as ``CovarianceAccumulator.update``) come from one
+batched Gram product, and each is then merged into its own statistics (Chan's formula, float64). In the float32
+mode the products are float32 and each spans at most GROUPED_ELEMENTS / C positions (one image's for layers
+narrower than NARROW) before the float64 sum: 1e-8 to 1.3e-7 relative on offset features (C 8 to 64), within the
+mode's 1e-6 budget (tests/test_precision.py).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from eigpipe.spectral.accumulator import CovarianceAccumulator, NonFiniteFeature
+
+GROUPED_ELEMENTS = 1 << 18  # features of at most this many elements per batch are computed in groups
+
+
+class GroupNonFinite(NonFiniteFeature):
+    """A non-finite feature in image ``index`` of the batch added with ``tag``."""
+
+    def __init__(self, tag: Any, index: int) -> None:
+        super().__init__(index)
+        self.tag = tag
+
+
+def groupable(feats: object, device: torch.device) -> bool:
+    """Whether a batch of features may join a group: one small [N, C, H, W] tensor on the CPU."""
+    return (
+        device.type == "cpu"
+        and isinstance(feats, torch.Tensor)
+        and feats.dim() == 4
+        and 0 < feats.numel() <= GROUPED_ELEMENTS
+    )
+
+
+class BatchGroups:
+    """The small layers' features of one batch, copied as they come (later in-place operations of the model cannot
+    change them) into one buffer per shape and precision; ``flush`` merges each into its target at the batch's end.
+    The buffers are kept for the next batch."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple, torch.Tensor] = {}
+        self._members: dict[tuple, list[tuple[CovarianceAccumulator, Any]]] = {}
+
+    def add(self, target: CovarianceAccumulator, feats: torch.Tensor, tag: Any = None) -> None:
+        """Copy a [N, C, H, W] batch in; ``tag`` is what GroupNonFinite names if it holds a non-finite value."""
+        n, c, h, w = feats.shape
+        key = (n, c, h * w, target.precision)
+        members = self._members.setdefault(key, [])
+        buffer = self._buffers.get(key)
+        if buffer is None or len(buffer) == len(members):
+            grown = torch.empty((2 * len(members) + 1, *_layout(n, c, h * w)), dtype=_dtype(target.precision))
+            if buffer is not None:
+                grown[: len(members)].copy_(buffer)
+            buffer = self._buffers[key] = grown
+        view = feats.detach().reshape(n, c, h * w)
+        buffer[len(members)].copy_(view if c < CovarianceAccumulator.NARROW else view.transpose(0, 1))
+        members.append((target, tag))
+
+    def flush(self) -> None:
+        """Merge every group's batch statistics into the targets; raises GroupNonFinite before merging a group."""
+        members, self._members = self._members, {}
+        with torch.autocast("cpu", enabled=False):
+            for key, group in members.items():
+                n, c, p, _ = key
+                means, scatters = batch_statistics(self._buffers[key][: len(group)], n, c, p)
+                if means is None:
+                    raise GroupNonFinite(group[scatters[0]][1], scatters[1])
+                _merge([target for target, _ in group], n, n * p, means, scatters)
+
+    def clear(self, buffers: bool = False) -> None:
+        self._members.clear()
+        if buffers:
+            self._buffers.clear()
+
+
+def _merge(
+    accs: list[CovarianceAccumulator], images: int, positions: int, means: torch.Tensor, scatters: torch.Tensor
+) -> None:
+    """Chan's merge of each batch (images, mean, scatter about it) into its accumulator, equal counts at once."""
+    by_count: dict[int, list[int]] = {}
+    for i, acc in enumerate(accs):
+        by_count.setdefault(acc.count, []).append(i)
+    for count, members in by_count.items():
+        total = count + images
+        whole = len(members) == len(accs)
+        part_means, part = (means, scatters) if whole else (means[members], scatters[members])
+        delta = part_means - torch.stack([accs[i].mean_state for i in members])
+        part.baddbmm_(delta.unsqueeze(2), delta.unsqueeze(1), alpha=count * images / total)
+        for i, scatter, shift in zip(members, part, delta.mul_(images / total), strict=True):
+            accs[i].add_batch(images, positions, shift, scatter)
+
+
+def _layout(n: int, c: int, p: int) -> tuple[int, int, int]:
+    """Narrow layers: one product per image (a narrow GEMM over all positions runs far below peak, and a float32 sum
+    spans one image), so images first; wider ones: one product per layer over all its positions, channels first."""
+    return (n, c, p) if c < CovarianceAccumulator.NARROW else (c, n, p)
+
+
+def _dtype(precision: str) -> torch.dtype:
+    return torch.float32 if precision == "float32" else torch.float64
+
+
+def batch_statistics(x: torch.Tensor, n: int, c: int, p: int) -> tuple[Any, Any]:
+    """(means [L, C], scatters [L, C, C]) in float64 of L batches laid out by ``_layout`` (centred in place): the
+    per-image-weighted mean and the scatter about it (W / P + sum_i (m_i - m)(m_i - m)^T, P positions per image);
+    (None, (member, image)) for the first non-finite image."""
+    narrow, size = c < CovarianceAccumulator.NARROW, len(x)
+    centre = x.mean(dim=3, keepdim=True)
+    x.sub_(centre)
+    means = x.mean(dim=3).to(torch.float64).add_(centre[..., 0])  # the centre plus the residual mean
+    means = means if narrow else means.transpose(1, 2)  # [L, N, C]
+    if not math.isfinite(float(means.sum())):
+        bad = (~torch.isfinite(means).all(dim=2)).nonzero()[0]
+        return None, (int(bad[0]), int(bad[1]))
+    if narrow:
+        images = x.view(size * n, c, p)
+        within = torch.bmm(images, images.transpose(1, 2)).view(size, n, c, c).sum(dim=1, dtype=torch.float64)
+    else:
+        flat = x.view(size, c, n * p)
+        within = torch.bmm(flat, flat.transpose(1, 2)).to(torch.float64)
+    batch_mean = means.mean(dim=1)
+    deviations = means - batch_mean.unsqueeze(1)
+    scatter = torch.baddbmm(within, deviations.transpose(1, 2), deviations, alpha=p).div_(p)
+    return batch_mean, scatter
