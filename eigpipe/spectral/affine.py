@@ -85,11 +85,15 @@ def _pointwise_matrix(conv: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | No
         and conv.padding == (0, 0)
         and conv.groups == 1
     )
-    if not plain:
-        return None
-    weight = conv.weight.detach()[:, :, 0, 0].double()
-    bias = conv.bias.detach().double() if conv.bias is not None else torch.zeros_like(weight[:, 0])
-    return weight, bias
+    return layer_matrix(conv) if plain else None
+
+
+def layer_matrix(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W [C_out, C_in], bias [C_out]) as new float64 tensors of a Linear or 1x1 conv (zeros without a bias)."""
+    weight = module.weight.detach()
+    matrix = weight.reshape(weight.shape[0], -1).to(torch.float64, copy=True)
+    bias = module.bias
+    return matrix, bias.detach().to(torch.float64, copy=True) if bias is not None else torch.zeros_like(matrix[:, 0])
 
 
 def _eval_affine(norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:

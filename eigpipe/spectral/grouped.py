@@ -69,9 +69,10 @@ class BatchGroups:
         with torch.autocast("cpu", enabled=False):
             for key, group in members.items():
                 n, c, p, _ = key
-                means, scatters = batch_statistics(self._buffers[key][: len(group)], n, c, p)
-                if means is None:
-                    raise GroupNonFinite(group[scatters[0]][1], scatters[1])
+                try:
+                    means, scatters = batch_statistics(self._buffers[key][: len(group)], n, c, p)
+                except GroupNonFinite as bad:  # name the member by its tag
+                    raise GroupNonFinite(group[bad.tag][1], bad.index) from None
                 _merge([target for target, _ in group], n, n * p, means, scatters)
 
     def clear(self, buffers: bool = False) -> None:
@@ -107,10 +108,10 @@ def _dtype(precision: str) -> torch.dtype:
     return torch.float32 if precision == "float32" else torch.float64
 
 
-def batch_statistics(x: torch.Tensor, n: int, c: int, p: int) -> tuple[Any, Any]:
+def batch_statistics(x: torch.Tensor, n: int, c: int, p: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(means [L, C], scatters [L, C, C]) in float64 of L batches laid out by ``_layout`` (centred in place): the
-    per-image-weighted mean and the scatter about it (W / P + sum_i (m_i - m)(m_i - m)^T, P positions per image);
-    (None, (member, image)) for the first non-finite image."""
+    per-image-weighted mean and the scatter about it (W / P + sum_i (m_i - m)(m_i - m)^T, P positions per image).
+    Raises GroupNonFinite (tag: the batch's index among the L) for the first non-finite image."""
     narrow, size = c < CovarianceAccumulator.NARROW, len(x)
     centre = x.mean(dim=3, keepdim=True)
     x.sub_(centre)
@@ -118,7 +119,7 @@ def batch_statistics(x: torch.Tensor, n: int, c: int, p: int) -> tuple[Any, Any]
     means = means if narrow else means.transpose(1, 2)  # [L, N, C]
     if not math.isfinite(float(means.sum())):
         bad = (~torch.isfinite(means).all(dim=2)).nonzero()[0]
-        return None, (int(bad[0]), int(bad[1]))
+        raise GroupNonFinite(int(bad[0]), int(bad[1]))
     if narrow:
         images = x.view(size * n, c, p)
         within = torch.bmm(images, images.transpose(1, 2)).view(size, n, c, c).sum(dim=1, dtype=torch.float64)

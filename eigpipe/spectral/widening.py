@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from eigpipe.spectral.accumulator import CovarianceAccumulator
-from eigpipe.spectral.affine import AffineMap, mapped_accumulator
+from eigpipe.spectral.affine import AffineMap, layer_matrix, mapped_accumulator
 from eigpipe.spectral.buffers import Workspace
 from eigpipe.spectral.layers import Layer
 from eigpipe.spectral.layouts import Layout
@@ -104,9 +104,4 @@ class Widening:
 
 
 def _affine(name: str, module: nn.Module) -> AffineMap:
-    weight = module.weight.detach()
-    matrix = weight.reshape(weight.shape[0], -1).to(torch.float64, copy=True)
-    shift = (
-        module.bias.detach().to(torch.float64, copy=True) if module.bias is not None else torch.zeros_like(matrix[:, 0])
-    )
-    return AffineMap(f"the input of {name}", matrix, shift)
+    return AffineMap(f"the input of {name}", *layer_matrix(module))
