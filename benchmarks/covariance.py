@@ -20,7 +20,6 @@ import argparse
 import functools
 import json
 import os
-import platform
 import subprocess
 import sys
 import threading
@@ -399,16 +398,6 @@ def extraction_bounds(plain_images_per_s: float, speed: dict) -> dict:
     return bounds
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -420,13 +409,15 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return
+    from eigpipe import provenance
+
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     start, load_before = time.perf_counter(), os.getloadavg()
     results = [run_case(name, dev, args.threads, args.quick) for dev in devices for name in args.cases]
     report = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": {
-            "cpu": _cpu_name(),
+            "cpu": provenance.cpu_model(),
             "cores": os.cpu_count(),
             "threads": args.threads,
             "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
@@ -447,9 +438,7 @@ def main() -> None:
         "wall_seconds": round(time.perf_counter() - start, 1),
         "results": results,
     }
-    from eigpipe.provenance import write_json
-
-    write_json(args.out, report)  # atomically: a killed run leaves the previous results in place
+    provenance.write_json(args.out, report)  # atomically: a killed run leaves the previous results in place
     for r in results:
         print(
             f"{r['device']} {r['case']}: extraction/plain float64 {r['extraction_vs_plain_throughput']} "

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -98,13 +97,6 @@ def _derivation(checkpoint: Path, store: Path, root: Path, size: int) -> dict[st
     }
 
 
-def _cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.partition(":")[2].strip()
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small images, 2 images: checks the script only")
@@ -113,6 +105,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
+    from eigpipe import provenance
     from eigpipe.models.published.stage import import_checkpoint
     from eigpipe.provenance import versions, write_json
     from tests import upstream_keys
@@ -153,7 +146,7 @@ def main() -> None:
         "derivation": derivation,
         "quick": args.quick,
         "machine": {
-            "cpu": _cpu_model(),
+            "cpu": provenance.cpu_model(),
             "cores": os.cpu_count(),
             "load_average_1min": [load_before, os.getloadavg()[0]],
         },

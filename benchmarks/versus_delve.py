@@ -2,7 +2,7 @@
 model, the same images and the same layers (every Conv2d and Linear, each module's own output), in one process.
 
     pip install --no-deps --target /tmp/delve-site delve==0.1.50    # delve's own code only; torch etc. from .venv
-    PYTHONPATH=/tmp/delve-site .venv/bin/python benchmarks/versus_delve.py  # about 6 minutes on 2 cores
+    PYTHONPATH=/tmp/delve-site .venv/bin/python benchmarks/versus_delve.py  # 1-6 minutes on 2 cores
     PYTHONPATH=/tmp/delve-site .venv/bin/python benchmarks/versus_delve.py --quick   # a smoke run of the script
 
 Throughput: rounds of plain inference, inference under eigpipe.track (float64) and inference under delve's
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 import statistics
 import sys
 import tempfile
@@ -215,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         "delve_version": delve.__version__,
         "torch": torch.__version__,
         "threads": args.threads,
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": provenance.cpu_model(),
         "date": time.strftime("%Y-%m-%d"),
         "cases": {},
     }

@@ -49,6 +49,15 @@ def versions() -> dict[str, str]:
     return found
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), for benchmark results: timings differ from one CPU to another."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    return platform.processor() or platform.machine()
+
+
 def record(
     config: dict | None = None,
     inputs: list[str | Path] | None = None,

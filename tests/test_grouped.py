@@ -59,6 +59,24 @@ def test_groups_match_the_per_layer_update(precision: str, tolerance: float, cha
             assert rel(getattr(acc, key), getattr(reference, key)) <= tolerance, key
 
 
+def test_layers_leaving_and_joining_a_group_keep_their_statistics() -> None:
+    """A group's running states are stacked; a layer that skips a batch, or a group whose members change order,
+    moves its state to a new stack without losing or double-counting anything."""
+    layers = [offset_batches(4, 2, 32, 8, seed) for seed in range(3)]
+    accs = [CovarianceAccumulator(32) for _ in layers]
+    schedule = [(0, 1, 2), (0, 1, 2), (2, 0), (1, 2, 0)]  # layer 1 skips the third batch; then another order
+    groups = BatchGroups()
+    for step, members in enumerate(schedule):
+        for i in members:
+            groups.add(accs[i], layers[i][step])
+        groups.flush()
+    for i, (acc, batches) in enumerate(zip(accs, layers, strict=True)):
+        reference = exact([batches[step] for step, members in enumerate(schedule) if i in members])
+        assert acc.count == reference.count and acc.positions == reference.positions
+        for key in ("covariance", "mean"):
+            assert rel(getattr(acc, key), getattr(reference, key)) <= 1e-12, (i, key)
+
+
 def test_a_non_finite_feature_in_a_group_names_its_layer_and_image() -> None:
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 1))
     images = torch.randn(4, 3, 8, 8)
@@ -177,3 +195,26 @@ def test_a_widening_layer_with_another_hook_takes_its_output() -> None:
                 model(batch)
     assert rel(tracker.accumulators["project"].second_moment, exact(seen["project"]).second_moment) <= BUDGET
     assert tracker.hooks.streams[("project", 0)].widening.weights is None  # its input was never taken
+
+
+@pytest.mark.parametrize("precision", ["float64", "float32"])
+def test_one_tracker_serves_inference_mode_then_a_training_step_then_a_second_with(precision: str) -> None:
+    """Buffers made while the model ran under torch.inference_mode stay usable in a training step (autograd on) and
+    across the tracker's ``with`` blocks; the statistics are those of every batch."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1))
+    batches = [torch.randn(2, 3, 8, 8) for _ in range(3)]
+    seen: list[torch.Tensor] = []
+    handle = model[2].register_forward_hook(lambda m, i, o: seen.append(o.detach().clone()))
+    tracker = eigpipe.track(model, ["2"], precision=precision)
+    with tracker:
+        with torch.inference_mode():
+            model(batches[0])
+        model(batches[1]).square().mean().backward()
+    with tracker:
+        model(batches[2])
+    handle.remove()
+    acc = tracker.accumulators["2"]
+    assert acc.count == 6
+    tolerance = 1e-12 if precision == "float64" else BUDGET
+    assert rel(acc.second_moment, exact(seen).second_moment) <= tolerance

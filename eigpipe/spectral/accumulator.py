@@ -76,6 +76,7 @@ class CovarianceAccumulator:
         self.positions = 0
         self._pending: torch.Tensor | None = None  # float32 products not yet in the scatter (float32 path)
         self._pending_positions = 0
+        self.stacked: object | None = None  # the group state whose row holds this state (eigpipe.spectral.grouped)
         # normal tensors even when created under inference_mode (hooks), so a later merge can update them
         with torch.inference_mode(False):
             self._mu = torch.zeros(self.channels, dtype=torch.float64, device=self.device)
@@ -218,16 +219,22 @@ class CovarianceAccumulator:
             products = torch.bmm(part, part.transpose(1, 2), out=self._buffer((len(part), c, c), torch.float32, 2))
             self._scatter.add_(products.sum(dim=0, dtype=torch.float64), alpha=alpha)
 
-    @property
-    def mean_state(self) -> torch.Tensor:
-        """The running mean itself (not a copy), for batched merges (eigpipe.spectral.grouped)."""
-        return self._mu
+    def keep_state_in(self, mean: torch.Tensor, scatter: torch.Tensor) -> None:
+        """Hold the running mean and scatter in the given float64 tensors from now on (rows of a group's stacked
+        state, eigpipe.spectral.grouped), the current values copied in."""
+        mean.copy_(self._mu)
+        scatter.copy_(self._scatter)
+        self._mu, self._scatter = mean, scatter
 
     def add_batch(self, images: int, positions: int, mean_shift: torch.Tensor, scatter: torch.Tensor) -> None:
         """Add a batch merged elsewhere: the change of the mean, and the scatter increment (full [C, C], float64:
         the batch's scatter about its mean plus Chan's cross term)."""
         self._mu.add_(mean_shift)
         self._scatter.add_(scatter)
+        self.count_batch(images, positions)
+
+    def count_batch(self, images: int, positions: int) -> None:
+        """Count a batch whose statistics were merged into this accumulator's (stacked) state in place."""
         self._n += images
         self.positions += positions
 

@@ -97,7 +97,7 @@ class FeatureHooks:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self.groups.clear(buffers=True)
+        self.groups.clear()
         self.active = False
 
     def keep(self, handle: Any) -> None:

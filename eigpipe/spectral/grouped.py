@@ -3,7 +3,8 @@
 A model's narrow layers cost little arithmetic each, so per-layer work is dominated by the fixed cost of a dozen
 small tensor operations. Layers whose features in a batch have the same shape [N, C, H, W] and precision are
 stacked: their batch means and scatters (per-image centring, as ``CovarianceAccumulator.update``) come from one
-batched Gram product, and each is then merged into its own statistics (Chan's formula, float64). In the float32
+batched Gram product, and merged into the layers' own statistics (Chan's formula, float64), whose running states
+are held stacked per group so that the merge is batched too. In the float32
 mode the products are float32 and each spans at most GROUPED_ELEMENTS / C positions (one image's for layers
 narrower than NARROW) before the float64 sum: 1e-8 to 1.3e-7 relative on offset features (C 8 to 64), within the
 mode's 1e-6 budget (tests/test_precision.py).
@@ -42,11 +43,13 @@ def groupable(feats: object, device: torch.device) -> bool:
 class BatchGroups:
     """The small layers' features of one batch, copied as they come (later in-place operations of the model cannot
     change them) into one buffer per shape and precision; ``flush`` merges each into its target at the batch's end.
-    The buffers are kept for the next batch."""
+    The buffers are kept for the next batch and the tracker's next ``with`` (allocated anew, they would cost a
+    batch's worth of page faults each time)."""
 
     def __init__(self) -> None:
         self._buffers: dict[tuple, torch.Tensor] = {}
         self._members: dict[tuple, list[tuple[CovarianceAccumulator, Any]]] = {}
+        self._states: dict[tuple, StackedState] = {}  # the members' running states, stacked, per shape
 
     def add(self, target: CovarianceAccumulator, feats: torch.Tensor, tag: Any = None) -> None:
         """Copy a [N, C, H, W] batch in; ``tag`` is what GroupNonFinite names if it holds a non-finite value."""
@@ -55,7 +58,8 @@ class BatchGroups:
         members = self._members.setdefault(key, [])
         buffer = self._buffers.get(key)
         if buffer is None or len(buffer) == len(members):
-            grown = torch.empty((2 * len(members) + 1, *_layout(n, c, h * w)), dtype=_dtype(target.precision))
+            with torch.inference_mode(False):  # usable in and out of inference mode
+                grown = torch.empty((2 * len(members) + 1, *_layout(n, c, h * w)), dtype=_dtype(target.precision))
             if buffer is not None:
                 grown[: len(members)].copy_(buffer)
             buffer = self._buffers[key] = grown
@@ -73,29 +77,59 @@ class BatchGroups:
                     means, scatters = batch_statistics(self._buffers[key][: len(group)], n, c, p)
                 except GroupNonFinite as bad:  # name the member by its tag
                     raise GroupNonFinite(group[bad.tag][1], bad.index) from None
-                _merge([target for target, _ in group], n, n * p, means, scatters)
+                targets = [target for target, _ in group]
+                state = self._states.get(key)
+                if state is None or not state.holds(targets):
+                    state = self._states[key] = StackedState(targets)
+                state.merge(n, n * p, means, scatters)
 
-    def clear(self, buffers: bool = False) -> None:
+    def clear(self) -> None:
+        """Forget the current batch's members (the buffers stay)."""
         self._members.clear()
-        if buffers:
-            self._buffers.clear()
 
 
-def _merge(
-    accs: list[CovarianceAccumulator], images: int, positions: int, means: torch.Tensor, scatters: torch.Tensor
-) -> None:
-    """Chan's merge of each batch (images, mean, scatter about it) into its accumulator, equal counts at once."""
-    by_count: dict[int, list[int]] = {}
-    for i, acc in enumerate(accs):
-        by_count.setdefault(acc.count, []).append(i)
-    for count, members in by_count.items():
-        total = count + images
-        whole = len(members) == len(accs)
-        part_means, part = (means, scatters) if whole else (means[members], scatters[members])
-        delta = part_means - torch.stack([accs[i].mean_state for i in members])
-        part.baddbmm_(delta.unsqueeze(2), delta.unsqueeze(1), alpha=count * images / total)
-        for i, scatter, shift in zip(members, part, delta.mul_(images / total), strict=True):
-            accs[i].add_batch(images, positions, shift, scatter)
+class StackedState:
+    """The running means and scatters of a group's accumulators, held as rows of two stacked tensors (each
+    accumulator keeps its row), so that one batch is merged into all of them by a few batched operations."""
+
+    def __init__(self, accs: list[CovarianceAccumulator]) -> None:
+        self.accs = accs
+        c = accs[0].channels
+        with torch.inference_mode(False):  # updated in and out of inference mode
+            self.means = torch.empty((len(accs), c), dtype=torch.float64)
+            self.scatters = torch.empty((len(accs), c, c), dtype=torch.float64)
+        for acc, mean, scatter in zip(accs, self.means, self.scatters, strict=True):
+            acc.keep_state_in(mean, scatter)
+            acc.stacked = self
+
+    def holds(self, accs: list[CovarianceAccumulator]) -> bool:
+        """Whether these are this state's accumulators, in its order, each still holding its row."""
+        return len(accs) == len(self.accs) and all(
+            acc is mine and acc.stacked is self for acc, mine in zip(accs, self.accs, strict=True)
+        )
+
+    def merge(self, images: int, positions: int, means: torch.Tensor, scatters: torch.Tensor) -> None:
+        """Chan's merge of each accumulator's batch (images, mean, scatter about it): all at once where the
+        accumulators have seen equally many images, else per count."""
+        by_count: dict[int, list[int]] = {}
+        for i, acc in enumerate(self.accs):
+            by_count.setdefault(acc.count, []).append(i)
+        if len(by_count) == 1:
+            count = self.accs[0].count
+            total = count + images
+            delta = means.sub_(self.means)
+            scatters.baddbmm_(delta.unsqueeze(2), delta.unsqueeze(1), alpha=count * images / total)
+            self.scatters.add_(scatters)
+            self.means.add_(delta, alpha=images / total)
+            for acc in self.accs:
+                acc.count_batch(images, positions)
+            return
+        for count, members in by_count.items():
+            total = count + images
+            delta = means[members] - self.means[members]
+            part = scatters[members].baddbmm_(delta.unsqueeze(2), delta.unsqueeze(1), alpha=count * images / total)
+            for i, scatter, shift in zip(members, part, delta.mul_(images / total), strict=True):
+                self.accs[i].add_batch(images, positions, shift, scatter)
 
 
 def _layout(n: int, c: int, p: int) -> tuple[int, int, int]:
