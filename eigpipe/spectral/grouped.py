@@ -3,11 +3,10 @@
 A model's narrow layers cost little arithmetic each, so per-layer work is dominated by the fixed cost of a dozen
 small tensor operations. Layers whose features in a batch have the same shape [N, C, H, W] and precision are
 stacked: their batch means and scatters (per-image centring, as ``CovarianceAccumulator.update``) come from one
-batched Gram product, and merged into the layers' own statistics (Chan's formula, float64), whose running states
-are held stacked per group so that the merge is batched too. In the float32
-mode the products are float32 and each spans at most GROUPED_ELEMENTS / C positions (one image's for layers
-narrower than NARROW) before the float64 sum: 1e-8 to 1.3e-7 relative on offset features (C 8 to 64), within the
-mode's 1e-6 budget (tests/test_precision.py).
+batched Gram product, and merged into the layers' own statistics (Chan's formula, float64), whose running states are
+held stacked per group so that the merge is batched too. In the float32 mode the products are float32 and each spans
+at most GROUPED_ELEMENTS / C positions (one image's for layers narrower than NARROW) before the float64 sum: 1e-8 to
+1.3e-7 relative on offset features (C 8 to 64), within the mode's 1e-6 budget (tests/test_precision.py).
 """
 
 from __future__ import annotations
