@@ -226,13 +226,6 @@ class CovarianceAccumulator:
         scatter.copy_(self._scatter)
         self._mu, self._scatter = mean, scatter
 
-    def add_batch(self, images: int, positions: int, mean_shift: torch.Tensor, scatter: torch.Tensor) -> None:
-        """Add a batch merged elsewhere: the change of the mean, and the scatter increment (full [C, C], float64:
-        the batch's scatter about its mean plus Chan's cross term)."""
-        self._mu.add_(mean_shift)
-        self._scatter.add_(scatter)
-        self.count_batch(images, positions)
-
     def count_batch(self, images: int, positions: int) -> None:
         """Count a batch whose statistics were merged into this accumulator's (stacked) state in place."""
         self._n += images
