@@ -39,10 +39,11 @@ def exact(batches: list[torch.Tensor]) -> CovarianceAccumulator:
 
 
 @pytest.mark.parametrize(("precision", "tolerance"), [("float64", 1e-12), ("float32", BUDGET)])
-@pytest.mark.parametrize(("channels", "size"), [(8, 32), (16, 16), (64, 8)])
+@pytest.mark.parametrize(("channels", "size"), [(8, 32), (16, 16), (64, 8), (64, 4)])
 def test_groups_match_the_per_layer_update(precision: str, tolerance: float, channels: int, size: int) -> None:
     """Three layers of one shape in a group, one of them a batch ahead (another image count): each layer's
-    statistics as the exact per-layer update's, narrow (per-image products) and wide (channel-major) alike."""
+    statistics as the exact per-layer update's, with per-image products (narrow layers, or as many positions as
+    channels) and channel-major ones (fewer positions than channels) alike."""
     layers = [offset_batches(3, 4, channels, size, seed) for seed in range(3)]
     accs = [CovarianceAccumulator(channels, precision=precision) for _ in layers]
     accs[2].update(layers[2][0])  # a different count: its own merge within the group

@@ -25,7 +25,7 @@ from eigpipe.models.taps import is_detector
 from eigpipe.spectral.accumulator import CovarianceAccumulator, FeatureBatch, NonFiniteFeature
 from eigpipe.spectral.buffers import Workspace
 from eigpipe.spectral.folds import FoldedAccumulator, FoldPlan, from_state
-from eigpipe.spectral.grouped import BatchGroups, GroupNonFinite, groupable
+from eigpipe.spectral.grouped import GROUPED_ELEMENTS, BatchGroups, GroupNonFinite, groupable
 from eigpipe.spectral.layers import Layer
 from eigpipe.spectral.layouts import Layout
 from eigpipe.spectral.widening import Widening, widening_input, widens
@@ -41,6 +41,7 @@ class Stream:
     call: int
     acc: CovarianceAccumulator | None  # None for a layer whose statistics are mapped from another's (float32)
     widening: Widening | bool | None = None  # its input's statistics when it widens its input (float32); False: not
+    direct: bool = False  # features taken as they are (no layout, crop or folds): the hook's direct path, from batch 2
 
 
 class FeatureHooks:
@@ -144,6 +145,9 @@ class FeatureHooks:
     # ---- accumulation ----------------------------------------------------------------------------
     def _take(self, layer: Layer, call: int, module: nn.Module, inputs: Any, output: Any) -> None:
         stream = self.streams.get((layer.name, call))
+        direct = stream is not None and stream.direct and self.geometry is None
+        if direct and self._take_direct(layer, stream, module, inputs, output):
+            return
         if layer.name in self.mapped:
             if stream is None:
                 self._new_stream(layer, call, None, [])
@@ -170,6 +174,29 @@ class FeatureHooks:
                 self._update(stream, target, feats)
         except NonFiniteFeature as bad:
             raise self._non_finite(stream, bad.index) from None
+        stream.direct = (
+            type(stream.acc) is CovarianceAccumulator  # not folded
+            and stream.acc.device.type == "cpu"
+            and not layer.per_region
+            and layout.resolved_axis(4) == 1
+        )
+
+    def _take_direct(self, layer: Layer, stream: Stream, module: nn.Module, inputs: Any, output: Any) -> bool:
+        """The common case, after a stream's first batch, without the general path's steps (with the groups' slot
+        views, 1.0 ms off a float32 demo batch's 6.9, side by side): a small [N, C, H, W] output, or a widening
+        layer's input, into its group; False where it does not apply (then the general path takes it)."""
+        if not _small_map(output):
+            return False
+        target, feats = stream.acc, output
+        if stream.widening:
+            source = widening_input(module, inputs, output, self.layouts[layer.name])
+            if source is None or not _small_map(source):
+                return False
+            inputs_acc = stream.widening.accumulator(self.workspace)
+            if inputs_acc is not None:
+                target, feats = inputs_acc, source
+        self.groups.add(target, feats.detach() if feats.requires_grad else feats, stream)
+        return True
 
     def _features(self, layer: Layer, layout: Layout, tensor: torch.Tensor) -> tuple[FeatureBatch, bool]:
         """(the layer's features of a tensor, cropped to each image's valid part on a detector; whether per image)."""
@@ -228,6 +255,11 @@ class FeatureHooks:
                 stream.widening.settle()
         ordered = sorted(self.streams.values(), key=lambda stream: stream.layer.forward_index)
         return [s.layer for s in ordered], {s.layer.name: s.acc for s in ordered if s.acc is not None}
+
+
+def _small_map(output: Any) -> bool:
+    """Whether a module's output is one [N, C, H, W] tensor small enough for a group."""
+    return type(output) is torch.Tensor and output.dim() == 4 and 0 < output.numel() <= GROUPED_ELEMENTS
 
 
 def crop_valid(feats: torch.Tensor, sizes: list[tuple[int, int]], padded: tuple[int, int]) -> FeatureBatch:

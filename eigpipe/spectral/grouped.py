@@ -5,8 +5,8 @@ small tensor operations. Layers whose features in a batch have the same shape [N
 stacked: their batch means and scatters (per-image centring, as ``CovarianceAccumulator.update``) come from one
 batched Gram product, and merged into the layers' own statistics (Chan's formula, float64), whose running states are
 held stacked per group so that the merge is batched too. In the float32 mode the products are float32 and each spans
-at most GROUPED_ELEMENTS / C positions (one image's for layers narrower than NARROW) before the float64 sum: 1e-8 to
-1.3e-7 relative on offset features (C 8 to 64), within the mode's 1e-6 budget (tests/test_precision.py).
+one image's positions (``per_image``) or at most GROUPED_ELEMENTS / C positions before the float64 sum: 2e-8 to
+6e-8 relative on offset features (C 8 to 256), within the mode's 1e-6 budget (tests/test_grouped.py).
 """
 
 from __future__ import annotations
@@ -48,30 +48,40 @@ class BatchGroups:
     def __init__(self) -> None:
         self._buffers: dict[tuple, torch.Tensor] = {}
         self._members: dict[tuple, list[tuple[CovarianceAccumulator, Any]]] = {}
+        self._slots: dict[tuple, list[torch.Tensor]] = {}  # views of the buffers' slots, made when they grow
         self._states: dict[tuple, StackedState] = {}  # the members' running states, stacked, per shape
 
     def add(self, target: CovarianceAccumulator, feats: torch.Tensor, tag: Any = None) -> None:
-        """Copy a [N, C, H, W] batch in; ``tag`` is what GroupNonFinite names if it holds a non-finite value."""
-        n, c, h, w = feats.shape
-        key = (n, c, h * w, target.precision)
+        """Copy a detached [N, C, H, W] batch in; ``tag`` is what GroupNonFinite names if it is not finite."""
+        key = (*feats.shape, target.precision)
         members = self._members.setdefault(key, [])
-        buffer = self._buffers.get(key)
-        if buffer is None or len(buffer) == len(members):
-            with torch.inference_mode(False):  # usable in and out of inference mode
-                grown = torch.empty((2 * len(members) + 1, *_layout(n, c, h * w)), dtype=_dtype(target.precision))
-            if buffer is not None:
-                grown[: len(members)].copy_(buffer)
-            buffer = self._buffers[key] = grown
-        view = feats.detach().reshape(n, c, h * w)
-        buffer[len(members)].copy_(view if c < CovarianceAccumulator.NARROW else view.transpose(0, 1))
+        slots = self._slots.get(key)
+        if slots is None or len(slots) == len(members):
+            slots = self._grow(key, 2 * len(members) + 1)
+        slots[len(members)].copy_(feats)
         members.append((target, tag))
+
+    def _grow(self, key: tuple, size: int) -> list[torch.Tensor]:
+        """Room for ``size`` members of a group (what it held is kept); each member's slot as a [N, C, H, W] view."""
+        n, c, h, w, precision = key
+        with torch.inference_mode(False):  # usable in and out of inference mode
+            grown = torch.empty((size, *_layout(n, c, h * w)), dtype=_dtype(precision))
+        held = self._buffers.get(key)
+        if held is not None:
+            grown[: len(held)].copy_(held)
+        self._buffers[key] = grown
+        images_first = per_image(c, h * w)
+        slots = [slot.view(n, c, h, w) if images_first else slot.view(c, n, h, w).transpose(0, 1) for slot in grown]
+        self._slots[key] = slots
+        return slots
 
     def flush(self) -> None:
         """Merge every group's batch statistics into the targets; raises GroupNonFinite before merging a group."""
         members, self._members = self._members, {}
         with torch.autocast("cpu", enabled=False):
             for key, group in members.items():
-                n, c, p, _ = key
+                n, c, h, w, _ = key
+                p = h * w
                 try:
                     means, scatters = batch_statistics(self._buffers[key][: len(group)], n, c, p)
                 except GroupNonFinite as bad:  # name the member by its tag
@@ -114,8 +124,8 @@ class StackedState:
         for i, acc in enumerate(self.accs):
             by_count.setdefault(acc.count, []).append(i)
         for count, members in by_count.items():
-            rows, total = torch.tensor(members), count + images
-            whole = len(members) == len(self.accs)
+            total, whole = count + images, len(members) == len(self.accs)
+            rows = None if whole else torch.tensor(members)
             part_means, part, mine = (
                 (means, scatters, self.means) if whole else (means[rows], scatters[rows], self.means[rows])
             )
@@ -131,10 +141,17 @@ class StackedState:
                 self.accs[i].count_batch(images, positions)
 
 
+def per_image(c: int, p: int) -> bool:
+    """Whether a layer's Gram product is taken per image: narrow layers (a narrow GEMM over all positions runs far
+    below peak, and a float32 sum spans one image), and layers with at least as many positions as channels (their
+    features are copied as they are; a channel-major copy measured 0.4 ms slower per demo batch)."""
+    return c < CovarianceAccumulator.NARROW or p >= c
+
+
 def _layout(n: int, c: int, p: int) -> tuple[int, int, int]:
-    """Narrow layers: one product per image (a narrow GEMM over all positions runs far below peak, and a float32 sum
-    spans one image), so images first; wider ones: one product per layer over all its positions, channels first."""
-    return (n, c, p) if c < CovarianceAccumulator.NARROW else (c, n, p)
+    """Images first where the products are per image; else one product per layer over all its positions, channels
+    first."""
+    return (n, c, p) if per_image(c, p) else (c, n, p)
 
 
 def _dtype(precision: str) -> torch.dtype:
@@ -145,15 +162,15 @@ def batch_statistics(x: torch.Tensor, n: int, c: int, p: int) -> tuple[torch.Ten
     """(means [L, C], scatters [L, C, C]) in float64 of L batches laid out by ``_layout`` (centred in place): the
     per-image-weighted mean and the scatter about it (W / P + sum_i (m_i - m)(m_i - m)^T, P positions per image).
     Raises GroupNonFinite (tag: the batch's index among the L) for the first non-finite image."""
-    narrow, size = c < CovarianceAccumulator.NARROW, len(x)
+    images_first, size = per_image(c, p), len(x)
     centre = x.mean(dim=3, keepdim=True)
     x.sub_(centre)
-    means = x.mean(dim=3).to(torch.float64).add_(centre[..., 0])  # the centre plus the residual mean
-    means = means if narrow else means.transpose(1, 2)  # [L, N, C]
+    means = centre[..., 0].double().add_(x.sum(dim=3), alpha=1.0 / p)  # the centre plus the residual mean
+    means = means if images_first else means.transpose(1, 2)  # [L, N, C]
     if not math.isfinite(float(means.sum())):
         bad = (~torch.isfinite(means).all(dim=2)).nonzero()[0]
         raise GroupNonFinite(int(bad[0]), int(bad[1]))
-    if narrow:
+    if images_first:
         images = x.view(size * n, c, p)
         within = torch.bmm(images, images.transpose(1, 2)).view(size, n, c, c).sum(dim=1, dtype=torch.float64)
     else:
@@ -161,5 +178,5 @@ def batch_statistics(x: torch.Tensor, n: int, c: int, p: int) -> tuple[torch.Ten
         within = torch.bmm(flat, flat.transpose(1, 2)).to(torch.float64)
     batch_mean = means.mean(dim=1)
     deviations = means - batch_mean.unsqueeze(1)
-    scatter = torch.baddbmm(within, deviations.transpose(1, 2), deviations, alpha=p).div_(p)
+    scatter = torch.baddbmm(within, deviations.transpose(1, 2), deviations, beta=1.0 / p)
     return batch_mean, scatter

@@ -51,7 +51,8 @@ def widening_input(module: nn.Module, inputs: Any, output: torch.Tensor, layout:
     if type(module) is nn.Conv2d:
         if dims != 4 or layout.resolved_axis(4) != 1:
             return None
-        x = x[:, :, :: module.stride[0], :: module.stride[1]]
+        if module.stride != (1, 1):
+            x = x[:, :, :: module.stride[0], :: module.stride[1]]
         same = x.shape[2:] == output.shape[2:]
     else:
         if layout.resolved_axis(dims) != dims - 1:
