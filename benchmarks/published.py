@@ -105,9 +105,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
-    from eigpipe import provenance
     from eigpipe.models.published.stage import import_checkpoint
-    from eigpipe.provenance import versions, write_json
+    from eigpipe.provenance import cpu_model, versions, write_json
     from tests import upstream_keys
     from tests.test_published_study import coco_split
     from tests.upstream_files import random_arrays, write_detectron2
@@ -146,7 +145,7 @@ def main() -> None:
         "derivation": derivation,
         "quick": args.quick,
         "machine": {
-            "cpu": provenance.cpu_model(),
+            "cpu": cpu_model(),
             "cores": os.cpu_count(),
             "load_average_1min": [load_before, os.getloadavg()[0]],
         },

@@ -25,7 +25,7 @@ from eigpipe.models.taps import is_detector
 from eigpipe.spectral.accumulator import CovarianceAccumulator, FeatureBatch, NonFiniteFeature
 from eigpipe.spectral.buffers import Workspace
 from eigpipe.spectral.folds import FoldedAccumulator, FoldPlan, from_state
-from eigpipe.spectral.grouped import GROUPED_ELEMENTS, BatchGroups, GroupNonFinite, groupable
+from eigpipe.spectral.grouped import BatchGroups, GroupNonFinite, groupable, small_map
 from eigpipe.spectral.layers import Layer
 from eigpipe.spectral.layouts import Layout
 from eigpipe.spectral.widening import Widening, widening_input, widens
@@ -185,12 +185,12 @@ class FeatureHooks:
         """The common case, after a stream's first batch, without the general path's steps (with the groups' slot
         views, 1.0 ms off a float32 demo batch's 6.9, side by side): a small [N, C, H, W] output, or a widening
         layer's input, into its group; False where it does not apply (then the general path takes it)."""
-        if not _small_map(output):
+        if not small_map(output):
             return False
         target, feats = stream.acc, output
         if stream.widening:
             source = widening_input(module, inputs, output, self.layouts[layer.name])
-            if source is None or not _small_map(source):
+            if source is None or not small_map(source):
                 return False
             inputs_acc = stream.widening.accumulator(self.workspace)
             if inputs_acc is not None:
@@ -255,11 +255,6 @@ class FeatureHooks:
                 stream.widening.settle()
         ordered = sorted(self.streams.values(), key=lambda stream: stream.layer.forward_index)
         return [s.layer for s in ordered], {s.layer.name: s.acc for s in ordered if s.acc is not None}
-
-
-def _small_map(output: Any) -> bool:
-    """Whether a module's output is one [N, C, H, W] tensor small enough for a group."""
-    return type(output) is torch.Tensor and output.dim() == 4 and 0 < output.numel() <= GROUPED_ELEMENTS
 
 
 def crop_valid(feats: torch.Tensor, sizes: list[tuple[int, int]], padded: tuple[int, int]) -> FeatureBatch:

@@ -29,14 +29,14 @@ class GroupNonFinite(NonFiniteFeature):
         self.tag = tag
 
 
+def small_map(feats: object) -> bool:
+    """Whether features are one [N, C, H, W] tensor small enough for a group."""
+    return isinstance(feats, torch.Tensor) and feats.dim() == 4 and 0 < feats.numel() <= GROUPED_ELEMENTS
+
+
 def groupable(feats: object, device: torch.device) -> bool:
     """Whether a batch of features may join a group: one small [N, C, H, W] tensor on the CPU."""
-    return (
-        device.type == "cpu"
-        and isinstance(feats, torch.Tensor)
-        and feats.dim() == 4
-        and 0 < feats.numel() <= GROUPED_ELEMENTS
-    )
+    return device.type == "cpu" and small_map(feats)
 
 
 class BatchGroups:
