@@ -8,9 +8,9 @@ model, the same images and the same layers (every Conv2d and Linear, each module
 Throughput: rounds of plain inference, inference under eigpipe.track (float64) and inference under delve's
 SaturationTracker, interleaved, on a standard-width torchvision ResNet-50 at 224 px (every Conv2d and the fc) and
 on the demo detector's backbone (1/8-width GroupNorm ResNet-50 body and FPN, 128 px, every conv of the body);
-streaming images/s per round and the ratio eigpipe / delve of each round, whose median is reported, by wall
-clock and by this process's CPU time (steadier on a shared machine); and each tool's one-off finalisation after
-the stream (eigenvalues and measures), in seconds.
+streaming images/s per round and the ratio eigpipe / delve of each round, whose median (and quartiles) is
+reported, by wall clock and by this process's CPU time (steadier on a shared machine); and each tool's one-off
+finalisation after the stream (eigenvalues and measures), in seconds.
 
 Agreement, on one batch (delve 0.1.50 starts a fresh
 covariance at every forward pass while it records: after several batches it holds the last one only, which is
@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "versus_delve.json"
 CASES = {
     "resnet50_224": {"images": 16, "batch": 8, "rounds": 4},
-    "demo_128": {"images": 64, "batch": 8, "rounds": 6},
+    "demo_128": {"images": 64, "batch": 8, "rounds": 16},  # short rounds: 16 of them for a steady median
 }
 QUICK = {"images": 4, "batch": 2, "rounds": 1}
 
@@ -126,10 +126,17 @@ def throughput(case: str, rounds: int) -> dict[str, Any]:
                 tracker.add_saturations(save=False)
                 found["delve_final_s"].append(time.perf_counter() - start)
 
-    def ratio(a: str, b: str) -> float:
-        return round(statistics.median(x / y for x, y in zip(found[a], found[b], strict=True)), 3)
+    def per_round(a: str, b: str) -> list[float]:
+        return [x / y for x, y in zip(found[a], found[b], strict=True)]
 
-    ratios = [e / d for e, d in zip(found["eigpipe"], found["delve"], strict=True)]
+    def ratio(a: str, b: str) -> float:
+        return round(statistics.median(per_round(a, b)), 3)
+
+    def quartiles(a: str, b: str) -> list[float]:
+        values = per_round(a, b)
+        return [round(q, 3) for q in statistics.quantiles(values, n=4)] if len(values) > 1 else []
+
+    ratios = per_round("eigpipe", "delve")
     median = {key: round(statistics.median(values), 3) for key, values in found.items()}
     return {
         "images_per_round": images,
@@ -138,6 +145,10 @@ def throughput(case: str, rounds: int) -> dict[str, Any]:
         "eigpipe_over_delve_per_round": [round(r, 3) for r in ratios],
         "eigpipe_over_delve": round(statistics.median(ratios), 3),
         "eigpipe_float32_over_delve": ratio("eigpipe_float32", "delve"),
+        "quartiles_of_the_rounds": {  # how sure: the per-round ratios' quartiles
+            "eigpipe_over_delve": quartiles("eigpipe", "delve"),
+            "eigpipe_float32_over_delve": quartiles("eigpipe_float32", "delve"),
+        },
         "by_cpu_time": {
             "eigpipe_over_delve": ratio("eigpipe_cpu", "delve_cpu"),
             "eigpipe_float32_over_delve": ratio("eigpipe_float32_cpu", "delve_cpu"),

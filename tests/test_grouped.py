@@ -11,7 +11,7 @@ from torch import nn
 import eigpipe
 from eigpipe.errors import NumericalError
 from eigpipe.spectral.accumulator import CovarianceAccumulator
-from eigpipe.spectral.grouped import GROUPED_ELEMENTS, BatchGroups
+from eigpipe.spectral.grouped import GROUPED_ELEMENTS, BatchGroups, StackedState
 
 torch.set_num_threads(1)
 BUDGET = 1e-6  # the float32 mode's relative error budget (tests/test_precision.py)
@@ -76,6 +76,32 @@ def test_layers_leaving_and_joining_a_group_keep_their_statistics() -> None:
         assert acc.count == reference.count and acc.positions == reference.positions
         for key in ("covariance", "mean"):
             assert rel(getattr(acc, key), getattr(reference, key)) <= 1e-12, (i, key)
+
+
+@pytest.mark.parametrize(("precision", "tolerance"), [("float64", 1e-12), ("float32", BUDGET)])
+@pytest.mark.parametrize(("channels", "size"), [(16, 16), (64, 4)])
+def test_held_batches_are_merged_when_full_and_whenever_read(
+    monkeypatch: pytest.MonkeyPatch, precision: str, tolerance: float, channels: int, size: int
+) -> None:
+    """A group holds its batches' products and images' means and merges them every few images, and before a layer
+    is read: read after every batch (mid-hold or just merged), each layer's statistics are those of the batches so
+    far, never counted twice."""
+    monkeypatch.setattr(StackedState, "HELD_IMAGES", 6)  # batches of 4: merged at every second batch
+    monkeypatch.setattr(CovarianceAccumulator, "FLOAT32_FLUSH", 3 * size * size)  # products moved mid-hold too
+    layers = [offset_batches(5, 4, channels, size, seed) for seed in range(2)]
+    accs = [CovarianceAccumulator(channels, precision=precision) for _ in layers]
+    groups = BatchGroups()
+    for step in range(5):
+        for acc, batches in zip(accs, layers, strict=True):
+            groups.add(acc, batches[step])
+        groups.flush()
+        if step % 2:  # some batches are read, some are not
+            continue
+        for acc, batches in zip(accs, layers, strict=True):
+            reference = exact(batches[: step + 1])
+            assert (acc.count, acc.positions) == (reference.count, reference.positions)
+            assert rel(acc.covariance, reference.covariance) <= tolerance
+            assert rel(acc.mean, reference.mean) <= 1e-12
 
 
 def test_a_non_finite_feature_in_a_group_names_its_layer_and_image() -> None:

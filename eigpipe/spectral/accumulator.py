@@ -73,10 +73,10 @@ class CovarianceAccumulator:
         self.precision = precision
         self._rows = self.panel_rows(self.channels)  # the Gram's lower panel triangle is authoritative
         self._n = 0
-        self.positions = 0
+        self._positions = 0
         self._pending: torch.Tensor | None = None  # float32 products not yet in the scatter (float32 path)
         self._pending_positions = 0
-        self.stacked: object | None = None  # the group state whose row holds this state (eigpipe.spectral.grouped)
+        self.stacked: Any = None  # the group's StackedState whose row holds this state (eigpipe.spectral.grouped)
         # normal tensors even when created under inference_mode (hooks), so a later merge can update them
         with torch.inference_mode(False):
             self._mu = torch.zeros(self.channels, dtype=torch.float64, device=self.device)
@@ -112,6 +112,7 @@ class CovarianceAccumulator:
     def _update_batch(self, batch: torch.Tensor, indices: list[int]) -> None:
         """Fold N equal-sized images [N, C, H, W] into the state (NonFiniteFeature before any change)."""
         n, c, h, w = batch.shape
+        self._settle()
         if c != self.channels:
             raise ValueError(f"expected {self.channels} channels, got {c}")
         if h * w == 0:
@@ -146,7 +147,7 @@ class CovarianceAccumulator:
         self._gram(operand, alpha=1.0 / p)
         self._mu.add_(delta, alpha=n / total)
         self._n = total
-        self.positions += n * p
+        self._positions += n * p
 
     def _update_float32(self, batch: torch.Tensor, indices: list[int]) -> None:
         """The float64 path's operand and GEMM in float32, into a float32 ``pending`` sum moved to the scatter
@@ -182,7 +183,7 @@ class CovarianceAccumulator:
                 self._gram_pending(operand, alpha=1.0 / p, positions=n * p)
         self._mu.add_(delta, alpha=n / total)
         self._n = total
-        self.positions += n * p
+        self._positions += n * p
 
     def _gram_pending(self, operand: torch.Tensor, alpha: float, positions: int) -> None:
         """pending += alpha * operand operand^T in float32, moved to the scatter every FLOAT32_FLUSH positions."""
@@ -195,7 +196,8 @@ class CovarianceAccumulator:
             self._flush()
 
     def _flush(self) -> None:
-        """Move the pending float32 products into the float64 scatter."""
+        """Bring the state up to date (``_settle``) and move the pending float32 products into the float64 scatter."""
+        self._settle()
         if self._pending_positions:
             self._scatter.add_(self._pending)
             self._pending.zero_()
@@ -222,6 +224,7 @@ class CovarianceAccumulator:
     def keep_state_in(self, mean: torch.Tensor, scatter: torch.Tensor) -> None:
         """Hold the running mean and scatter in the given float64 tensors from now on (rows of a group's stacked
         state, eigpipe.spectral.grouped), the current values copied in."""
+        self._settle()
         mean.copy_(self._mu)
         scatter.copy_(self._scatter)
         self._mu, self._scatter = mean, scatter
@@ -229,7 +232,12 @@ class CovarianceAccumulator:
     def count_batch(self, images: int, positions: int) -> None:
         """Count a batch whose statistics were merged into this accumulator's (stacked) state in place."""
         self._n += images
-        self.positions += positions
+        self._positions += positions
+
+    def _settle(self) -> None:
+        """Bring the state up to date: a group's stacked state may hold this accumulator's latest images' means."""
+        if self.stacked is not None:
+            self.stacked.settle()
 
     def _merge_stats(self, n_b: int, mu_b: torch.Tensor, scatter_b: torch.Tensor) -> None:
         """Chan et al.'s pairwise update of (count, mean, scatter) with another set's statistics."""
@@ -247,13 +255,15 @@ class CovarianceAccumulator:
         """Fold another partial accumulator (other images of the same layer) into this one."""
         if other.channels != self.channels:
             raise ValueError(f"cannot merge {other.channels} channels into {self.channels}")
+        self._settle()
         other._flush()
         self._merge_stats(other._n, other._mu.to(self.device), other._scatter.to(self.device))
-        self.positions += other.positions
+        self._positions += other.positions
         return self
 
     # ---- state (DDP gather, resuming) -----------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        self._settle()
         return {
             "channels": self.channels,
             "precision": self.precision,
@@ -267,7 +277,7 @@ class CovarianceAccumulator:
     def from_state_dict(cls, state: dict[str, Any], device: torch.device | str | None = None) -> CovarianceAccumulator:
         acc = cls(state["channels"], device, precision=state["precision"])
         acc._n = int(state["count"])
-        acc.positions = int(state["positions"])
+        acc._positions = int(state["positions"])
         acc._mu.copy_(state["mean"])
         acc._scatter.copy_(state["scatter"])
         return acc
@@ -290,24 +300,32 @@ class CovarianceAccumulator:
     @property
     def count(self) -> int:
         """Images seen."""
+        self._settle()
         return self._n
+
+    @property
+    def positions(self) -> int:
+        """Feature positions seen (over all images)."""
+        self._settle()
+        return self._positions
 
     @property
     def mean(self) -> torch.Tensor:
         """(1/n) sum_i mean_xy F_i, float64 [C]."""
+        self._settle()
         return self._mu.clone()
 
     @property
     def covariance(self) -> torch.Tensor:
         """Centred covariance (second_moment - mean mean^T, computed without cancellation), float64 [C, C]."""
-        if self._n == 0:
+        if self.count == 0:
             raise ValueError("no images accumulated")
         return self._symmetric().div_(self._n)
 
     @property
     def second_moment(self) -> torch.Tensor:
         """The paper's uncentred matrix (1/n) sum_i mean_xy F F^T, float64 [C, C]."""
-        if self._n == 0:
+        if self.count == 0:
             raise ValueError("no images accumulated")
         return self._symmetric().div_(self._n).addr_(self._mu, self._mu)
 

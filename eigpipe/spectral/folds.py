@@ -99,7 +99,7 @@ class FoldedAccumulator(CovarianceAccumulator):
     def from_state_dict(cls, state: dict[str, Any], device: torch.device | str | None = None) -> FoldedAccumulator:
         acc = cls(state["channels"], device, precision=state["precision"], folds=len(state["folds"]))
         merged = CovarianceAccumulator.from_state_dict({k: v for k, v in state.items() if k != "folds"}, device)
-        acc._n, acc.positions = merged._n, merged.positions
+        acc._n, acc._positions = merged._n, merged.positions
         acc._mu.copy_(merged._mu)
         acc._scatter.copy_(merged._scatter)
         acc.folds = [CovarianceAccumulator.from_state_dict(fold, device) for fold in state["folds"]]
