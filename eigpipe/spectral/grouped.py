@@ -130,16 +130,13 @@ class StackedState:
         """One batch of every accumulator (``centre``'s): its images' means [L, N, C] and its centred features,
         whose Gram products times ``scale`` (1 / P) are the within-image scatter."""
         images, held, products = means.shape[1], self._held_means, self._products
-        if held is None or self._held + images > held.shape[1]:
-            self.settle()
-            if held is None or images > held.shape[1]:
-                shape = (len(self.accs), max(self.HELD_IMAGES, images), means.shape[2])
-                with torch.inference_mode(False):
-                    held = self._held_means = means.new_empty(shape)
-        if products is None or products.shape[0] != len(operand) or products.dtype != operand.dtype:
-            self._add_products()
+        if held is None or products is None:  # a state serves one shape: its buffers are made once
+            c = means.shape[2]
             with torch.inference_mode(False):
-                products = self._products = operand.new_zeros((len(operand), means.shape[2], means.shape[2]))
+                held = self._held_means = means.new_empty((len(self.accs), max(self.HELD_IMAGES, images), c))
+                products = self._products = operand.new_zeros((len(operand), c, c))
+        elif self._held + images > held.shape[1]:
+            self.settle()
         products.baddbmm_(operand, operand.transpose(1, 2), alpha=scale)
         self._span += operand.shape[2]
         if self._span >= CovarianceAccumulator.FLOAT32_FLUSH:
