@@ -216,9 +216,11 @@ def centre(x: torch.Tensor, n: int, c: int, p: int) -> tuple[torch.Tensor, torch
     the centred features as the operand of their Gram products: [L * N, C, P] per image, else [L, C, N * P]).
     Raises GroupNonFinite (tag: the batch's index among the L) for the first non-finite image."""
     images_first, size = per_image(c, p), len(x)
-    first = x.mean(dim=3, keepdim=True)  # float32 in the float32 mode: the residual mean below makes it exact
+    first = x.mean(dim=3, keepdim=True)
     x.sub_(first)
-    means = first[..., 0].double().add_(x.sum(dim=3), alpha=1.0 / p)
+    means = first[..., 0]
+    if x.dtype != torch.float64:  # a float32 mean: the residual mean of the centred values makes it exact
+        means = means.double().add_(x.sum(dim=3), alpha=1.0 / p)
     means = means if images_first else means.transpose(1, 2)  # [L, N, C]
     if not math.isfinite(float(means.sum())):
         bad = (~torch.isfinite(means).all(dim=2)).nonzero()[0]
