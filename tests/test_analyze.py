@@ -68,7 +68,8 @@ BAD = [
     (["--images", "MISSING"], "image folder not found"),
     (["--images", "EMPTY"], "no image files"),
     (["--layers", "Conv2d:nothing.*"], "layers: selector 'Conv2d:nothing.*' matches no module of the model"),
-    (["--weights", "TEXT"], "not a readable state dict"),
+    (["--weights", "TEXT"], "not a readable state dict (a damaged file or not a torch file"),
+    (["--weights", "WHOLE"], "holds a pickled torchvision.models.resnet.ResNet, which eigpipe does not unpickle"),
     (["--weights", "OTHER"], "does not fit torchvision:resnet18"),
     (["--batch-size", "0"], "'0' is not a whole number >= 1"),
 ]
@@ -81,6 +82,7 @@ def test_bad_input_is_one_line_and_leaves_nothing(photos: Path, tmp_path: Path, 
     (tmp_path / "EMPTY").mkdir()
     (tmp_path / "TEXT").write_text("not weights")
     torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), tmp_path / "OTHER")
+    torch.save(torchvision.models.resnet18(), tmp_path / "WHOLE")  # the model object, not its state dict
     args = {"--model": "torchvision:resnet18", "--images": str(photos), "--layers": "avgpool"}
     for key, value in zip(change[::2], change[1::2], strict=True):
         args[key] = str(tmp_path / value) if value.isupper() else value

@@ -129,11 +129,21 @@ def test_checkpoint_round_trip(tmp_path, tiny_model):
         assert torch.equal(a, b), k
 
 
-def test_unreadable_checkpoint_is_a_one_line_error(tmp_path):
+@pytest.mark.parametrize(
+    ("write", "why"),
+    [
+        (lambda p: p.write_text("not a checkpoint"), r"a damaged file or not a torch file: UnpicklingError"),
+        (lambda p: p.write_bytes(b"PK\x03\x04" + bytes(64)), r"a damaged file or not a torch file: RuntimeError"),
+        (lambda p: torch.save(nn.Conv2d(3, 4, 1), p), r"it holds a pickled torch\.nn\.modules\.conv\.Conv2d, which"),
+    ],
+    ids=["text", "damaged zip", "a pickled module"],
+)
+def test_unreadable_checkpoint_is_a_one_line_error(tmp_path, write, why):
     bad = tmp_path / "bad.pt"
-    bad.write_text("not a checkpoint")
-    with pytest.raises(EigpipeError, match="bad.pt: not a readable torch checkpoint"):
+    write(bad)
+    with pytest.raises(EigpipeError, match=r"^\S*bad\.pt: not a readable torch checkpoint \(" + why) as caught:
         load_checkpoint(bad)
+    assert "\n" not in str(caught.value)
 
 
 def study_file(tmp_path, model: dict | None) -> str:

@@ -9,6 +9,7 @@ are each one line naming the file and the field or tensor.
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -39,14 +40,27 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any]) ->
         torch.save({**meta, "format": FORMAT, "state_dict": unwrap(model).state_dict()}, tmp)
 
 
+def load_torch_file(path: Path, what: str) -> Any:
+    """A torch file's contents, read without running code from it (``weights_only``); where torch cannot read it,
+    a one-line error ``{path}: not {what} (why)``: a pickled Python object other than tensors and plain containers
+    (a whole model saved with torch.save) is named, a damaged or foreign file is said to be one."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for damaged or foreign files
+        pickled = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        reason = (
+            f"it holds a pickled {pickled[1]}, which eigpipe does not unpickle: save a state_dict() instead"
+            if pickled
+            else f"a damaged file or not a torch file: {type(exc).__name__}"
+        )
+        raise EigpipeError(f"{path}: not {what} ({reason})") from None
+
+
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise EigpipeError(f"{path}: checkpoint not found")
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for corrupt files
-        raise EigpipeError(f"{path}: not a readable torch checkpoint ({type(exc).__name__})") from None
+    raw = load_torch_file(path, "a readable torch checkpoint")
     if not isinstance(raw, dict):
         raise EigpipeError(f"{path}: expected a dict checkpoint or state dict, got {type(raw).__name__}")
     return raw

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from eigpipe import provenance
 from eigpipe.errors import EigpipeError
+from eigpipe.models.checkpoint import load_torch_file
 from eigpipe.outputs import claim_outputs
 from eigpipe.spectral import store
 from eigpipe.spectral.buffers import ieee_float32
@@ -64,11 +65,7 @@ def load_model(spec: str, weights: Path | None) -> tuple[nn.Module, Callable]:
 def _load_weights(model: nn.Module, path: Path, spec: str) -> None:
     if not path.is_file():
         raise EigpipeError(f"{path}: weights file not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle, zip and torch errors of damaged or foreign files
-        first = (str(exc).strip().splitlines() or [""])[0]
-        raise EigpipeError(f"{path}: not a readable state dict ({type(exc).__name__}: {first})") from None
+    state = load_torch_file(path, "a readable state dict")
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     if not isinstance(state, dict):
         raise EigpipeError(f"{path}: not a state dict (a {type(state).__name__})")

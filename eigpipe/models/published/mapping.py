@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from eigpipe.errors import EigpipeError
+from eigpipe.models.checkpoint import load_torch_file
 
 Rename = Callable[[re.Match], str]
 STEM = "conv1.weight"  # the stem conv, under the body's prefix
@@ -34,10 +35,7 @@ class Mapped:
 def torch_file(path: Path, what: str, key: str, required: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
     """(state dict, whole file) of a torch file holding a state dict of tensors under ``key`` (or, unless
     ``required``, at its top level); read without running code (``weights_only``). ``what`` names the format."""
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for files it cannot read
-        raise EigpipeError(f"{path}: not {what} (torch cannot read it: {type(exc).__name__})") from None
+    raw = load_torch_file(path, what)
     nested = isinstance(raw, dict) and isinstance(raw.get(key), dict)
     state = raw[key] if nested else (None if required else raw)
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
