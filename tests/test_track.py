@@ -13,6 +13,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torchvision
@@ -203,6 +204,18 @@ def test_a_layer_that_never_runs_is_named_in_a_warning_after_the_first_batch() -
             model(torch.rand(5, 4))
             model(torch.rand(5, 4))  # warned once, after the first batch
     assert list(tracker.spectra()["layer"]) == ["used"]
+
+
+def test_one_selector_may_be_given_alone() -> None:
+    """``layers="Linear:*"`` is that one selector (not its characters, each a selector of its own)."""
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    tables = []
+    for layers in ("Linear:*", ["Linear:*"]):
+        with torch.inference_mode(), eigpipe.track(model, layers) as tracker:
+            model(torch.rand(6, 4, generator=torch.Generator().manual_seed(0)))
+        tables.append(tracker.spectra())
+    assert list(tables[0]["layer"]) == ["0", "2"]
+    pd.testing.assert_frame_equal(tables[0], tables[1])
 
 
 def test_inside_a_training_step_every_second_batch_without_autograd() -> None:

@@ -54,7 +54,7 @@ class Tracker:
     def __init__(
         self,
         model: nn.Module,
-        layers: Sequence[str],
+        layers: str | Sequence[str],
         *,
         every: int = 1,
         precision: str = "float64",
@@ -72,7 +72,8 @@ class Tracker:
         if tap not in TAPS:
             raise EigpipeError(f"tap: {tap!r} is not one of {', '.join(TAPS)}")
         own = tap == "output" or (tap == "auto" and not built_by_eigpipe(model))
-        self.model, self.every, self.precision, self.selectors = model, every, precision, list(layers)
+        self.model, self.every, self.precision = model, every, precision
+        self.selectors = [layers] if isinstance(layers, str) else list(layers)
         self.run = run or type(model).__name__
         self.settings = {"every": every, "precision": precision, "tap": "output" if own else "pipeline"}
         self.settings.update(channel_axis=channel_axis, output_index=output_index, prefix_tokens=prefix_tokens)
@@ -212,12 +213,13 @@ def _eigvalsh(matrix: np.ndarray) -> np.ndarray:
     return torch.linalg.eigvalsh(torch.from_numpy(matrix)).numpy()
 
 
-def track(model: nn.Module, layers: Sequence[str], **options: Any) -> Tracker:
+def track(model: nn.Module, layers: str | Sequence[str], **options: Any) -> Tracker:
     """Track the eigenspectra of ``model``'s selected layers while your code runs it; use with ``with``.
 
-    layers: selectors as in ``eigpipe covariance --layers``: module-path globs (``"encoder.layers.*.mlp.0"``) or
-        ``Type:glob`` (``"Conv2d:*"``). On a model eigpipe did not build, a layer's feature is the selected
-        module's own output; on eigpipe's detectors and classifiers, the pipeline's feature taps (post-activation).
+    layers: a selector or a list of them, as in ``eigpipe covariance --layers``: module-path globs
+        (``"encoder.layers.*.mlp.0"``) or ``Type:glob`` (``"Conv2d:*"``). On a model eigpipe did not build, a
+        layer's feature is the selected module's own output; on eigpipe's detectors and classifiers, the
+        pipeline's feature taps (post-activation).
     every: take every K-th forward pass (default 1: all).
     precision: "float64" (exact) or "float32" Gram products (statistics stay float64).
     tap: "auto" (as above), "output" (always the module's own output) or "pipeline" (always the feature taps).

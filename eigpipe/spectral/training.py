@@ -28,7 +28,9 @@ from eigpipe.spectral.track import Tracker
 class TrainingTracker:
     """A Tracker that publishes ``<folder>/<step>.zarr`` every ``save_every`` calls of ``step()``."""
 
-    def __init__(self, model: nn.Module, layers: Sequence[str], folder: str | Path, save_every: int, **options: Any):
+    def __init__(
+        self, model: nn.Module, layers: str | Sequence[str], folder: str | Path, save_every: int, **options: Any
+    ):
         if not isinstance(save_every, int) or save_every < 1:
             raise EigpipeError(f"save_every: {save_every!r} is not a whole number >= 1")
         self.folder, self.save_every = Path(folder), save_every
@@ -55,7 +57,7 @@ class TrainingTracker:
 
 
 def track_training(
-    model: nn.Module, layers: Sequence[str], folder: str | Path, save_every: int, **options: Any
+    model: nn.Module, layers: str | Sequence[str], folder: str | Path, save_every: int, **options: Any
 ) -> TrainingTracker:
     """Write one covariance store of ``model``'s selected layers every ``save_every`` training steps into
     ``folder`` (named by step); ``options`` are those of ``eigpipe.track`` (``every`` thins the batches taken)."""
