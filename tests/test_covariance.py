@@ -157,6 +157,20 @@ def test_non_finite_feature_names_the_image_and_changes_nothing() -> None:
     assert acc.count == 2 and torch.equal(acc.second_moment, before)
 
 
+@pytest.mark.parametrize("precision", ["float64", "float32"])
+def test_a_batch_of_no_images_changes_nothing(precision: str) -> None:
+    """An empty batch (a detector's images with no regions, a last empty batch) adds nothing: its batch mean
+    would be NaN and, merged, would turn the whole state into NaN while the count stayed the same."""
+    acc = CovarianceAccumulator(16, precision=precision)
+    acc.update(features(3, 16, 4, 4))
+    state = {key: value.clone() for key, value in acc.state_dict().items() if isinstance(value, torch.Tensor)}
+    acc.update(features(3, 16, 4, 4)[:0])
+    acc.update([])
+    assert acc.count == 3 and acc.positions == 48
+    for key, value in state.items():
+        assert torch.equal(acc.state_dict()[key], value), key
+
+
 def test_crop_valid_removes_batch_padding() -> None:
     feats = torch.zeros(2, 3, 8, 8)
     crops = crop_valid(feats, [(128, 96), (100, 128)], (128, 128))

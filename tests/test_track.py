@@ -168,6 +168,10 @@ def test_channels_last_tuple_outputs_and_conv1d() -> None:
         eigpipe.track(model, ["pair"]),
     ):
         model(x)
+    spectral = nn.Sequential(nn.Identity())  # a complex output would lose its imaginary part in real buffers
+    with pytest.raises(EigpipeError, match=r"layer 0: its output is complex \(torch.complex64\)"):  # noqa: SIM117
+        with eigpipe.track(spectral, "0"):
+            spectral(torch.fft.fft(torch.rand(4, 6)))
 
 
 def test_hooks_are_removed_after_an_exception_and_nothing_is_written_on_the_modules() -> None:
@@ -215,6 +219,35 @@ def test_one_selector_may_be_given_alone() -> None:
             model(torch.rand(6, 4, generator=torch.Generator().manual_seed(0)))
         tables.append(tracker.spectra())
     assert list(tables[0]["layer"]) == ["0", "2"]
+    pd.testing.assert_frame_equal(tables[0], tables[1])
+
+
+@pytest.mark.parametrize("precision", ["float64", "float32"])
+def test_batches_of_no_samples_add_nothing(precision: str) -> None:
+    """Forward passes on empty batches, first or between others, leave every layer's statistics as they are
+    without them (conv maps, vectors, tokens)."""
+
+    class Both(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.fc, self.mix = nn.Conv2d(3, 8, 3), nn.Linear(27, 5), nn.Linear(9, 6)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x).sum() + self.fc(x.flatten(1)).sum() + self.mix(x.flatten(2)).sum()
+
+    model = Both()
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.rand(n, 3, 3, 3, generator=gen) for n in (0, 4, 0, 3)]
+    tables = []
+    for stream in (batches, [b for b in batches if len(b)]):
+        with torch.inference_mode(), eigpipe.track(model, "Linear:*", precision=precision) as tracker:
+            for batch in stream:
+                model(batch)
+        with torch.inference_mode(), eigpipe.track(model, "conv", precision=precision) as convs:
+            for batch in stream:
+                model(batch)
+        tables.append(pd.concat([tracker.spectra(), convs.spectra()], ignore_index=True))
+    assert list(tables[0]["layer"]) == ["fc", "mix", "conv"] and set(tables[0]["n_images"]) == {7}
     pd.testing.assert_frame_equal(tables[0], tables[1])
 
 

@@ -115,6 +115,8 @@ class CovarianceAccumulator:
         self._settle()
         if c != self.channels:
             raise ValueError(f"expected {self.channels} channels, got {c}")
+        if n == 0:  # no images: nothing to add (the means of an empty batch would be NaN)
+            return
         if h * w == 0:
             raise ValueError("features with no spatial positions")
         if self.precision == "float32" and c >= self.NARROW:

@@ -155,6 +155,8 @@ class FeatureHooks:
         layout = self.layouts[layer.name]
         tensor = layout.tensor(output, layer.name)
         feats, per_image = self._features(layer, layout, tensor)
+        if len(feats) == 0:  # a batch of no samples (no regions of a detector's images) adds nothing
+            return
         if stream is None:
             first = feats[0]
             args = (first.shape[0], first.device, self.workspace, self.precision)

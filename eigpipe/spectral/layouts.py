@@ -12,6 +12,7 @@ Every layout ends as [N, C, positions...]: one row of C channels per position, a
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +54,8 @@ class Layout:
             output = output[self.output_index]
         if not isinstance(output, torch.Tensor):
             raise EigpipeError(f"layer {layer}: its output is a {type(output).__name__}, not a tensor")
+        if output.is_complex():  # copied into real buffers, its imaginary part would be dropped
+            raise EigpipeError(f"layer {layer}: its output is complex ({output.dtype}); take its real features")
         if output.dim() < 2:
             raise EigpipeError(f"layer {layer}: a {output.dim()}-D output has no batch and channel axes")
         return output.detach()
@@ -79,7 +82,7 @@ class Layout:
         feats = output.movedim(axis, 1) if axis != 1 else output
         if dims == 4:
             return feats
-        return feats.reshape(feats.shape[0], feats.shape[1], -1, 1)
+        return feats.reshape(feats.shape[0], feats.shape[1], math.prod(feats.shape[2:]), 1)  # an empty batch too
 
     def _tokens(self, tokens: torch.Tensor, layer: str, mask: torch.Tensor | None) -> FeatureBatch:
         """[N, T, C] -> each sample's chosen tokens as positions."""
