@@ -251,6 +251,30 @@ def test_batches_of_no_samples_add_nothing(precision: str) -> None:
     pd.testing.assert_frame_equal(tables[0], tables[1])
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"iteration": -1}, r"iteration: -1 is not a whole number >= 0"),
+        ({"iteration": "3"}, r"iteration: '3' is not a whole number >= 0"),
+        ({"attrs": ["imagenet"]}, r"attrs: give a dict of JSON values, not a list"),
+        ({"attrs": {"task": "covariance"}}, r"attrs: task is recorded by eigpipe itself"),
+        ({"attrs": {"run": "x"}}, r"attrs: run is recorded by eigpipe itself \(give run= to eigpipe.track\)"),
+        ({"attrs": {"lr": np.float32(0.1)}}, r"attrs: lr: np.float32\(0.1\) is not a JSON value"),
+        ({"attrs": {"loss": float("nan")}}, r"attrs: loss: nan is not a JSON value"),
+    ],
+)
+def test_save_refuses_a_bad_iteration_or_attribute_and_writes_nothing(tmp_path: Path, options: dict, message: str):
+    model = nn.Sequential(nn.Linear(4, 3))
+    with eigpipe.track(model, "0") as tracker:
+        model(torch.rand(5, 4))
+    with pytest.raises(EigpipeError, match=f"^{message}"):
+        tracker.save(tmp_path / "run.zarr", **options)
+    assert list(tmp_path.iterdir()) == []
+    tracker.save(tmp_path / "run.zarr", iteration=2, attrs={"init": "scratch", "data": {"images": 5}})
+    attrs = dict(store.open_store(tmp_path / "run.zarr", store.COVARIANCE_KIND).attrs)
+    assert (attrs["init"], attrs["data"], attrs["task"], attrs["iteration"]) == ("scratch", {"images": 5}, "library", 2)
+
+
 def test_inside_a_training_step_every_second_batch_without_autograd() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))

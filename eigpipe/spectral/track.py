@@ -17,6 +17,7 @@ path as the ``covariance`` stage (eigpipe.spectral.features). Under torch.distri
 from __future__ import annotations
 
 import fnmatch
+import json
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -197,7 +198,10 @@ class Tracker:
         """Publish the statistics as a covariance store (atomically); ``attrs`` are added to its root attributes
         (say, what data the model saw). Under torch.distributed, rank 0 writes."""
         path = Path(path)
-        arrays, root = self._arrays(), {**self.root_attrs(iteration), **(attrs or {})}
+        if isinstance(iteration, bool) or not isinstance(iteration, int) or iteration < 0:
+            raise EigpipeError(f"iteration: {iteration!r} is not a whole number >= 0")
+        arrays, own = self._arrays(), self.root_attrs(iteration)
+        root = {**own, **_user_attrs(attrs, own)}
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         if distributed and torch.distributed.get_rank() != 0:
             return path
@@ -205,6 +209,27 @@ class Tracker:
         layers, accs = self._results()
         per_layer = {layer.name: layer_attrs(layer, accs[layer.name]) for layer in layers if layer.name in accs}
         return store.write_store(path, store.COVARIANCE_KIND, arrays, root, per_layer)
+
+
+def _user_attrs(attrs: Mapping[str, Any] | None, own: Mapping[str, Any]) -> dict[str, Any]:
+    """The user's root attributes, checked: JSON values under new names (``init``, eigpipe's empty label of a
+    run's starting point, may be set; what eigpipe records of the measurement may not be replaced)."""
+    if attrs is None:
+        return {}
+    if not isinstance(attrs, Mapping):
+        raise EigpipeError(f"attrs: give a dict of JSON values, not a {type(attrs).__name__}")
+    reserved = (set(own) - {"init"}) | {"kind", "format_version", "layers"}
+    for key, value in attrs.items():
+        if not isinstance(key, str):
+            raise EigpipeError(f"attrs: the name {key!r} is not a string")
+        if key in reserved:
+            hint = {"run": " (give run= to eigpipe.track)", "iteration": " (give iteration= to save)"}.get(key, "")
+            raise EigpipeError(f"attrs: {key} is recorded by eigpipe itself{hint}")
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError):
+            raise EigpipeError(f"attrs: {key}: {value!r} is not a JSON value (str, number, list, dict...)") from None
+    return dict(attrs)
 
 
 def _eigvalsh(matrix: np.ndarray) -> np.ndarray:
