@@ -15,3 +15,14 @@ class DataError(EigpipeError):
 
 class NumericalError(EigpipeError):
     """A non-finite loss or feature; the message names the iteration, layer or image."""
+
+
+def whole(value: object) -> bool:
+    """Whether a value is an int (a bool is not a number of anything)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def require_whole(name: str, value: object, least: int) -> None:
+    """A one-line error unless ``value`` is a whole number >= ``least``."""
+    if not whole(value) or value < least:
+        raise EigpipeError(f"{name}: {value!r} is not a whole number >= {least}")

@@ -254,6 +254,29 @@ def test_batches_of_no_samples_add_nothing(precision: str) -> None:
 @pytest.mark.parametrize(
     ("options", "message"),
     [
+        ({"every": 0}, r"every: 0 is not a whole number >= 1"),
+        ({"every": True}, r"every: True is not a whole number >= 1"),
+        ({"channel_axis": "-1"}, r"channel_axis: '-1' is not a whole number or a \{layer glob: whole number\} dict"),
+        ({"output_index": {"pair": 0.0}}, r"output_index: \{'pair': 0.0\} is not a whole number or a \{layer glob"),
+        ({"prefix_tokens": 1.5}, r"prefix_tokens: 1.5 is not a whole number >= 0"),
+        ({"prefix_tokens": -1}, r"prefix_tokens: -1 is not a whole number >= 0"),
+        ({"run": 7}, r"run: 7 is not a name"),
+        ({"save_every": "8"}, r"save_every: '8' is not a whole number >= 1"),
+    ],
+)
+def test_bad_tracker_options_are_one_line_errors(tmp_path: Path, options: dict, message: str) -> None:
+    model = nn.Sequential(nn.Linear(4, 3))
+    with pytest.raises(EigpipeError, match=f"^{message}"):
+        if "save_every" in options:
+            eigpipe.track_training(model, "0", tmp_path / "dynamics", **options)
+        else:
+            eigpipe.track(model, "0", **options)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
         ({"iteration": -1}, r"iteration: -1 is not a whole number >= 0"),
         ({"iteration": "3"}, r"iteration: '3' is not a whole number >= 0"),
         ({"attrs": ["imagenet"]}, r"attrs: give a dict of JSON values, not a list"),

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from eigpipe.errors import EigpipeError
+from eigpipe.errors import EigpipeError, require_whole
 from eigpipe.spectral.accumulator import FeatureBatch
 
 PREFIX_POLICIES = ("drop", "keep", "only")
@@ -36,8 +36,7 @@ class Layout:
     def __post_init__(self) -> None:
         if self.prefix not in PREFIX_POLICIES:
             raise EigpipeError(f"prefix: {self.prefix!r} is not one of {', '.join(PREFIX_POLICIES)}")
-        if self.prefix_tokens < 0:
-            raise EigpipeError(f"prefix_tokens: {self.prefix_tokens} is negative")
+        require_whole("prefix_tokens", self.prefix_tokens, 0)
         if self.prefix == "only" and self.prefix_tokens == 0:
             raise EigpipeError("prefix: 'only' takes the prefix tokens alone, but prefix_tokens is 0")
 

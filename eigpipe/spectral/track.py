@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from eigpipe import config, provenance
-from eigpipe.errors import EigpipeError
+from eigpipe.errors import EigpipeError, require_whole, whole
 from eigpipe.models.taps import built_by_eigpipe
 from eigpipe.outputs import claim_outputs
 from eigpipe.spectral import spectrum, store
@@ -41,6 +41,14 @@ from eigpipe.spectral.layouts import Layout
 
 TAPS = ("auto", "pipeline", "output")
 PerLayer = int | Mapping[str, int] | None  # one value for every layer, or {layer-name glob: value}
+
+
+def _check_per_layer(name: str, option: object) -> None:
+    """A per-layer option is None, a whole number, or {layer glob: whole number}."""
+    values = option.items() if isinstance(option, Mapping) else [("*", option)] if option is not None else []
+    for glob, value in values:
+        if not isinstance(glob, str) or not whole(value):
+            raise EigpipeError(f"{name}: {option!r} is not a whole number or a {{layer glob: whole number}} dict")
 
 
 def _for_layer(option: PerLayer, name: str) -> int | None:
@@ -66,12 +74,15 @@ class Tracker:
         prefix: str = "drop",
         run: str | None = None,
     ) -> None:
-        if not isinstance(every, int) or every < 1:
-            raise EigpipeError(f"every: {every!r} is not a whole number >= 1")
+        require_whole("every", every, 1)
         if precision not in PRECISIONS:
             raise EigpipeError(f"precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
         if tap not in TAPS:
             raise EigpipeError(f"tap: {tap!r} is not one of {', '.join(TAPS)}")
+        _check_per_layer("channel_axis", channel_axis)
+        _check_per_layer("output_index", output_index)
+        if run is not None and (not isinstance(run, str) or not run):
+            raise EigpipeError(f"run: {run!r} is not a name")
         own = tap == "output" or (tap == "auto" and not built_by_eigpipe(model))
         self.model, self.every, self.precision = model, every, precision
         self.selectors = [layers] if isinstance(layers, str) else list(layers)
@@ -198,8 +209,7 @@ class Tracker:
         """Publish the statistics as a covariance store (atomically); ``attrs`` are added to its root attributes
         (say, what data the model saw). Under torch.distributed, rank 0 writes."""
         path = Path(path)
-        if isinstance(iteration, bool) or not isinstance(iteration, int) or iteration < 0:
-            raise EigpipeError(f"iteration: {iteration!r} is not a whole number >= 0")
+        require_whole("iteration", iteration, 0)
         arrays, own = self._arrays(), self.root_attrs(iteration)
         root = {**own, **_user_attrs(attrs, own)}
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()

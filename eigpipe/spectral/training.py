@@ -21,7 +21,7 @@ from typing import Any
 
 from torch import nn
 
-from eigpipe.errors import EigpipeError
+from eigpipe.errors import require_whole
 from eigpipe.spectral.track import Tracker
 
 
@@ -31,8 +31,7 @@ class TrainingTracker:
     def __init__(
         self, model: nn.Module, layers: str | Sequence[str], folder: str | Path, save_every: int, **options: Any
     ):
-        if not isinstance(save_every, int) or save_every < 1:
-            raise EigpipeError(f"save_every: {save_every!r} is not a whole number >= 1")
+        require_whole("save_every", save_every, 1)
         self.folder, self.save_every = Path(folder), save_every
         self.tracker = Tracker(model, layers, **options)
         self.steps = 0
