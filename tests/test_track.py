@@ -298,6 +298,30 @@ def test_save_refuses_a_bad_iteration_or_attribute_and_writes_nothing(tmp_path: 
     assert (attrs["init"], attrs["data"], attrs["task"], attrs["iteration"]) == ("scratch", {"images": 5}, "library", 2)
 
 
+def test_a_forward_pass_that_raises_counts_for_the_layers_it_reached() -> None:
+    class Failing(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first, self.second, self.fail = nn.Linear(4, 3), nn.Conv2d(3, 5, 1), False
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.first(x)
+            if self.fail:
+                raise RuntimeError("out of memory")
+            return self.second(y[:, :, None, None].expand(-1, -1, 4, 4).contiguous())
+
+    model = Failing()
+    with eigpipe.track(model, ["first", "second"]) as tracker:
+        model(torch.rand(5, 4))
+        model.fail = True
+        with pytest.raises(RuntimeError, match="out of memory"):
+            model(torch.rand(6, 4))
+        model.fail = False
+        model(torch.rand(7, 4))
+    table = tracker.spectra()
+    assert dict(zip(table["layer"], table["n_images"], strict=True)) == {"first": 18, "second": 12}
+
+
 def test_inside_a_training_step_every_second_batch_without_autograd() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))
