@@ -131,6 +131,37 @@ def test_transformer_tokens_against_a_float64_reference(vit: nn.Module, prefix: 
         assert tracker.layers[names.index(name)].feature_shape == [plain.shape[-1], samples[0].shape[1], 1]
 
 
+def test_a_token_mask_is_boolean_or_zero_one_of_n_by_t() -> None:
+    """A nested list is a mask as a tensor is; a 3-D mask or one with other values is a one-line error."""
+    model = nn.Sequential(nn.Linear(4, 3))
+    tokens = torch.rand(2, 3, 4, generator=torch.Generator().manual_seed(0))
+    tables = []
+    for mask in ([[True, False, True], [True, True, True]], torch.tensor([[1, 0, 1], [1, 1, 1]])):
+        with torch.inference_mode(), eigpipe.track(model, "0") as tracker:
+            tracker.mask_tokens(mask)
+            model(tokens)
+        tables.append(tracker.spectra())
+        assert tracker.accumulators["0"].positions == 5
+    pd.testing.assert_frame_equal(tables[0], tables[1])
+    for bad, message in [
+        (torch.ones(2, 3, 1), r"a mask of shape \(2, 3, 1\), not \[N, T\]"),
+        ([[1.0, 0.5]], "a mask holds True / False"),
+    ]:
+        with pytest.raises(EigpipeError, match=f"^mask_tokens: {message}"):
+            tracker.mask_tokens(bad)
+
+
+@pytest.mark.parametrize("size", [4, 1, 64])
+def test_a_layer_whose_channels_change_is_a_one_line_error(size: int) -> None:
+    """Vectors (size 1), small maps (computed in groups, size 4) and large ones (size 64) alike."""
+    model = nn.Sequential(nn.Identity())
+    with pytest.raises(EigpipeError, match=r"^layer 0: 5 channels in batch 1, 3 before; a layer's channels must"):  # noqa: SIM117
+        with torch.inference_mode(), eigpipe.track(model, "0"):
+            for channels in (3, 5):  # the second batch takes a map's direct path first
+                shape = (2, channels, size, size) if size > 1 else (2, channels)
+                model(torch.rand(shape))
+
+
 def test_channels_last_tuple_outputs_and_conv1d() -> None:
     class Model(nn.Module):
         def __init__(self) -> None:

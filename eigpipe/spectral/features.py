@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from eigpipe.errors import NumericalError
+from eigpipe.errors import EigpipeError, NumericalError
 from eigpipe.models.taps import is_detector
 from eigpipe.spectral.accumulator import CovarianceAccumulator, FeatureBatch, NonFiniteFeature
 from eigpipe.spectral.buffers import Workspace
@@ -163,6 +163,11 @@ class FeatureHooks:
             folded = self.folds is not None and per_image and self.ids is not None  # a region's fold is not known
             acc = FoldedAccumulator(*args, folds=self.folds.count) if folded else CovarianceAccumulator(*args)
             stream = self._new_stream(layer, call, acc, [int(s) for s in first.shape])
+        if stream.acc is not None and _channels(feats) != stream.acc.channels:
+            raise EigpipeError(
+                f"layer {stream.layer.name}: {_channels(feats)} channels in batch {self.batches}, "
+                f"{stream.acc.channels} before; a layer's channels must stay the same"
+            )
         source, inputs_acc = self._widening_input(stream, layer, module, inputs, tensor, layout)
         if inputs_acc is not None:
             feats, _ = self._features(layer, layout, source)
@@ -187,7 +192,7 @@ class FeatureHooks:
         """The common case, after a stream's first batch, without the general path's steps (with the groups' slot
         views, 1.0 ms off a float32 demo batch's 6.9, side by side): a small [N, C, H, W] output, or a widening
         layer's input, into its group; False where it does not apply (then the general path takes it)."""
-        if not small_map(output):
+        if not small_map(output) or output.shape[1] != stream.acc.channels:  # another width: the general path says so
             return False
         target, feats = stream.acc, output
         if stream.widening:
@@ -257,6 +262,11 @@ class FeatureHooks:
                 stream.widening.settle()
         ordered = sorted(self.streams.values(), key=lambda stream: stream.layer.forward_index)
         return [s.layer for s in ordered], {s.layer.name: s.acc for s in ordered if s.acc is not None}
+
+
+def _channels(feats: FeatureBatch) -> int:
+    """The channels of a batch's features ([N, C, ...], or a list of [C, ...])."""
+    return int(feats.shape[1]) if isinstance(feats, torch.Tensor) else int(feats[0].shape[0])
 
 
 def crop_valid(feats: torch.Tensor, sizes: list[tuple[int, int]], padded: tuple[int, int]) -> FeatureBatch:

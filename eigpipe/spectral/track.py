@@ -139,7 +139,15 @@ class Tracker:
         self.hooks.token_mask = None
 
     def mask_tokens(self, mask: torch.Tensor) -> None:
-        """The [N, T] mask of real (True) and padding (False) tokens of the next forward pass's token layers."""
+        """The [N, T] mask of real (True, 1) and padding (False, 0) tokens of the next forward pass's token layers."""
+        try:
+            mask = torch.as_tensor(mask)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise EigpipeError(f"mask_tokens: not a [N, T] mask ({exc})") from None
+        if mask.dim() != 2:
+            raise EigpipeError(f"mask_tokens: a mask of shape {tuple(mask.shape)}, not [N, T]")
+        if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+            raise EigpipeError("mask_tokens: a mask holds True / False (or 1 / 0) only")
         self.hooks.token_mask = mask
 
     def reset(self) -> None:
