@@ -292,16 +292,20 @@ def test_batches_of_no_samples_add_nothing(precision: str) -> None:
         ({"prefix_tokens": 1.5}, r"prefix_tokens: 1.5 is not a whole number >= 0"),
         ({"prefix_tokens": -1}, r"prefix_tokens: -1 is not a whole number >= 0"),
         ({"run": 7}, r"run: 7 is not a name"),
+        ({"layers": 3}, r"layers: no list of layer selectors given"),
+        ({"layers": ["0", None]}, r"layers: None is not a selector \(a module-path glob, Type:glob or preset name\)"),
+        ({"layers": [""]}, r"layers: '' is not a selector"),
         ({"save_every": "8"}, r"save_every: '8' is not a whole number >= 1"),
     ],
 )
 def test_bad_tracker_options_are_one_line_errors(tmp_path: Path, options: dict, message: str) -> None:
     model = nn.Sequential(nn.Linear(4, 3))
     with pytest.raises(EigpipeError, match=f"^{message}"):
+        rest = {key: value for key, value in options.items() if key != "layers"}
         if "save_every" in options:
-            eigpipe.track_training(model, "0", tmp_path / "dynamics", **options)
+            eigpipe.track_training(model, options.get("layers", "0"), tmp_path / "dynamics", **rest)
         else:
-            eigpipe.track(model, "0", **options)
+            eigpipe.track(model, options.get("layers", "0"), **rest)
     assert list(tmp_path.iterdir()) == []
 
 

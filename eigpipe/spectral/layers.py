@@ -54,8 +54,11 @@ def select_layers(
     """Layers chosen by the selectors (preset, ``GLOB`` or ``Type:GLOB``), in module-registration order. Each is
     measured at its feature tap (eigpipe.models.taps), or at the selected module's own output (``own_outputs``);
     ``where`` names the selectors' origin in errors."""
-    if isinstance(selectors, str) or not selectors:
+    if isinstance(selectors, str) or not isinstance(selectors, Sequence) or not selectors:
         raise EigpipeError(f"{where}: no list of layer selectors given")
+    bad = [sel for sel in selectors if not isinstance(sel, str) or not sel]
+    if bad:
+        raise EigpipeError(f"{where}: {bad[0]!r} is not a selector (a module-path glob, Type:glob or preset name)")
     modules = [(path, m) for path, m in model.named_modules() if path]
     chosen: dict[str, nn.Module] = {}
     for sel, required in _expand(selectors):

@@ -19,7 +19,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +85,8 @@ class Tracker:
             raise EigpipeError(f"run: {run!r} is not a name")
         own = tap == "output" or (tap == "auto" and not built_by_eigpipe(model))
         self.model, self.every, self.precision = model, every, precision
-        self.selectors = [layers] if isinstance(layers, str) else list(layers)
+        layers = [layers] if isinstance(layers, str) else layers
+        self.selectors = list(layers) if isinstance(layers, Iterable) else layers  # select_layers names what is wrong
         self.run = run or type(model).__name__
         self.settings = {"every": every, "precision": precision, "tap": "output" if own else "pipeline"}
         self.settings.update(channel_axis=channel_axis, output_index=output_index, prefix_tokens=prefix_tokens)
