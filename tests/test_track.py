@@ -475,8 +475,16 @@ def test_training_tracker_writes_a_store_every_k_steps(tmp_path: Path) -> None:
             loss.backward()
             optimizer.step()
             recorder.step()
-    assert [p.name for p in recorder.saved] == ["3.zarr", "6.zarr"]
-    for path, step in zip(recorder.saved, (3, 6), strict=True):
+    assert [p.name for p in recorder.saved] == ["3.zarr", "6.zarr", "7.zarr"]  # the last step's, at the end
+    for path, step in zip(recorder.saved, (3, 6, 7), strict=True):
         attrs, layers = store.read_store(path, store.COVARIANCE_KIND, ("second_moment", "mean"))
         assert attrs["iteration"] == step and attrs["run"] == "mlp" and attrs["layers"] == ["0", "2"]
-        assert all(layer_attrs["count"] == 12 for _, layer_attrs in layers.values())  # 3 steps of 4 samples
+        count = 4 if step == 7 else 12  # 3 steps of 4 samples, and the last one
+        assert all(layer_attrs["count"] == count for _, layer_attrs in layers.values())
+    with pytest.raises(RuntimeError, match="stopped"):  # noqa: SIM117
+        with eigpipe.track_training(model, ["Linear:*"], tmp_path / "failed", save_every=3) as failed:
+            for _ in range(4):
+                model(torch.rand(4, 4))
+                failed.step()
+            raise RuntimeError("stopped")
+    assert [p.name for p in failed.saved] == ["3.zarr"] and sorted(os.listdir(tmp_path / "failed")) == ["3.zarr"]

@@ -9,7 +9,8 @@ with eigpipe.track_training(model, ["Conv2d:*"], "dynamics/", save_every=100) as
 ```
 
 Each store holds the statistics of the training batches of the steps since the previous one (features as the
-model computes them while it trains, from detached outputs), with ``iteration`` = the step. ``eigpipe spectrum``
+model computes them while it trains, from detached outputs), with ``iteration`` = the step; the steps after the last
+multiple of K are published when the ``with`` block ends without error. ``eigpipe spectrum``
 on each store, then ``eigpipe dimensions`` and ``eigpipe report``, show the dynamics as for the pipeline's runs.
 """
 
@@ -41,8 +42,12 @@ class TrainingTracker:
         self.tracker.__enter__()
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.tracker.__exit__(*exc)
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        """Remove the hooks; after a run that ended without error, publish the steps since the last store (if any
+        forward pass was taken in them) as ``<step>.zarr``, so that the dynamics reach the last step."""
+        self.tracker.__exit__(exc_type, *exc)
+        if exc_type is None and self.steps % self.save_every and self.tracker.hooks.streams:
+            self.saved.append(self.tracker.save(self.folder / f"{self.steps}.zarr", iteration=self.steps))
 
     def step(self) -> Path | None:
         """Count one optimiser step; every ``save_every`` steps, publish the store and start afresh."""
