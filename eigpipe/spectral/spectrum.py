@@ -271,7 +271,7 @@ def decompose(cfg: dict, store_path: Path, out: Path, eigenvalues_out: Path | No
     if not rows:
         raise EigpipeError(f"{store_path}: the store has no layers")
     attrs = {
-        **{k: v for k, v in root.items() if k not in ("kind", "format_version", "layers")},
+        **{k: v for k, v in root.items() if k not in store.STORE_ATTRS},
         "source_store": str(store_path),
         "spectrum": section,
         "spectrum_provenance": record(config=section, seed=None, device="cpu"),

@@ -35,6 +35,7 @@ EIGENVALUE_KIND = "eigpipe.eigenvalues"
 COVARIANCE_STORE = stores_of(COVARIANCE_KIND, "an eigpipe covariance store")
 EIGENVALUE_STORE = stores_of(EIGENVALUE_KIND, "an eigpipe eigenvalue store")
 FORMAT_VERSION = 1
+STORE_ATTRS = ("kind", "format_version", "layers")  # the root attributes write_store sets over the writer's
 CHUNK = 512  # [C, C] chunks of at most 512 x 512 float64 (2 MiB)
 INTEGRITY = "integrity"
 

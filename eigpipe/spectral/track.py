@@ -237,7 +237,7 @@ def _user_attrs(attrs: Mapping[str, Any] | None, own: Mapping[str, Any]) -> dict
         return {}
     if not isinstance(attrs, Mapping):
         raise EigpipeError(f"attrs: give a dict of JSON values, not a {type(attrs).__name__}")
-    reserved = (set(own) - {"init"}) | {"kind", "format_version", "layers"}
+    reserved = (set(own) - {"init"}) | set(store.STORE_ATTRS)
     for key, value in attrs.items():
         if not isinstance(key, str):
             raise EigpipeError(f"attrs: the name {key!r} is not a string")
