@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from eigpipe.errors import EigpipeError
 from eigpipe.outputs import refuse_inputs
-from eigpipe.stages import STAGES, Arg, Stage
+from eigpipe.stages import STAGES, Arg, Stage, path_argument
 
 DESCRIPTION = """\
 eigpipe measures the eigenspectra of neural-network features: for each chosen layer, the covariance of its
@@ -35,11 +36,18 @@ the workflow, stage by stage (each a subcommand; `eigpipe <command> --help`):
 The README explains every measure and option."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """A bad argument is one line, as every other bad input (the usage is one --help away)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _add_stage(sub: argparse._SubParsersAction, stage: Stage) -> None:
     parser = sub.add_parser(stage.name, help=stage.help, description=stage.help)
     if stage.sections:
         group = parser.add_mutually_exclusive_group(required=stage.config_required)
-        group.add_argument("--config", "--model-config", type=Path, help="a whole study config YAML")
+        group.add_argument("--config", "--model-config", type=path_argument, help="a whole study config YAML")
         group.add_argument("--config-json", help="only the sections this stage reads, as JSON (rules pass this)")
     for arg in stage.args:
         parser.add_argument(*arg.flags, **arg.options)
@@ -49,7 +57,7 @@ def _add_stage(sub: argparse._SubParsersAction, stage: Stage) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from eigpipe import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="eigpipe", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--version", action="version", version=f"eigpipe {__version__}")
@@ -94,7 +102,7 @@ def _outputs(stage: Stage, args: argparse.Namespace) -> list[Path]:
 
 def _likely_path(stage: Stage, args: argparse.Namespace) -> str:
     """For an OS error that names no file: the stage's output, or else the first path it was given."""
-    paths = [getattr(args, _dest(arg)) for arg in stage.args if arg.options.get("type") is Path]
+    paths = [getattr(args, _dest(arg)) for arg in stage.args if arg.options.get("type") is path_argument]
     found = _outputs(stage, args) or [p for p in paths if p]
     first = found[0] if found else "input/output"
     return str(first[0] if isinstance(first, list) else first)

@@ -2,20 +2,24 @@
 
 Snakemake's rerun triggers do not follow Python imports, so each rule carries, as a param, the hash of its
 stage's entry module and everything that module imports from eigpipe (found statically, function-level
-imports included): editing report.py reruns only the report.
+imports included), with the command line that runs it: editing report.py reruns only the report, editing
+cli.py every stage. Upgrading torch, torchvision, NumPy or pycocotools reruns every stage too (other bits).
 """
 
 from __future__ import annotations
 
 import ast
 import hashlib
+import json
 from collections.abc import Iterator
 from functools import cache
+from importlib import metadata
 from pathlib import Path
 
 from eigpipe.stages import STAGES
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
+SOFTWARE = ("torch", "torchvision", "numpy", "pycocotools")  # another version gives other bits, so a rerun
 
 
 def _module_file(root: Path, modname: str) -> Path | None:
@@ -62,11 +66,23 @@ def source_files(root: Path, entry: str) -> list[Path]:
     return sorted(files)
 
 
+def software() -> dict[str, str | None]:
+    """Installed versions of the libraries whose arithmetic gives a stage's numbers."""
+    found = {}
+    for name in SOFTWARE:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
 @cache
 def code_hash(stage: str, root: Path = PACKAGE_ROOT) -> str:
-    """Params value: a short hash of the package files the stage's entry module runs."""
-    digest = hashlib.sha256()
-    for path in source_files(root, STAGES[stage].module):
+    """Params value: a short hash of the package files a stage runs (its entry module's and the command line's,
+    which parses its arguments) and of the installed SOFTWARE versions."""
+    digest = hashlib.sha256(json.dumps(software(), sort_keys=True).encode())
+    for path in sorted({*source_files(root, STAGES[stage].module), *source_files(root, "eigpipe.cli")}):
         content = path.read_bytes()
         digest.update(f"{path.relative_to(root).as_posix()}:{len(content)}:".encode())
         digest.update(content)

@@ -37,6 +37,9 @@ def detector_complexity(
     return model_complexity(model, height, width)
 
 
+MAX_SIDE = 8192  # the schema's largest image side (a ResNet-50 stem then holds 4 GB of float32 activations)
+
+
 def model_complexity(model: nn.Module, height: int, width: int) -> dict[str, int]:
     """Params and MACs of a detector at an input of height x width (its own resize is switched off)."""
     model = copy.deepcopy(model).cpu().eval()
@@ -59,9 +62,9 @@ def model_complexity(model: nn.Module, height: int, width: int) -> dict[str, int
 def report(cfg: dict, input_size: tuple[int, int], num_classes: int) -> str:
     """The ``eigpipe complexity`` stage: print params and MACs of the detector of the model section."""
     height, width = input_size
-    if height < 16 or width < 16 or num_classes < 2:
+    if not (16 <= height <= MAX_SIDE and 16 <= width <= MAX_SIDE) or num_classes < 2:
         raise EigpipeError(
-            f"--input-size {height} {width} / --num-classes {num_classes}: sizes must be >= 16 "
+            f"--input-size {height} {width} / --num-classes {num_classes}: sizes must be 16 to {MAX_SIDE} "
             "and classes >= 2 (background included)"
         )
     numbers = detector_complexity(cfg["model"], num_classes, height, width)

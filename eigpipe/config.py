@@ -120,7 +120,39 @@ def _synthetic_violations(synthetic: dict, where: str) -> Iterator[tuple[str, st
         yield f"{where}.object_size", f"minimum {low} exceeds maximum {high}"
 
 
-_RULES = {"train": _train_violations, "pretrain": _pretrain_violations, "data.synthetic": _synthetic_violations}
+def fold_problem(folds: int, images: int) -> str | None:
+    """Why ``folds`` folds of ``images`` images give no jackknife (0 folds: none asked for), or None."""
+    if folds == 1:
+        return "1 fold gives no jackknife; use 0 (no folds) or at least 2"
+    if folds > images:
+        return f"{folds} folds need at least {folds} images, got {images}"
+    return None
+
+
+def _covariance_violations(covariance: dict, where: str) -> Iterator[tuple[str, str]]:
+    if problem := fold_problem(covariance["folds"], covariance["images"]):
+        yield f"{where}.folds", problem
+
+
+def _spectrum_violations(spectrum: dict, where: str) -> Iterator[tuple[str, str]]:
+    first, last = spectrum["alpha_ranks"]
+    if first > last:
+        yield f"{where}.alpha_ranks", f"first rank {first} is after the last {last}"
+
+
+_RULES = {
+    "train": _train_violations,
+    "pretrain": _pretrain_violations,
+    "data.synthetic": _synthetic_violations,
+    "covariance": _covariance_violations,
+    "spectrum": _spectrum_violations,
+}
+
+
+def check_section(section: dict, path: str) -> None:
+    """The cross-key rules of one section validated on its own (say, the library's spectrum settings)."""
+    for where, message in _rule_violations(section, path):
+        raise ConfigError(f"{where}: {message}")
 
 
 def _rule_violations(config: Any, prefix: str) -> Iterator[tuple[str, str]]:
@@ -176,8 +208,10 @@ def read_yaml(path: str | Path, what: str = "config file") -> Any:
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
-    except (FileNotFoundError, IsADirectoryError):
+    except FileNotFoundError:
         raise ConfigError(f"{path}: {what} not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: a folder, not a {what}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a text file (a {what} is UTF-8 YAML or JSON)") from None
     return parse_yaml(text, str(path), what)
@@ -212,6 +246,8 @@ def _apply(given: dict, overrides: dict[str, Any]) -> None:
         section, _, key = dotted.partition(".")
         if not isinstance(given.get(section, {}), dict):
             raise ConfigError(f"config: {section} is not a section")
+        node = schema()["properties"][section]["properties"][key]
+        validate(value, "command line", subschema=node, prefix=dotted)  # blamed on the option, not the file
         given.setdefault(section, {})[key] = value
 
 

@@ -15,3 +15,10 @@ def canonical(layer: str) -> str:
         if layer.startswith(prefix):
             return layer[len(prefix) :]
     return layer
+
+
+def canonical_names(names: list[str]) -> list[str]:
+    """The canonical names of one model's layers: without the body prefix where the stripped names stay unique
+    (a model of its own with layers ``conv`` and ``body.conv`` keeps every full name, so no two rows merge)."""
+    stripped = [canonical(name) for name in names]
+    return stripped if len(set(stripped)) == len(set(names)) else list(names)

@@ -16,6 +16,7 @@ the order a COCOeval of those images, duplicates included, would see them, so it
 from __future__ import annotations
 
 import json
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -199,6 +200,8 @@ def is_matching_file(path: Path) -> bool:
 
 def read(path: Path) -> tuple[dict[str, Any], dict[str, Matches]]:
     """(meta, {IoU type: Matches}) of a file ``write`` made; one-line errors for a missing or damaged one."""
+    if Path(path).is_file() and not zipfile.is_zipfile(path):  # NumPy would read it as a pickle and say so
+        raise EigpipeError(f"{path}: not a readable per-image matching file (not an .npz archive)")
     try:
         with np.load(path, allow_pickle=False) as data:
             meta = json.loads(str(data["meta"]))

@@ -15,6 +15,7 @@ import csv
 import json
 import os
 import pickletools
+import re
 import zipfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -46,12 +47,15 @@ class Kind:
 
 
 def _overlap(output: Path, source: Path) -> str | None:
-    """How ``output`` would destroy ``source``: it is the same path, or a folder holding it; else None."""
+    """How ``output`` would destroy or change ``source``: it is the same path, a folder holding it, or inside it (a
+    zarr store); else None."""
     out, src = output.resolve(), source.resolve()
     if out == src or (output.exists() and source.exists() and os.path.samefile(output, source)):
         return "is"
     if out in src.parents:
         return "is a folder holding"
+    if src in out.parents and (source / "zarr.json").is_file():  # inside an input store: it would change it
+        return "is inside"
     return None
 
 
@@ -59,7 +63,7 @@ def refuse_inputs(output: str | Path, inputs: Iterable[str | Path | None]) -> No
     """An EigpipeError when ``output`` is one of ``inputs`` or a folder that holds one."""
     for source in inputs:
         if source is not None and (how := _overlap(Path(output), Path(source))):
-            raise EigpipeError(f"{output}: {how} the input {source}; an output never replaces an input")
+            raise EigpipeError(f"{output}: {how} the input {source}; an output never replaces or changes an input")
 
 
 def claim_outputs(*outputs: tuple[str | Path, Kind], inputs: Iterable[str | Path | None] = ()) -> None:
@@ -118,8 +122,18 @@ def torch_archive_strings(path: Path) -> set[str]:
     return {arg for _, arg, _ in pickletools.genops(data) if isinstance(arg, str)}
 
 
+def only_files(folder: Path, pattern: re.Pattern[str]) -> bool:
+    """Whether every file under ``folder`` (its path relative to it) is one ``pattern`` names: a user's file put
+    into an output folder is never deleted with it (temp litter of killed publications aside)."""
+    files = (f for f in folder.rglob("*") if not f.is_dir() and not is_temp(f.name))
+    return all(pattern.fullmatch(f.relative_to(folder).as_posix()) for f in files)
+
+
+ZARR_FILES = re.compile(r"(.+/)?zarr\.json|.+/c(/\d+)+")  # zarr v3: metadata of every node, chunks under c/
+
+
 def stores_of(kind_attr: str, description: str) -> Kind:
-    return Kind(description, lambda path: zarr_kind(path) == kind_attr, folder=True)
+    return Kind(description, lambda path: zarr_kind(path) == kind_attr and only_files(path, ZARR_FILES), folder=True)
 
 
 def tables_with(columns: Iterable[str], description: str) -> Kind:

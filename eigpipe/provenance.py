@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -114,11 +115,14 @@ def remove(path: Path) -> None:
 
 def check_writable(final: str | Path) -> None:
     """Fail now, before the long work, when ``final`` cannot be published: its folder cannot be created or
-    written (read-only, permissions, a file in the way, disk full): an EigpipeError naming the folder."""
+    written (read-only, permissions, a file in the way, disk full): an EigpipeError naming the folder. Missing
+    folders are made when the output is published, so a failure leaves none behind."""
     folder = Path(final).parent
+    existing = next(p for p in (folder, *folder.parents) if p.exists() or p == Path(p.anchor))  # none made now
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{Path(final).name}.probe-"):
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, f"{existing} is a file")
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=f".{Path(final).name}.probe-"):
             pass
     except OSError as exc:
         raise EigpipeError(

@@ -45,7 +45,16 @@ class Stage:
 
 
 def _path(*flags: str, help: str, required: bool = True, output: bool = False, **options: Any) -> Arg:
-    return Arg(flags, {"type": Path, "required": required, "help": help, **options}, output=output)
+    return Arg(flags, {"type": path_argument, "required": required, "help": help, **options}, output=output)
+
+
+def path_argument(text: str) -> Path:
+    """An argparse type: a path (an empty one would be the current folder)."""
+    import argparse
+
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path")
+    return Path(text)
 
 
 def _out(*flags: str, help: str, **options: Any) -> Arg:
@@ -98,7 +107,12 @@ STAGES: dict[str, Stage] = {
             "check a study file (then any overlays, merged) as the workflow does at DAG start",
             (),
             "eigpipe.study:check_files",
-            (Arg(("files",), {"type": Path, "nargs": "+", "metavar": "STUDY", "help": "study YAML, then overlays"}),),
+            (
+                Arg(
+                    ("files",),
+                    {"type": path_argument, "nargs": "+", "metavar": "STUDY", "help": "study YAML, then overlays"},
+                ),
+            ),
         ),
         Stage(
             "import",
@@ -118,7 +132,13 @@ STAGES: dict[str, Stage] = {
                 _path("--weights", help="the published weights file (.pth / .pkl), read in place"),
                 _out("--out", help="eigpipe checkpoint to write"),
                 Arg(("--run",), {"help": "run name (default: the preset's config name or the file's stem)"}),
-                Arg(("--init",), {"help": "how the upstream training started (default: the preset's)"}),
+                Arg(
+                    ("--init",),
+                    {
+                        "choices": ["pretrained", "scratch"],
+                        "help": "how the upstream training started (default: the preset's)",
+                    },
+                ),
                 Arg(("--schedule",), {"help": "label: the upstream schedule (default: the preset's)"}),
                 Arg(("--source",), {"dest": "source_label", "help": "label: where the file comes from"}),
                 Arg(("--pixel-mean",), {"type": float, "nargs": 3, "metavar": "V", "help": "with --from"}),
@@ -244,7 +264,7 @@ STAGES: dict[str, Stage] = {
             ("spectrum",),
             "eigpipe.spectral.spectrum:decompose",
             (
-                Arg(("store_path",), {"type": Path, "metavar": "STORE"}),
+                Arg(("store_path",), {"type": path_argument, "metavar": "STORE"}),
                 _out("--out", help="table (.parquet or .csv)"),
                 _out(
                     "--eigenvalues",

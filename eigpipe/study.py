@@ -4,6 +4,7 @@ is planned, in one line naming the file and the key."""
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -11,6 +12,8 @@ from typing import Any
 
 from eigpipe import config as cfg
 from eigpipe.errors import ConfigError
+
+RUNAWAY = re.compile(r"(.+)\1{19}$")  # Snakemake's PeriodicityDetector (snakemake/io): 20 repeats at the end
 
 
 def _violations(study: dict) -> Iterator[tuple[str, str]]:
@@ -32,6 +35,87 @@ def _violations(study: dict) -> Iterator[tuple[str, str]]:
     if iteration is not None and (imported or iteration not in snapshots):
         hint = "null takes the final model"
         yield "widths.source_iteration", f"{iteration} is not one of train.schedule.snapshots {snapshots} ({hint})"
+
+
+def _seed_violations(study: dict) -> Iterator[tuple[str, str]]:
+    """The study seed's runs are the analysed ones (spectra, derived widths); replicates only add accuracy."""
+    seeds = study["train"]["seeds"]
+    if seeds and study["seed"] not in seeds:
+        hint = "its runs are the ones whose spectra are measured; add it or change seed"
+        yield "train.seeds", f"{seeds} lacks the study seed {study['seed']} ({hint})"
+
+
+def _model_violations(study: dict) -> Iterator[tuple[str, str]]:
+    """What the model section must be for the weights it starts from and the batches it trains on."""
+    model, pretrain = study["model"], study["pretrain"]
+    if pretrain["source"] == "torchvision":
+        if model["depths"] != [3, 4, 6, 3] or model["width_multiplier"] != 1 or model["widths"]:
+            yield (
+                "pretrain.source",
+                (
+                    "torchvision's ResNet-50 weights fit model.depths [3, 4, 6, 3] at width_multiplier 1 without "
+                    "model.widths"
+                ),
+            )
+        if model["norm"] == "gn" and not study["train"]["init_gn_from_bn"]:
+            yield (
+                "train.init_gn_from_bn",
+                (
+                    "false, but torchvision's BatchNorm-trained weights initialise the GroupNorm body (model.norm: gn) "
+                    "only when it is true"
+                ),
+            )
+    if model["norm"] == "bn":  # a 1 x 1 last stage of one image leaves BatchNorm one value per channel
+        sides = {
+            "train.schedule.batch_size": (study["train"]["schedule"]["batch_size"], model["min_size"]),
+            "pretrain.schedule.batch_size": (
+                (pretrain.get("schedule") or {}).get("batch_size"),
+                study["data"]["synthetic"]["classification"]["image_size"],
+            ),
+        }
+        for where, (batch, side) in sides.items():
+            if batch == 1 and side <= 32:
+                yield where, f"1 image of {side} px leaves BatchNorm (model.norm: bn) one value per channel"
+
+
+def _name_violations(study: dict) -> Iterator[tuple[str, str]]:
+    """Names that become folders and run names: no name of dots only (results/.. is outside results/), and an
+    import may not take the classifier's run name or look like a replicate's (-s<seed>)."""
+    from eigpipe.runs import SEED_SUFFIX
+
+    imports = study.get("imports") or {}
+    for where, name in [("study", study["study"]), *((f"imports.{name}", name) for name in imports)]:
+        if set(name) == {"."}:
+            yield where, f"{name!r} is a name of dots only, which would put results outside results/"
+        elif RUNAWAY.search(name):
+            yield where, f"{name!r} ends in a part repeated 20 times, which Snakemake takes for a runaway wildcard"
+    for name in imports:
+        if name == "classifier" or SEED_SUFFIX.search(name):
+            what = "the pre-trained classifier's run name" if name == "classifier" else "a replicate's name (-s<seed>)"
+            yield f"imports.{name}", f"is {what}; give the import another name"
+
+
+def user_files(study: dict) -> Iterator[tuple[str, str]]:
+    """(key, path) of every file or folder of the user's that the study reads."""
+    if study["data"]["source"] == "coco":
+        yield from ((f"data.coco.{key}", path) for key, path in study["data"]["coco"].items())
+    if study["pretrain"]["source"] != "synthetic":
+        yield "pretrain.weights", study["pretrain"]["weights"]
+    yield from ((f"imports.{name}.weights", entry["weights"]) for name, entry in (study.get("imports") or {}).items())
+    if study["model"]["widths"]:
+        yield "model.widths", study["model"]["widths"]
+
+
+def _file_violations(study: dict) -> Iterator[tuple[str, str]]:
+    """The user's files exist and lie outside results/<study>/, which the workflow writes and may delete (a rerun
+    replaces an output folder whole; --delete-all-output removes every output)."""
+    results = Path("results", study["study"])
+    for where, value in user_files(study):
+        path = Path(value)
+        if not path.exists():
+            yield where, f"{value}: not found"
+        elif results.resolve() in (path.resolve(), *path.resolve().parents):
+            yield where, f"{value} is inside {results}/, which the workflow writes and may delete: keep it elsewhere"
 
 
 def _layer_violations(study: dict) -> Iterator[tuple[str, str]]:
@@ -75,8 +159,9 @@ def check(study: dict, files: Sequence[str | Path], command_line: bool = False) 
         cfg.read_yaml(path, "config file")
     source = " + ".join([*map(str, files), *(["--config"] if command_line else [])]) or "config"
     cfg.validate(study, source)
-    for where, message in _violations(study):
-        raise ConfigError(f"{source}: {where}: {message}")
+    for rules in (_name_violations, _seed_violations, _model_violations, _violations, _file_violations):
+        for where, message in rules(study):
+            raise ConfigError(f"{source}: {where}: {message}")
     if study["model"]["widths"]:
         try:
             cfg.widths_spec(study["model"]["widths"], study["model"]["depths"])

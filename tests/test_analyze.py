@@ -99,6 +99,132 @@ def test_bad_input_is_one_line_and_leaves_nothing(photos: Path, tmp_path: Path, 
         assert err[-1].startswith("eigpipe analyze: error:") and len([e for e in err if "error" in e]) == 1
 
 
+def _refused(capsys, code: int, out: Path, *messages: str) -> None:
+    """One error line naming the culprit, exit 1, no store."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and all(m in err[-1] for m in messages) and not out.exists(), err
+    assert err[-1].startswith("eigpipe analyze: error:") and len([e for e in err if "error" in e]) == 1
+
+
+def _write(folder: Path, name: str, pixels: np.ndarray) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(folder / name)
+    return folder / name
+
+
+def test_sixteen_bit_images_are_scaled_as_the_pipeline_scales_them(tmp_path: Path) -> None:
+    from torchvision.transforms.functional import to_tensor
+
+    from eigpipe.spectral.analyze import ImageFiles
+
+    values = np.array([[0, 257, 1000, 65535]], np.uint16)
+    assert Image.open(_write(tmp_path, "a.png", values)).mode == "I;16"
+    want = np.round(values.astype(np.float64) * 255 / 65535) / 255
+    got = ImageFiles(tmp_path, to_tensor)[0]
+    assert got.shape == (3, 1, 4) and np.allclose(got.numpy(), want[None], atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("name", "pixels", "message"),
+    [
+        ("int32.tif", np.full((8, 8), 7, np.int32), "has image mode 'I', which the loader cannot convert"),
+        ("float.tif", np.full((8, 8), 0.5, np.float32), "has image mode 'F', which the loader cannot convert"),
+        ("bomb.png", np.zeros((250, 250, 3), np.uint8), "cannot be read as an image (DecompressionBombError"),
+        ("gone.png", None, "a broken symbolic link (to missing.png, which does not exist)"),
+    ],
+)
+def test_an_image_the_loader_cannot_read_faithfully_is_named(capsys, monkeypatch, tmp_path, name, pixels, message):
+    """32-bit integer and float images (no 8-bit scale), an image over PIL's decompression-bomb limit (lowered
+    here) and a broken symbolic link: one line naming the file."""
+    folder = tmp_path / "photos"
+    _write(folder, "fine.png", np.zeros((8, 8, 3), np.uint8))
+    if pixels is None:
+        (folder / name).symlink_to("missing.png")
+    else:
+        _write(folder, name, pixels)
+    if name == "bomb.png":  # 62,500 pixels, over twice the limit; the preset's 224 x 224 crop is not
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 30_000)
+    out = tmp_path / "out.zarr"
+    _refused(capsys, analyze(folder, out, "--layers", "avgpool"), out, f"{folder / name}", message)
+
+
+def test_hidden_files_are_left_out_and_other_files_are_counted(capsys, tmp_path: Path) -> None:
+    """macOS's ._a.png companions and .git/ are hidden, not images; other files are left out with one line."""
+    from eigpipe.spectral.analyze import ImageFiles
+
+    _write(tmp_path / "sub", "a.png", np.zeros((8, 8, 3), np.uint8))
+    (tmp_path / "sub" / "._a.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    _write(tmp_path / ".git", "b.png", np.zeros((8, 8, 3), np.uint8))
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "c.gif").write_bytes(b"GIF89a")
+    assert ImageFiles(tmp_path, lambda image: image).files == [tmp_path / "sub" / "a.png"]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "left out 2 of its entries, which are not image files (e.g. c.gif;" in err[0]
+
+
+def _int_weight(state: dict) -> None:
+    state["conv1.weight"] = state["conv1.weight"].long()
+
+
+def _nan(state: dict) -> None:
+    state["fc.bias"][0] = float("nan")
+
+
+def _negative_variance(state: dict) -> None:
+    state["bn1.running_var"][0] = -1.0
+
+
+def _sparse(state: dict) -> None:
+    state["fc.weight"] = state["fc.weight"].to_sparse()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (_int_weight, "key conv1.weight holds torch.int64 values, not floating point"),
+        (_nan, "key fc.bias has non-finite values (NaN or Inf)"),
+        (_negative_variance, "key bn1.running_var has negative values (a running variance)"),
+        (_sparse, "key fc.weight is a torch.sparse_coo tensor"),
+    ],
+)
+def test_weights_the_model_cannot_take_as_they_are_are_named(capsys, photos, weights, tmp_path, change, message):
+    """Integer values are not cast into a float model, nor NaN, Inf or a negative variance read into it."""
+    state = torch.load(weights, weights_only=True)
+    change(state)
+    torch.save(state, tmp_path / "changed.pth")
+    out = tmp_path / "out.zarr"
+    _refused(
+        capsys, analyze(photos, out, "--weights", str(tmp_path / "changed.pth"), "--layers", "avgpool"), out, message
+    )
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--batch-size", "99999999999999999999"], "--batch-size: 99999999999999999999 is more than 4096 images"),
+        (["--threads", "100000"], "--threads: 100000 is more than this machine's"),
+    ],
+)
+def test_options_beyond_their_bounds_are_one_line(capsys, photos, tmp_path, option, message) -> None:
+    out = tmp_path / "out.zarr"
+    _refused(capsys, analyze(photos, out, "--layers", "avgpool", *option), out, message)
+
+
+def test_a_plain_pickle_as_weights_is_one_line_without_torch_warnings(capsys, photos, tmp_path, recwarn) -> None:
+    import pickle
+
+    with open(tmp_path / "plain.pkl", "wb") as f:
+        pickle.dump({"conv1.weight": np.zeros(3)}, f, protocol=4)
+    out = tmp_path / "out.zarr"
+    _refused(
+        capsys,
+        analyze(photos, out, "--weights", str(tmp_path / "plain.pkl"), "--layers", "avgpool"),
+        out,
+        "plain.pkl: not a readable",
+    )
+    assert [str(w.message) for w in recwarn] == []  # torch's "Detected pickle protocol 4 ..." is not shown
+
+
 def test_help_speaks_to_a_researcher_and_version(capsys) -> None:
     for flag in ("--help", "--version"):
         with pytest.raises(SystemExit) as done:

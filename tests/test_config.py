@@ -76,10 +76,15 @@ def test_sections_from_json_are_validated_on_their_own():
         ({"covariance.layers": []}, "covariance.layers: [] should be non-empty"),
     ],
 )
-def test_command_line_overrides_are_validated_like_the_config(overrides, fragment):
+def test_command_line_overrides_are_validated_like_the_config(overrides, fragment, tmp_path):
     with pytest.raises(ConfigError) as info:
         config.sections(config_json="{}", names=("covariance",), overrides=overrides)
     assert fragment in str(info.value)
+    study = tmp_path / "study.yaml"  # a valid file: the value given on the command line is blamed, not the file
+    study.write_text((ROOT / "config" / "smoke.yaml").read_text())
+    with pytest.raises(ConfigError) as info:
+        config.sections(study, names=("covariance",), overrides=overrides)
+    assert str(info.value).startswith("command line: ") and fragment in str(info.value)
     got = config.sections(config_json="{}", names=("covariance",), overrides={"covariance.images": 5})
     assert got["covariance"]["images"] == 5
 
@@ -356,6 +361,9 @@ def test_check_config_merges_overlays_as_snakemake_does(tmp_path, capsys):
     assert cli.main(["check-config", str(ROOT / "config" / "smoke.yaml"), str(overlay)]) == 0
 
 
+TV_IMPORT = {"preset": "torchvision/fasterrcnn_resnet50_fpn", "weights": "w.pth", "init": "pretrained"}
+
+
 @pytest.mark.parametrize(
     ("changes", "fragment"),
     [
@@ -365,7 +373,26 @@ def test_check_config_merges_overlays_as_snakemake_does(tmp_path, capsys):
         ({"covariance.layers": ["Bottleneck:*"], "report.layers": ["conv1"]}, "report.layers: conv1 is not a layer"),
         ({"widths.source_iteration": 2}, "widths.source_iteration: 2 is not one of train.schedule.snapshots"),
         ({"train.inits": ["pretrained"]}, "widths.source_init: scratch is not in train.inits"),
-        ({"model.widths": "none.yaml"}, "model.widths: none.yaml: widths spec not found"),
+        ({"model.widths": "none.yaml"}, "model.widths: none.yaml: not found"),
+        ({"study": ".."}, "study: '..' is a name of dots only"),
+        ({"study": "run" + "ab" * 20}, "ends in a part repeated 20 times"),
+        ({"study": "a" * 65}, "study: 'aaaa"),
+        ({"imports": {"...": TV_IMPORT}}, "imports....: '...' is a name of dots only"),
+        ({"imports": {"classifier": TV_IMPORT}}, "imports.classifier: is the pre-trained classifier's run name"),
+        ({"imports": {"tv-s1": TV_IMPORT}}, "imports.tv-s1: is a replicate's name"),
+        ({"train.seeds": [1, 2]}, "train.seeds: [1, 2] lacks the study seed 0"),
+        ({"covariance.folds": 1}, "covariance.folds: 1 fold gives no jackknife"),
+        ({"covariance.folds": 9}, "covariance.folds: 9 folds need at least 9 images, got 8"),
+        ({"spectrum.alpha_ranks": [100, 6]}, "spectrum.alpha_ranks: first rank 100 is after the last 6"),
+        (
+            {"model.norm": "bn", "model.min_size": 32, "model.max_size": 32, "train.schedule.batch_size": 1},
+            "train.schedule.batch_size: 1 image of 32 px leaves BatchNorm",
+        ),
+        ({"pretrain": {"source": "torchvision", "weights": "w.pth"}}, "pretrain.source: torchvision's ResNet-50"),
+        (
+            {"pretrain": {"source": "torchvision", "weights": "w.pth"}, "model.width_multiplier": 1.0},
+            "train.init_gn_from_bn: false, but torchvision's BatchNorm-trained weights",
+        ),
         ({"spectrum.treshold": 0.01}, "spectrum.treshold: unknown key (known: threshold,"),
     ],
 )
@@ -379,3 +406,61 @@ def test_the_whole_study_is_checked_as_at_dag_start(tmp_path, changes, fragment)
     assert "\n" not in str(info.value)
     fine = {"covariance.layers": ["default", "*body.conv1"], "report.layers": ["conv1"], "train.inits": ["scratch"]}
     assert study.check(yaml.safe_load(_smoke_with(tmp_path, **fine).read_text()), [])["report"]["layers"] == ["conv1"]
+
+
+@pytest.mark.parametrize(
+    ("key", "where"),
+    [
+        ("data.coco.val_annotations", "results/smoke/data/detection/instances_val.json"),
+        ("pretrain.weights", "results/smoke/pretrain/final.pt"),
+        ("imports.tv.weights", "results/smoke/import/tv.pt"),
+        ("model.widths", "results/smoke/widths/faster_rcnn-derived.yaml"),
+    ],
+)
+def test_the_users_files_exist_outside_the_studys_results(tmp_path, monkeypatch, key, where):
+    """The workflow deletes its outputs before it remakes them: a file of the user's there would be lost."""
+    from eigpipe import study
+    from eigpipe.models import standard
+
+    monkeypatch.chdir(tmp_path)
+    model = yaml.safe_load((ROOT / "config" / "smoke.yaml").read_text())["model"]
+    coco = {
+        f"{split}_{kind}": f"mine/{split}_{kind}" for split in ("train", "val") for kind in ("annotations", "images")
+    }
+    changes = {
+        "data.source": "coco",
+        "data.coco": coco,
+        "imports": {"tv": {**TV_IMPORT, "weights": "mine/w.pth"}},
+        "pretrain": {"source": "detectron2", "weights": "mine/w.pth"},
+        "model.widths": "mine/widths.yaml",
+    }
+    (tmp_path / "mine").mkdir()
+    for path in [*coco.values(), "mine/w.pth"]:
+        Path(path).write_text("")
+    spec = standard(model["depths"], model["width_multiplier"]).to_dict()
+    Path("mine/widths.yaml").write_text(yaml.safe_dump(spec))
+    assert study.check(yaml.safe_load(_smoke_with(tmp_path, **changes).read_text()), [])
+    Path(where).parent.mkdir(parents=True)
+    Path(where).write_text(yaml.safe_dump(spec))
+    moved = yaml.safe_load(_smoke_with(tmp_path, **{**changes, key: where}).read_text())
+    with pytest.raises(ConfigError, match=f"{key}: {where} is inside results/smoke/, which the workflow writes"):
+        study.check(moved, [])
+    Path(where).unlink()
+    with pytest.raises(ConfigError, match=f"{key}: {where}: not found"):
+        study.check(moved, [])
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["covariance", "--images", "nan"], "argument --images: invalid int value: 'nan'"),
+        (["train", "--model", "yolo", "--out", "x"], "argument --model: invalid choice: 'yolo'"),
+        (["spectrum"], "the following arguments are required"),
+        (["nope"], "argument COMMAND: invalid choice: 'nope'"),
+    ],
+)
+def test_a_bad_command_line_argument_is_one_line(capsys, argv, fragment):
+    with pytest.raises(SystemExit) as done:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and err.count("\n") == 1 and fragment in err and "--help" in err, err

@@ -458,3 +458,11 @@ def test_derive_stage_errors_write_nothing(source, tmp_path, widths, change, wor
     message = one_line(info)
     assert all(word in message for word in words) and str(dimensions) in message, message
     assert not out.parent.exists() or not any(out.parent.iterdir())
+
+
+def test_a_downsample_conv_in_one_body_only(source, tmp_path):
+    """At 16 px the budget leaves layer1's output at the stem's width: the derived body has no layer1 downsample
+    (in == out), the original has; the GroupNorm check compares convs of both bodies only."""
+    _, _, checkpoint, dimensions, _ = source
+    record = derive(widths_cfg(input_size=[16, 16]), dimensions, checkpoint, tmp_path / "w.yaml")
+    assert [layer["name"] for layer in record["layers"] if layer["derived"] is None] == ["layer1.0.downsample.0"]

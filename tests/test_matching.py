@@ -68,3 +68,6 @@ def test_matching_file_round_trip_and_damage(tmp_path, monkeypatch):
         matching.read(path)
     with pytest.raises(EigpipeError, match="not found"):
         matching.read(tmp_path / "missing.npz")
+    path.write_text('{"bbox": {}}')  # an evaluation JSON given for it: NumPy's pickle advice would mislead
+    with pytest.raises(EigpipeError, match=r"not a readable per-image matching file \(not an .npz archive\)$"):
+        matching.read(path)

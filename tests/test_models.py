@@ -180,6 +180,7 @@ def test_complexity_of_standard_resnet50(tmp_path, capsys):
         ({"width_multiplier": -1}, [], "width_multiplier"),
         (None, [], "model: missing (required)"),
         ({"norm": "gn"}, ["--input-size", "0", "224"], "--input-size"),
+        ({"norm": "gn"}, ["--input-size", "100000", "100000"], "sizes must be 16 to 8192"),
         ({"norm": "gn"}, ["--num-classes", "1"], "--num-classes"),
     ],
 )

@@ -25,7 +25,7 @@ from eigpipe.spectral import store
 from eigpipe.spectral.dimensions import DIMENSIONS_TABLE
 from eigpipe.spectral.spectrum import SPECTRUM_TABLE, TABLE_COLUMNS, eigenvalue_path
 from eigpipe.spectral.widths import WIDTHS_SPEC
-from eigpipe.stages import STAGES
+from eigpipe.stages import STAGES, path_argument
 from eigpipe.train.state import RUN_FOLDER, RunFolder
 from tests.helpers import one_line_error
 
@@ -62,7 +62,7 @@ def stage_argv(stage_name: str, root: Path, output_flag: str, output: Path) -> t
         given.append(root / "in" / "study.yaml")
         argv += ["--config", str(given[-1])]
     for arg in stage.args:
-        if arg.options.get("type") is not Path:
+        if arg.options.get("type") is not path_argument:
             if arg.options.get("required"):  # a required non-path value: any will do (the claim comes first)
                 argv += [arg.flags[0], "x"]
             continue
@@ -85,7 +85,7 @@ def inputs_root(tmp_path: Path) -> Path:
     shutil.copy(SMOKE, tmp_path / "in" / "study.yaml")
     for _, stage in STAGES.items():
         for arg in stage.args:
-            if arg.options.get("type") is Path and not arg.output:
+            if arg.options.get("type") is path_argument and not arg.output:
                 (tmp_path / "in" / f"{arg.flags[0].lstrip('-')}.input").write_text("the user's data\n")
     return tmp_path
 
@@ -148,6 +148,8 @@ def covariance_store(path: Path) -> Path:
         ["--out", "S/final.zarr"],
         ["--out", "S/../S/final.zarr/.."],  # the folder holding it, spelled another way
         ["--out", "T/same.parquet", "--eigenvalues", "T/same.parquet"],  # two outputs, one path
+        ["--out", "S/final.zarr/t.parquet"],  # inside it
+        ["--out", "T/t.parquet", "--eigenvalues", "S/final.zarr/e.zarr"],
     ],
 )
 def test_spectrum_never_writes_over_its_covariance_store(tmp_path, monkeypatch, capsys, args) -> None:
@@ -205,7 +207,7 @@ def _run_folder(path: Path) -> Path:
     save_checkpoint(path / "final.pt", torch.nn.Linear(1, 1), {"run": "r"})
     save_checkpoint(path / "snapshots" / "0.pt", torch.nn.Linear(1, 1), {"run": "r"})
     RunFolder(path, "f").save_state({"iteration": 0})
-    (path / "metrics.jsonl").write_text("{}\n")
+    (path / "metrics.jsonl").write_text('{"iteration": 1, "loss": 0.5}\n')
     return path
 
 
@@ -264,6 +266,7 @@ def test_each_kind_recognises_only_its_own_artifacts(tmp_path, artifact) -> None
         lambda run: (run / "final.pt").write_bytes(b"my own weights"),  # a final.pt that is no eigpipe checkpoint
         lambda run: torch.save({"weights": torch.zeros(1)}, run / "snapshots" / "9.pt"),  # another tool's torch file
         lambda run: torch.save({"iteration": 3}, run / "resume" / "state.pt"),  # a state without its fingerprint
+        lambda run: (run / "metrics.jsonl").write_text('{"my": "experiment log"}\n'),  # a log of the user's
     ],
 )
 def test_a_run_folder_with_anything_foreign_is_not_a_run_folder(tmp_path, spoil) -> None:
@@ -273,8 +276,34 @@ def test_a_run_folder_with_anything_foreign_is_not_a_run_folder(tmp_path, spoil)
     assert not RUN_FOLDER.is_own(run)
 
 
+@pytest.mark.parametrize(
+    ("artifact", "inside"), [("dataset", "notes.txt"), ("covariance store", "body.conv1/mine.txt")]
+)
+def test_an_output_folder_holding_a_users_file_is_not_replaced(tmp_path, artifact, inside) -> None:
+    """Replacing the folder would delete the file: it is refused as not the stage's own."""
+    folder = ARTIFACTS[artifact](tmp_path)
+    assert KINDS[artifact].is_own(folder)
+    (folder / inside).write_text("mine")
+    assert not KINDS[artifact].is_own(folder)
+
+
+def test_a_folder_of_report_named_files_without_the_marker_is_no_report_folder(tmp_path) -> None:
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "summary.md").write_text("my notes")
+    assert not REPORT_FOLDER.is_own(tmp_path / "mine")
+
+
 def test_empty_output_folders_are_claimable_files_are_not_folders(tmp_path) -> None:
     (tmp_path / "empty").mkdir()
     assert REPORT_FOLDER.is_own(tmp_path / "empty") and RUN_FOLDER.is_own(tmp_path / "empty")
     assert store.COVARIANCE_STORE.is_own(tmp_path / "empty")  # an empty folder: nothing in it can be lost
     assert not SPECTRUM_TABLE.is_own(tmp_path / "empty")  # a folder where a file goes
+
+
+def test_a_failed_stage_leaves_no_folder_it_would_have_made(tmp_path, capsys) -> None:
+    out = tmp_path / "new" / "sub" / "t.parquet"
+    assert cli.main(["spectrum", str(tmp_path / "missing.zarr"), "--out", str(out)]) == 1
+    assert "store not found" in capsys.readouterr().err and not (tmp_path / "new").exists()
+    (tmp_path / "file").write_text("")
+    assert cli.main(["spectrum", str(tmp_path / "missing.zarr"), "--out", str(tmp_path / "file" / "t.parquet")]) == 1
+    assert "cannot be written there" in capsys.readouterr().err

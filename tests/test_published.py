@@ -333,6 +333,10 @@ def test_a_shape_that_differs_names_the_key_and_both_shapes(capsys, tmp_path, fi
     )
 
 
+FROM_DETECTRON2 = ("--from", "detectron2", "--pixel-mean", "1", "2", "3", "--pixel-std", "1", "1", "1")
+FROM_DETECTRON2 += ("--channel-order", "BGR")
+
+
 def test_a_class_count_the_model_cannot_take_is_refused(capsys, tmp_path, files):
     arrays = dict(files["detectron2"][1])
     rng = np.random.default_rng(0)
@@ -350,23 +354,68 @@ def test_a_class_count_the_model_cannot_take_is_refused(capsys, tmp_path, files)
         preset,
         rf"roi_heads\.box_predictor\.cls_score\.weight has 4 outputs; preset {preset} takes 81",
     )
-    from_args = [
-        "--from",
-        "detectron2",
-        "--pixel-mean",
-        "1",
-        "2",
-        "3",
-        "--pixel-std",
-        "1",
-        "1",
-        "1",
-        "--channel-order",
-        "BGR",
-    ]
     _assert_refused(
-        capsys, tmp_path, weights, None, r"has 4 outputs \(3 classes and background\), not COCO's 80", *from_args
+        capsys, tmp_path, weights, None, r"has 4 outputs \(3 classes and background\), not COCO's 80", *FROM_DETECTRON2
     )
+
+
+@pytest.mark.parametrize(
+    ("dropped", "pattern"),
+    [
+        (("backbone.fpn_lateral2.",), r"the model's backbone\.fpn\.inner_blocks\.0\.0\.weight is filled by no key"),
+        (("roi_heads.box_head.fc1.weight",), r"the model's roi_heads\.box_head\.5\.weight is filled by no key"),
+        (
+            ("roi_heads.box_head.conv", "roi_heads.box_head.fc1.weight"),
+            r"the model's roi_heads\.box_head\.fc6\.weight is filled by no key",
+        ),
+        (("backbone.bottom_up.res5.",), r"the state dict has no backbone\.body\.layer4\.0\.conv1\.weight"),
+    ],
+)
+def test_from_a_file_lacking_what_the_architecture_is_read_off_names_file_and_tensor(
+    capsys, tmp_path, files, dropped, pattern
+):
+    """--from reads the FPN width, the box head and the ResNet stages off the file: a file without them is named."""
+    arrays = {k: v for k, v in files["detectron2"][1].items() if not k.startswith(dropped)}
+    weights = _pickle(tmp_path / "short.pkl", arrays)
+    _assert_refused(capsys, tmp_path, weights, None, rf"short\.pkl: {pattern}", *FROM_DETECTRON2)
+
+
+@pytest.mark.parametrize(
+    ("file", "preset", "key"),
+    [
+        ("detectron2", "detectron2/mask_rcnn_R_50_FPN_3x_gn", "roi_heads.box_predictor.cls_score.weight"),
+        ("detectron2", "detectron2/mask_rcnn_R_50_FPN_3x_gn", "roi_heads.box_predictor.cls_score.bias"),
+        ("mmdet", "mmdet/mask_rcnn_r50_fpn_gn-all_2x_coco", "roi_head.bbox_head.fc_cls.weight"),
+    ],
+)
+def test_a_classifier_tensor_of_no_rows_is_named(capsys, tmp_path, files, file, preset, key):
+    arrays = {**files[file][1], key: np.zeros((), np.float32)}
+    weights = (write_detectron2 if file == "detectron2" else write_mmdet)(tmp_path / "scalar.file", arrays)
+    _assert_refused(capsys, tmp_path, weights, preset, rf"scalar\.file: key {re.escape(key)} has shape \[\]")
+
+
+@pytest.mark.parametrize(
+    ("file", "key", "value", "pattern"),
+    [
+        ("detectron2", "backbone.bottom_up.res2.0.conv1.weight", np.nan, "has non-finite values"),
+        ("detectron2", "roi_heads.box_predictor.bbox_pred.bias", np.inf, "has non-finite values"),
+        ("torchvision", "backbone.body.bn1.running_var", -1.0, "has negative values"),
+    ],
+)
+def test_weights_no_model_can_compute_with_are_refused_before_writing(
+    capsys, tmp_path, files, file, key, value, pattern
+):
+    """NaN, Inf or a negative running variance would be written, and refused by every stage that loads it."""
+    if file == "detectron2":
+        arrays = {k: v.copy() for k, v in files["detectron2"][1].items()}
+        arrays[key].reshape(-1)[0] = value
+        weights, preset = _pickle(tmp_path / "broken.file", arrays), "detectron2/mask_rcnn_R_50_FPN_3x_gn"
+    else:
+        state = _torchvision_reference("fasterrcnn_resnet50_fpn").state_dict()
+        state[key][0] = value
+        weights, preset = tmp_path / "broken.file", "torchvision/fasterrcnn_resnet50_fpn"
+        torch.save(state, weights)
+    _assert_refused(capsys, tmp_path, weights, preset, rf"broken\.file: key {re.escape(key)} {pattern}")
 
 
 def test_a_user_file_imports_with_its_preprocessing_stated(tmp_path, files):
@@ -403,16 +452,112 @@ def test_pixel_statistics_a_file_stores_must_agree(capsys, tmp_path, files):
     )
 
 
-def test_the_restricted_unpickler_runs_no_code(capsys, tmp_path):
-    path = tmp_path / "evil.pkl"
-    path.write_bytes(pickle.dumps({"model": {"x": Path("/")}, "__author__": "x"}))
-    _assert_refused(capsys, tmp_path, path, "detectron2/mask_rcnn_R_50_FPN_3x_gn", r"is not a numpy array")
+class _Payload:
+    """An object whose unpickling calls ``call(*args)``."""
+
+    def __init__(self, call, *args) -> None:
+        self.call, self.args = call, args
+
+    def __reduce__(self):
+        return self.call, self.args
 
 
-def test_an_import_sets_only_test_time_model_keys(capsys, tmp_path, files):
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_the_restricted_unpickler_runs_no_code(capsys, tmp_path, protocol):
+    import codecs
+    import os
+
+    marker = tmp_path / "ran"
+    for payload, pattern in (
+        (Path("/"), r"is not a numpy array"),
+        (_Payload(os.mkdir, str(marker)), r"posix\.mkdir is not a numpy array"),
+        (_Payload(codecs.encode, "text", "rot13"), r"_codecs\.encode with 'rot13' does not rebuild bytes"),
+    ):
+        path = tmp_path / "evil.pkl"
+        path.write_bytes(pickle.dumps({"model": {"x": payload}, "__author__": "x"}, protocol=protocol))
+        _assert_refused(capsys, tmp_path, path, "detectron2/mask_rcnn_R_50_FPN_3x_gn", pattern)
+        assert not marker.exists()
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_detectron2_pickles_of_every_protocol_are_read(tmp_path, protocol):
+    """Protocol 5 (Python 3.14's default) rebuilds arrays with numpy's _frombuffer, protocols 0-2 bytes with
+    _codecs.encode(text, "latin1"): both build data only and are allowed."""
+    from eigpipe.models.published import from_detectron2
+
+    arrays = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.arange(3, dtype=">f8")}
+    path = tmp_path / "model.pkl"
+    path.write_bytes(pickle.dumps({"model": arrays, "__author__": "x"}, protocol=protocol))
+    state, kind = from_detectron2.read(path)
+    assert kind == "detector" and state.keys() == arrays.keys()
+    for key, value in arrays.items():
+        assert np.array_equal(state[key].numpy(), value)
+
+
+@pytest.mark.parametrize("value", [np.array(["a", "b"]), np.array([1, None], dtype=object)])
+def test_a_detectron2_array_of_no_numbers_is_named(capsys, tmp_path, value):
+    weights = _pickle(tmp_path / "text.pkl", {"backbone.bottom_up.stem.conv1.weight": value})
+    pattern = rf"text\.pkl: entry backbone\.bottom_up\.stem\.conv1\.weight is an array of {re.escape(str(value.dtype))}"
+    _assert_refused(capsys, tmp_path, weights, "detectron2/mask_rcnn_R_50_FPN_3x_gn", pattern)
+
+
+def _sparse_mmdet(path: Path) -> None:
+    torch.save({"state_dict": {"rpn_head.rpn_cls.weight": torch.eye(3).to_sparse()}, "meta": {}}, path)
+
+
+def _plain_pickle(path: Path) -> None:
+    path.write_bytes(pickle.dumps({"state_dict": {"rpn_head.rpn_cls.weight": np.eye(3)}}, protocol=4))
+
+
+@pytest.mark.parametrize(
+    ("write", "pattern"),
+    [
+        (_sparse_mmdet, r"key rpn_head\.rpn_cls\.weight is a torch\.sparse_coo tensor"),
+        (_plain_pickle, r"not an mmdetection checkpoint \(a damaged file or not a torch file"),
+    ],
+)
+def test_a_torch_file_the_import_cannot_use_is_one_line(capsys, tmp_path, recwarn, write, pattern):
+    """A sparse tensor, or a plain pickle where torch reads the file (without torch's warning about it)."""
+    weights = tmp_path / "odd.pth"
+    write(weights)
+    _assert_refused(capsys, tmp_path, weights, "mmdet/mask_rcnn_r50_fpn_gn-all_2x_coco", rf"odd\.pth: {pattern}")
+    assert [str(w.message) for w in recwarn] == []
+
+
+@pytest.mark.parametrize(
+    ("ids", "pattern"),
+    [(["1", "1", "2"], r"--category-ids: 1 is given twice"), (["-1", "2", "3"], r"--category-ids: -1 is negative")],
+)
+def test_category_ids_are_each_given_once_and_not_negative(capsys, tmp_path, files, ids, pattern):
+    weights = files["detectron2"][0]
+    _assert_refused(capsys, tmp_path, weights, None, pattern, *FROM_DETECTRON2, "--category-ids", *ids)
+
+
+@pytest.mark.parametrize(
+    ("extra", "pattern"),
+    [
+        (("--from", "torchvision"), r"gone\.pth: weights file not found"),  # not the missing pixel options
+        (("--preset", "detectron2/mask_rcnn_R_50_FPN_3x_gn", "--run", "../x"), r"--run: '\.\./x' is not a run name"),
+        (("--preset", "detectron2/mask_rcnn_R_50_FPN_3x_gn", "--run", ".."), r"--run: '\.\.' is not a run name"),
+    ],
+)
+def test_a_missing_file_or_a_bad_run_name_is_named_first(capsys, tmp_path, extra, pattern):
+    weights = tmp_path / "gone.pth"
+    if "--run" in extra:  # a file there, never read: the run name is checked first
+        weights.write_bytes(b"")
+    _assert_refused(capsys, tmp_path, weights, None, pattern, *extra)
+
+
+@pytest.mark.parametrize(
+    ("model_json", "pattern"),
+    [
+        ('{"norm": "bn"}', r"--model-json: norm is set by the weights"),
+        ('{"min_size": 600, "min_size": 700}', r"--model-json: key min_size is given twice"),
+    ],
+)
+def test_an_import_sets_only_test_time_model_keys(capsys, tmp_path, files, model_json, pattern):
     weights, preset = files["detectron2"][0], "detectron2/mask_rcnn_R_50_FPN_3x_gn"
-    pattern = r"--model-json: norm is set by the weights"
-    _assert_refused(capsys, tmp_path, weights, preset, pattern, "--model-json", '{"norm": "bn"}')
+    _assert_refused(capsys, tmp_path, weights, preset, pattern, "--model-json", model_json)
 
 
 def test_a_detector_normalises_its_images_as_its_init_expects(tmp_path, tiny_model, complete):

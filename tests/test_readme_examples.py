@@ -29,7 +29,7 @@ def examples() -> dict[str, list[tuple[str, str]]]:
 
 def run_blocks(name: str, folder: Path) -> None:
     shims = folder / ".bin"
-    shims.mkdir()
+    shims.mkdir(exist_ok=True)
     (shims / "eigpipe").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m eigpipe.cli "$@"\n')
     (shims / "eigpipe").chmod(0o755)
     env = {**os.environ, "PATH": f"{shims}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(ROOT)}
@@ -72,7 +72,9 @@ def test_vision_transformer_tokens(folder: Path, capsys: pytest.CaptureFixture) 
 
 def test_training_loop_dynamics_through_dimensions_and_report(folder: Path) -> None:
     run_blocks("training", folder)
-    dims = pd.read_parquet(folder / "dynamics" / "my-cnn.parquet")
+    with pytest.warns(UserWarning, match="holds 4 covariance store"):
+        run_blocks("training", folder)  # the recipe runs again as written, over its own outputs
+    dims = pd.read_parquet(folder / "my-cnn.parquet")
     assert sorted(set(dims["iteration"])) == [8, 16, 24, 32] and set(dims["layer"]) == {"0", "2", "6"}
     assert (dims["n_images"] == 8 * 16).all() and set(dims["run"]) == {"my-cnn"}
-    assert (folder / "dynamics" / "report" / "dynamics.png").stat().st_size > 0
+    assert (folder / "report" / "dynamics.png").stat().st_size > 0

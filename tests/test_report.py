@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -330,6 +331,12 @@ def _evaluation_without(path: Path, section: str, key: str) -> None:
     path.write_text(json.dumps(record))
 
 
+def _evaluation_with(path: Path, section: str, key: str, value: object) -> None:
+    record = json.loads(path.read_text())
+    record[section][key] = value
+    path.write_text(json.dumps(record))
+
+
 SPOILS = {
     "evaluation not JSON": ("eval/faster_rcnn-scratch.json", lambda p: p.write_text("{'AP': ")),
     "evaluation without bbox": ("eval/faster_rcnn-scratch.json", lambda p: _evaluation_without(p, "", "bbox")),
@@ -339,6 +346,12 @@ SPOILS = {
     ),
     "evaluation without an AP": ("eval/faster_rcnn-scratch.json", lambda p: _evaluation_without(p, "bbox", "APl")),
     "evaluation without its run": ("eval/faster_rcnn-scratch.json", lambda p: _evaluation_without(p, "", "run")),
+    "evaluation not UTF-8": ("eval/faster_rcnn-scratch.json", lambda p: p.write_bytes(b"\xff\xfe{}")),
+    "evaluation with a text AP": ("eval/faster_rcnn-scratch.json", lambda p: _evaluation_with(p, "bbox", "AP", "high")),
+    "evaluation with a text cost": (
+        "eval/faster_rcnn-scratch.json",
+        lambda p: _evaluation_with(p, "complexity", "body_params", "many"),
+    ),
     "widths spec without derivation": ("widths/faster_rcnn-derived.yaml", lambda p: _yaml(p, {"stem": 8})),
     "derivation without layers": (
         "widths/faster_rcnn-derived.yaml",
@@ -418,12 +431,14 @@ def test_a_full_disk_names_the_report_folder(study, monkeypatch, capsys, failing
     assert tree(out) == before
 
 
-def test_a_report_folder_from_before_its_marker_is_replaced_keeping_report_html(study) -> None:
+def test_a_folder_of_report_files_without_the_marker_is_refused_and_left_whole(study, capsys) -> None:
+    """Files named like a report's may be anybody's (a report from before the marker: move it away once)."""
     out = study / "report"
     (out / report.MARKER).unlink()
-    (out / "report.html").write_text("<html/>")
-    assert cli.main(report_args(study, out, with_comparison=False)) == 0
-    assert (out / "report.html").read_text() == "<html/>" and "summary.csv" not in tree(out)
+    before = tree(out)
+    assert cli.main(report_args(study, out, with_comparison=False)) == 1
+    assert "exists and is not an eigpipe report folder" in capsys.readouterr().err
+    assert tree(out) == before
 
 
 def test_a_file_of_the_users_named_like_a_report_file_is_refused(study, capsys) -> None:
@@ -555,3 +570,35 @@ def test_matching_files_of_other_images_are_refused(tmp_path: Path) -> None:
     second = matching.write(tmp_path / "other.matches.npz", {"bbox": other}, {"run": "faster_rcnn-derived"})
     with pytest.raises(EigpipeError, match="other.matches.npz: evaluated other images than .*a paired bootstrap"):
         uncertainty.bootstrap_runs([first, second], {"resamples": 10, "seed": 0})
+
+
+def test_a_table_with_two_layers_of_one_canonical_name_in_a_snapshot_is_refused(tmp_path: Path) -> None:
+    """Tables written before canonical names kept the body prefix where stripping it merges two layers."""
+    path = dimension_tables(tmp_path, SMALL)[0]
+    table = pd.read_parquet(path)
+    table.loc[table["layer"] == "backbone.body.layer1.0.conv1", "canonical"] = "conv1"
+    table.to_parquet(path)
+    with pytest.raises(EigpipeError, match=r"run faster_rcnn-scratch, iteration 0: two layers have the canonical name"):
+        inputs.load_dimensions([path])
+
+
+def test_eigenvalue_layers_keep_full_names_where_stripping_the_body_prefix_would_merge_two(tmp_path: Path) -> None:
+    values = {"second_moment": np.ones(2), "covariance": np.ones(2)}
+    layers = {"conv": values, "body.conv": {**values, "second_moment": np.zeros(2)}}
+    path = store.write_store(tmp_path / "s.zarr", store.EIGENVALUE_KIND, layers, {"run": "mine"}, {})
+    spectra = inputs.second_moments(inputs.load_stores([path]))
+    assert list(spectra["mine"]) == ["conv", "body.conv"] and spectra["mine"]["body.conv"].sum() == 0
+
+
+def test_one_final_eigenvalue_store_per_run(tmp_path: Path) -> None:
+    table = inputs.load_dimensions(dimension_tables(tmp_path, SMALL))
+    final = eigenvalue_stores(tmp_path, SMALL)[0]
+    assert list(inputs.load_stores([final], table)) == ["faster_rcnn-scratch"]
+    again = shutil.copytree(final, tmp_path / "again" / final.name)
+    with pytest.raises(EigpipeError, match=r"again/faster_rcnn-scratch.zarr: a second eigenvalue store of run fast"):
+        inputs.load_stores([final, again], table)
+    init, task, model, _iterations, prefix, layers = SMALL["faster_rcnn-scratch"]
+    early = eigenvalue_stores(tmp_path / "early", {"faster_rcnn-scratch": (init, task, model, [100], prefix, layers)})
+    with pytest.raises(EigpipeError, match=r"iteration 100 of run faster_rcnn-scratch is not its final .* 200"):
+        inputs.load_stores(early, table)
+    assert list(inputs.load_stores(early)) == ["faster_rcnn-scratch"]  # no table: nothing to check against

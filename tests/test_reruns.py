@@ -13,6 +13,7 @@ import copy
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -33,7 +34,8 @@ PLANNED_ALWAYS = ("all",)  # the target rule: planned whenever anything is
 
 
 def _smoke_data(split: str, kind: str) -> str:
-    return f"results/smoke/data/detection/{f'instances_{split}.json' if kind == 'annotations' else split}"
+    """The smoke data's copy outside results/smoke/ (a study may not read files in its own results)."""
+    return f"coco-copy/{f'instances_{split}.json' if kind == 'annotations' else split}"
 
 
 COCO_PATHS = {
@@ -171,6 +173,12 @@ def _narrowed(key: str, base: dict, jobs: list[dict]) -> list[dict] | None:
         return [j for j in jobs if _run_of(j) and _init_of(_run_of(j)) not in own_steps]
     if key.startswith("train.steps_by_init."):
         return [j for j in jobs if _run_of(j) and _init_of(_run_of(j)) == key.rsplit(".", 1)[1]]
+    if key.startswith("data.synthetic"):  # the generator alone; the data it makes reaches the rest as an input
+        return [j for j in jobs if j["rule"] == "synth_data"]
+    if key == "data.coco" and base["data"]["source"] != "coco":  # unused: no job's slice of data holds it
+        return []
+    if key.startswith("data."):  # training's slice of data (source, strict, coco); synth_data's source is fixed
+        return [j for j in jobs if j["rule"] in ("train_detector", "check_data")]
     if key == "train.init_gn_from_bn":  # how a pre-trained init may load: the pre-trained runs only
         return [
             j for j in jobs if _run_of(j) and j["rule"] == "train_detector" and _init_of(_run_of(j)) == "pretrained"
@@ -247,6 +255,8 @@ def test_every_config_key_reruns_exactly_the_jobs_that_read_it(smoke_run, frozen
         "tv-faster": {"preset": "torchvision/fasterrcnn_resnet50_fpn", "weights": str(weights), "init": "pretrained"}
     }
     monkeypatch.chdir(smoke_run)  # where the changed studies' relative paths resolve
+    if not Path("coco-copy").exists():
+        shutil.copytree("results/smoke/data/detection", "coco-copy")
     changes = sweep(
         base, {**OVERRIDES, "model.widths": {"model.widths": str(widths)}, "imports": {"imports": published}}
     )

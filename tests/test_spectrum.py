@@ -200,7 +200,7 @@ def test_table_stages_run_without_torch(tmp_path: Path) -> None:
         dims.append(str(table))
     stages.append(["dimensions", "--spectra", *dims, "--out", str(tmp_path / "dims.parquet")])
     report = ["report", "--config-json", json.dumps({"report": {}}), "--dimensions", str(tmp_path / "dims.parquet")]
-    stages.append([*report, "--eigenvalues", *eigs, "--out-dir", str(tmp_path / "report")])
+    stages.append([*report, "--eigenvalues", eigs[-1], "--out-dir", str(tmp_path / "report")])  # the final model's
     done = subprocess.run([sys.executable, "-c", WITHOUT_TORCH, json.dumps(stages)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "report" / "spectra.csv").exists()
@@ -248,3 +248,39 @@ def test_stores_that_named_their_table_from_the_job_folder_find_it_beside_them(t
     spectrum.read_eigenvalues(path)
     monkeypatch.chdir(tmp_path / "moved")
     spectrum.read_eigenvalues(Path("0.zarr"))
+
+
+@pytest.mark.parametrize(
+    ("layers", "canonical"),
+    [
+        (["body.conv", "fc"], ["conv", "fc"]),  # the body prefix goes where no two names merge
+        (["conv", "body.conv"], ["conv", "body.conv"]),  # else every layer keeps its full name
+        (["backbone.body.conv", "body.conv", "fc"], ["backbone.body.conv", "body.conv", "fc"]),
+    ],
+)
+def test_canonical_names_never_merge_two_layers(tmp_path: Path, layers: list[str], canonical: list[str]) -> None:
+    cov = write_store(tmp_path / "cov.zarr", {n: (planted([1.0, 0.1]), np.zeros(2)) for n in layers}, "mine", 0)
+    table = decompose(cov, tmp_path / "t.parquet")
+    assert list(table["canonical"]) == canonical and list(pd.read_parquet(tmp_path / "t.parquet")) == list(table)
+    assert list(table.columns[:8]) == ["run", "init", "task", "model_name", "iteration", "layer", "canonical"] + [
+        "forward_index"
+    ]
+
+
+@pytest.mark.parametrize("bad", ["missing", "damaged"])
+def test_a_bad_input_leaves_the_earlier_outputs_as_they_were(tmp_path: Path, monkeypatch, capsys, bad: str) -> None:
+    from eigpipe import cli
+
+    monkeypatch.chdir(tmp_path)
+    layers = {"conv": (planted([1.0, 0.1]), np.zeros(2))}
+    good, typo = write_store(Path("good.zarr"), layers, "mine", 0), Path("typo.zarr")
+    cfg = json.dumps({"spectrum": CFG})
+    assert cli.main(["spectrum", "--config-json", cfg, str(good), "--out", "good.csv"]) == 0
+    if bad == "damaged":
+        write_store(typo, layers, "mine", 0)
+        (typo / "conv" / "second_moment" / "c" / "0" / "0").write_bytes(b"damaged")
+    before = {p: p.read_bytes() for p in Path().rglob("*") if p.is_file()}
+    assert cli.main(["spectrum", "--config-json", cfg, str(typo), "--out", "good.csv"]) == 1
+    assert "typo.zarr" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in Path().rglob("*") if p.is_file()} == before
+    assert Path("good.csv").is_file() and Path("good.eigenvalues.zarr").is_dir()

@@ -227,6 +227,17 @@ def _asymmetric(path: Path, layer: int) -> None:
     _edit(path, layer=layer, **{store.INTEGRITY: integrity})  # checksums that match: only the matrix is wrong
 
 
+def _reshaped(path: Path, layer: int, **arrays: np.ndarray) -> None:
+    """Arrays of another shape in place of (or beside) a layer's own, with checksums that match."""
+    group = zarr.open_group(str(path), mode="r+", use_consolidated=False)
+    name = group.attrs["layers"][layer]
+    integrity = dict(group[name].attrs[store.INTEGRITY])
+    for array, data in arrays.items():
+        group[name].create_array(array, data=data, overwrite=True)
+        integrity[array] = store.fingerprint(data)
+    _edit(path, layer=layer, **{store.INTEGRITY: integrity})
+
+
 BROKEN = {
     "one layer without checksums": (lambda p: _edit(p, layer=1, **{store.INTEGRITY: None}), "no integrity checksums"),
     "last layer without checksums": (lambda p: _edit(p, layer=2, **{store.INTEGRITY: None}), "no integrity checksums"),
@@ -244,6 +255,27 @@ BROKEN = {
     "no format_version": (lambda p: _edit(p, root={"format_version": None}), "format_version None"),
     "asymmetric second moment": (lambda p: _asymmetric(p, 1), "not symmetric"),
     "asymmetric first layer": (lambda p: _asymmetric(p, 0), "not symmetric"),
+    "a second moment not square": (
+        lambda p: _reshaped(p, 1, second_moment=np.eye(5)[:, :4]),
+        "layer body.layer1.0.conv1: array second_moment has shape [5, 4], not [4, 4]",
+    ),
+    "a mean of another width": (
+        lambda p: _reshaped(p, 0, mean=np.zeros(3)),
+        "layer body.conv1: array mean has shape [3], not [4]",
+    ),
+    "fold means of another width": (
+        lambda p: _reshaped(p, 2, fold_second_moment=np.zeros((2, 3, 3)), fold_mean=np.zeros((2, 4))),
+        "layer body.layer1.0.conv2: array fold_mean has shape [2, 4], not [2, 3]",
+    ),
+    "fold second moments not a stack": (
+        lambda p: _reshaped(p, 2, fold_second_moment=np.zeros((3, 3)), fold_mean=np.zeros((3, 3))),
+        "array fold_second_moment has shape [3, 3], not [3, 3, 3]",
+    ),
+    "iteration 'abc'": (lambda p: _edit(p, root={"iteration": "abc"}), "root attribute iteration: 'abc' is not a"),
+    "iteration 3.5": (lambda p: _edit(p, root={"iteration": 3.5}), "root attribute iteration: 3.5 is not a whole"),
+    "no iteration": (lambda p: _edit(p, root={"iteration": None}), "root attribute iteration: None is not a whole"),
+    "no run": (lambda p: _edit(p, root={"run": None}), "root attribute run: None is not a run name"),
+    "an empty run": (lambda p: _edit(p, root={"run": ""}), "root attribute run: '' is not a run name"),
 }
 
 
@@ -264,3 +296,17 @@ def test_a_store_that_is_not_what_it_claims_is_refused_in_one_line(tmp_path, cap
 def test_a_store_with_every_checksum_and_a_sound_matrix_is_read(tmp_path, capsys) -> None:
     _, read = store.read_store(_small(tmp_path / "s.zarr"), COV, ARRAYS)
     assert len(read) == 3 and "warning" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["zarr.json", "a" * 256, "\u00e9" * 128, "conv\x00x", ".", ".."],
+    ids=["zarr.json", "256 bytes", "256 bytes of UTF-8", "NUL", "dot", "dot-dot"],
+)
+def test_a_layer_name_that_cannot_be_a_folder_name_is_refused_before_anything_is_created(tmp_path, name) -> None:
+    layers = {"conv": fake_layers()["backbone.body.conv1"]}
+    layers[name] = layers["conv"]
+    with pytest.raises(EigpipeError, match=r"^layer .*: not usable as a zarr group name"):
+        write(tmp_path / "new" / "s.zarr", layers)
+    assert list(tmp_path.iterdir()) == []
+    write(tmp_path / "s.zarr", {"a" * 255: layers["conv"]})  # the longest name a file system takes

@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import textwrap
+import threading
+from collections import OrderedDict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -160,6 +164,27 @@ def test_a_layer_whose_channels_change_is_a_one_line_error(size: int) -> None:
             for channels in (3, 5):  # the second batch takes a map's direct path first
                 shape = (2, channels, size, size) if size > 1 else (2, channels)
                 model(torch.rand(shape))
+
+
+def test_modules_acting_on_the_last_axis_are_read_channels_last() -> None:
+    """A Linear or LayerNorm on [N, H, W, C] maps (Swin, ConvNeXt blocks) keeps the channels last: axis 1 would
+    take the height for the channels."""
+    from torchvision.ops.misc import Permute
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Sequential(nn.Conv2d(3, 8, 2, stride=2), Permute([0, 2, 3, 1]), nn.LayerNorm(8)),  # as Swin's stem
+        nn.Linear(8, 12),
+    ).eval()
+    x = torch.rand(3, 3, 10, 10)
+    with torch.inference_mode(), eigpipe.track(model, ["0", "1"]) as tracker:
+        model(x)
+    with torch.inference_mode():
+        stem = model[0](x)
+        outputs = {"0": stem, "1": model[1](stem)}
+    for name, output in outputs.items():
+        assert tracker.accumulators[name].channels == output.shape[-1]
+        assert_close(tracker.accumulators[name], per_sample([output.permute(0, 3, 1, 2)]))
 
 
 def test_channels_last_tuple_outputs_and_conv1d() -> None:
@@ -489,3 +514,217 @@ def test_training_tracker_writes_a_store_every_k_steps(tmp_path: Path) -> None:
                 failed.step()
             raise RuntimeError("stopped")
     assert [p.name for p in failed.saved] == ["3.zarr"] and sorted(os.listdir(tmp_path / "failed")) == ["3.zarr"]
+
+
+def test_a_save_window_without_a_batch_writes_no_store_and_warns(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Linear(4, 3))
+    with pytest.warns(UserWarning, match=r"no batch was taken in steps 5-6 \(every=3\): no store for step 6"):  # noqa: SIM117
+        with eigpipe.track_training(model, ["0"], tmp_path / "dyn", save_every=2, every=3) as recorder:
+            for _ in range(6):  # forward passes 1 and 4 are taken
+                model(torch.rand(4, 4))
+                recorder.step()
+    assert [p.name for p in recorder.saved] == ["2.zarr", "4.zarr"] and len(list((tmp_path / "dyn").iterdir())) == 2
+
+
+def test_no_statistics_says_whether_no_batch_was_taken_or_the_layers_did_not_run(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    with eigpipe.track(model, "0", every=2) as tracker:
+        model(torch.rand(4, 4))
+        tracker.reset()
+        model(torch.rand(4, 4))  # not taken
+    with pytest.raises(EigpipeError, match=r"no forward pass was taken since the tracker started or was reset"):
+        tracker.save(tmp_path / "run.zarr")
+    with pytest.warns(UserWarning, match="did not run"), eigpipe.track(model, "0") as unused:
+        model[1](torch.rand(4, 3))  # outside a forward pass of the model
+        model.forward = lambda x: x  # the selected layer does not run in the batches
+        model(torch.rand(4, 4))
+        model(torch.rand(4, 4))
+    del model.forward
+    with pytest.raises(EigpipeError, match=r"none of 0 ran in the 2 batch\(es\) taken"):
+        unused.spectra()
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_a_tracker_entered_inside_its_own_with_block_is_refused(tmp_path: Path, training: bool) -> None:
+    model = nn.Sequential(nn.Linear(4, 3))
+    tracker = eigpipe.track_training(model, "0", tmp_path, save_every=5) if training else eigpipe.track(model, "0")
+    with tracker:
+        with pytest.raises(EigpipeError, match=r"^eigpipe.track: this tracker is already active"), tracker:
+            pass
+        model(torch.rand(5, 4))  # the outer block goes on
+    inner = tracker.tracker if training else tracker
+    assert list(inner.spectra()["layer"]) == ["0"] and inner.accumulators["0"].count == 5
+
+
+def test_concurrent_forward_passes_are_refused_sequential_ones_from_other_threads_are_not() -> None:
+    entered, release = threading.Event(), threading.Event()
+
+    class Gate(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if threading.current_thread() is not threading.main_thread():
+                entered.set()
+                release.wait(30)
+            return x
+
+    model, errors = nn.Sequential(nn.Linear(4, 3), Gate()), []
+
+    def run() -> None:
+        try:
+            model(torch.rand(5, 4))
+        except Exception as exc:  # noqa: BLE001 (the test names it below)
+            errors.append(exc)
+
+    with eigpipe.track(model, "0") as tracker:
+        worker = threading.Thread(target=run)
+        worker.start()
+        assert entered.wait(30)  # the worker's forward pass is in progress
+        with pytest.raises(EigpipeError, match=r"^eigpipe.track: concurrent forward passes .* DistributedDataParallel"):
+            model(torch.rand(6, 4))
+        release.set()
+        worker.join()
+        for _ in range(2):  # one after the other: fine
+            worker = threading.Thread(target=run)
+            worker.start()
+            worker.join()
+    assert errors == [] and list(tracker.accumulators) == ["0"] and tracker.accumulators["0"].count == 15
+
+
+@pytest.mark.filterwarnings("ignore:eigpipe.track. 1 selected layer")  # the refused layer did not run
+def test_a_layer_run_in_another_thread_during_a_batch_is_refused() -> None:
+    class Replicas(nn.Module):  # runs its layer in a thread of its own, as nn.DataParallel's replicas do
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            found: dict[str, Any] = {}
+
+            def work() -> None:
+                try:
+                    found["out"] = self.layer(x)
+                except EigpipeError as exc:
+                    found["error"] = exc
+
+            worker = threading.Thread(target=work)
+            worker.start()
+            worker.join()
+            if "error" in found:
+                raise found["error"]
+            return found["out"]
+
+    model = Replicas()
+    with pytest.raises(EigpipeError, match=r"^layer layer: concurrent forward passes"), eigpipe.track(model, "layer"):
+        model(torch.rand(5, 4))
+
+
+@pytest.mark.parametrize("clash", ["r#1", "r#0"])
+def test_a_module_named_like_a_call_of_a_module_that_runs_twice_is_refused(clash: str) -> None:
+    relu = nn.ReLU()
+    model = nn.Sequential(OrderedDict([("r", relu), (clash, nn.Tanh()), ("again", relu)]))
+    with pytest.raises(EigpipeError, match=rf"^layer r: it runs more than once .* {clash} is also the name of a"):  # noqa: SIM117
+        with eigpipe.track(model, ["r", clash]):
+            model(torch.rand(5, 4))
+
+
+class Apply(nn.Module):
+    """A layer whose output is ``fn`` of its input."""
+
+    def __init__(self, fn: Any) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> Any:
+        return self.fn(x)
+
+
+@pytest.mark.parametrize(
+    ("fn", "message"),
+    [
+        (lambda x: x[:, :0], r"its output of shape \[4, 0\] has 0 channels \(axis 1\)"),
+        (lambda x: x[:, None, :0], r"its output of shape \[4, 1, 0\] has 0 channels \(axis 2\)"),
+        (lambda x: x.to_sparse(), r"its output is a torch.sparse_coo tensor; select one with dense output"),
+        (lambda x: torch.empty_like(x, device="meta"), r"its output is on the meta device"),
+        (lambda x: x.argmax(1, keepdim=True), r"its output is torch.int64; select a layer with real-valued features"),
+        (lambda x: x > 0.5, r"its output is torch.bool; select a layer with real-valued features"),
+    ],
+    ids=["no-channels", "no-token-channels", "sparse", "meta", "integers", "bools"],
+)
+def test_outputs_the_tracker_cannot_use_are_one_line_errors(fn: Any, message: str) -> None:
+    model = nn.Sequential(Apply(fn))
+    with pytest.raises(EigpipeError, match=f"^layer 0: {message}"), eigpipe.track(model, "0"):
+        model(torch.rand(4, 6))
+
+
+@pytest.mark.filterwarnings("ignore:.torch.jit.script. is deprecated")
+def test_a_scripted_model_is_refused() -> None:
+    scripted = torch.jit.script(nn.Sequential(nn.Linear(4, 3)))
+    with pytest.raises(EigpipeError, match=r"^eigpipe.track: a scripted model .* track the model before scripting"):
+        eigpipe.track(scripted, "0")
+
+
+@pytest.mark.parametrize("iteration", [-1, 1.5, True, "abc"])
+def test_spectra_refuses_a_bad_iteration(iteration: object) -> None:
+    model = nn.Sequential(nn.Linear(4, 3))
+    with eigpipe.track(model, "0") as tracker:
+        model(torch.rand(5, 4))
+    with pytest.raises(EigpipeError, match=rf"^iteration: {re.escape(repr(iteration))} is not a whole number >= 0"):
+        tracker.spectra(iteration=iteration)
+
+
+def test_paths_starting_with_a_tilde_are_in_the_home_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    model = nn.Sequential(nn.Linear(4, 3))
+    with eigpipe.track_training(model, "0", "~/dyn", save_every=1) as recorder:
+        model(torch.rand(5, 4))
+        recorder.step()
+    with eigpipe.track(model, "0") as tracker:
+        model(torch.rand(5, 4))
+    tracker.save("~/x.zarr")
+    assert sorted(p.name for p in (tmp_path / "home").iterdir()) == ["dyn", "x.zarr"]
+    assert [p.name for p in (tmp_path / "home" / "dyn").iterdir()] == ["1.zarr"] and not (tmp_path / "~").exists()
+
+
+def test_track_training_checks_its_folder_before_the_first_step(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Linear(4, 3))
+    with eigpipe.track(model, "0") as tracker:
+        model(torch.rand(5, 4))
+    (tmp_path / "file").write_text("mine")
+    store_path = tracker.save(tmp_path / "run.zarr")
+    foreign = tmp_path / "foreign" / "4.zarr"
+    foreign.mkdir(parents=True)
+    (foreign / "notes.txt").write_text("mine")
+    for folder, message in [
+        ("file", r"file: is a file, not a folder for the training stores"),
+        ("run.zarr", r"run.zarr: is a zarr store, not a folder for the training stores"),
+        ("foreign", r"4.zarr: exists and is not an eigpipe covariance store; track_training writes"),
+    ]:
+        with pytest.raises(EigpipeError, match=message):
+            eigpipe.track_training(model, "0", tmp_path / folder, save_every=2)
+    assert (foreign / "notes.txt").read_text() == "mine" and (tmp_path / "file").read_text() == "mine"
+    assert store.read_store(store_path, store.COVARIANCE_KIND, ("second_moment", "mean"))[0]["run"] == "Sequential"
+    for step in (2, 4):
+        tracker.save(tmp_path / "earlier" / f"{step}.zarr", iteration=step)
+    recorder = eigpipe.track_training(model, "0", tmp_path / "earlier", save_every=2)
+    with pytest.warns(UserWarning, match=r"holds 2 covariance store\(s\) of an earlier run; those of steps this run"):  # noqa: SIM117
+        with recorder:
+            pass
+
+
+def test_a_layer_name_that_cannot_be_a_folder_name_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    model = nn.Sequential(OrderedDict(zarr=nn.Sequential(OrderedDict(json=nn.Linear(4, 3)))))
+    with eigpipe.track(model, "zarr.json") as tracker:
+        model(torch.rand(5, 4))
+    with pytest.raises(EigpipeError, match=r"^layer 'zarr.json': not usable as a zarr group name"):
+        tracker.save(tmp_path / "sub" / "run.zarr")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_spectra_keep_full_names_where_stripping_the_body_prefix_would_merge_two_layers() -> None:
+    model = nn.Sequential(OrderedDict(conv=nn.Linear(4, 3), body=nn.Sequential(OrderedDict(conv=nn.Linear(3, 2)))))
+    with eigpipe.track(model, "Linear:*") as tracker:
+        model(torch.rand(5, 4))
+    assert list(tracker.spectra()["canonical"]) == ["conv", "body.conv"]
+    with eigpipe.track(model, "body.conv") as alone:
+        model(torch.rand(5, 4))
+    assert list(alone.spectra()["canonical"]) == ["conv"]

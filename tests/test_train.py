@@ -130,6 +130,40 @@ def test_resume_state_of_other_input_content_is_not_used(tmp_path, image_folder,
     assert load_checkpoint(tmp_path / "run" / "final.pt")[1]["iteration"] == 8
 
 
+def test_an_unreadable_image_of_the_classifier_is_named(tmp_path, image_folder, capsys, study):
+    data = tmp_path / "data"
+    shutil.copytree(image_folder, data)
+    bad = data / "train" / "light" / "3.png"
+    bad.write_bytes(bad.read_bytes()[:100])  # cut short
+    assert train_classifier(study(), data, tmp_path / "run") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert str(bad) in err[-1] and "cannot be read as an image" in err[-1] and "Traceback" not in "".join(err)
+
+
+def test_a_damaged_resume_state_trains_afresh_and_an_unrecognisable_one_is_refused(
+    tmp_path, image_folder, monkeypatch, capsys, study
+):
+    """The resume state is eigpipe's own: a damaged log (a copy cut short, a full disk) is dropped with a warning;
+    a state file that is no longer recognisably eigpipe's makes the folder no run folder (refused, kept)."""
+    crash_at(monkeypatch, "_classification_loss", 7)
+    assert train_classifier(study(), image_folder, tmp_path / "run") == 130
+    monkeypatch.undo()
+    resume = tmp_path / "run" / "resume"
+    shutil.copytree(tmp_path / "run", tmp_path / "cut")
+    with (resume / "metrics.jsonl").open("a") as log:
+        log.write("garbage\n")
+    capsys.readouterr()
+    assert train_classifier(study(), image_folder, tmp_path / "run") == 0
+    err = capsys.readouterr().err
+    assert "damaged resume state" in err and "resuming" not in err
+    assert load_checkpoint(tmp_path / "run" / "final.pt")[1]["iteration"] == 8
+    state = tmp_path / "cut" / "resume" / "state.pt"
+    state.write_bytes(state.read_bytes()[:500])
+    assert train_classifier(study(), image_folder, tmp_path / "cut") == 1
+    assert "exists and is not an eigpipe training run folder" in capsys.readouterr().err
+    assert state.stat().st_size == 500
+
+
 def test_non_finite_loss_stops_with_the_iteration(tmp_path, image_folder, monkeypatch, capsys, study):
     original = loop._classification_loss
     calls = {"n": 0}

@@ -80,6 +80,17 @@ def job_counts(output: str) -> dict[str, int]:
     raise AssertionError(f"no job table in:\n{output[-2000:]}")
 
 
+def job_inputs(output: str) -> list[tuple[str, str]]:
+    """(rule, its input line) of every job in a dry-run."""
+    found, rule = [], None
+    for line in output.splitlines():
+        if m := re.match(r"^(?:local)?rule (\w+):$", line):
+            rule = m.group(1)
+        elif (m := re.match(r"^\s+input: (.*)$", line)) and rule is not None:
+            found.append((rule, m.group(1)))
+    return found
+
+
 def jobs(output: str) -> dict[tuple[str, str], str]:
     """(rule, outputs) -> shell command of every job in a dry-run with --printshellcmds."""
     found, rule, outputs = {}, None, ""
@@ -176,6 +187,13 @@ def test_coco_dag_uses_the_dataset_and_weights_in_place(workdir, fake_coco):
     assert len(classifier) == 1 and "--checkpoint results/coco/import/classifier.pt" in classifier[0]
     pretrained = [c for (rule, _), c in commands.items() if rule == "train_detector" and "pretrained:" in c]
     assert len(pretrained) == 2 and all("--init pretrained:results/coco/import/classifier.pt" in c for c in pretrained)
+    # each job waits for its own split's check: editing the val split retrains nothing
+    checks = {"train_detector": "train", "evaluate": "val", "covariance": "val"}
+    for rule, inputs in job_inputs(output):
+        if rule in checks:
+            split = checks[rule]
+            other = "val" if split == "train" else "train"
+            assert f"checks/{split}.txt" in inputs and f"checks/{other}.txt" not in inputs, (rule, inputs)
 
 
 def test_other_studies_inherit_nothing_from_the_demo(workdir, fake_coco, smoke_dry_run):
@@ -186,7 +204,7 @@ def test_other_studies_inherit_nothing_from_the_demo(workdir, fake_coco, smoke_d
         study = cfg.load(path)
         for (rule, outputs), command in jobs(output).items():
             for name, section in (config_json(command) or {}).items():
-                if name not in ("train", "model", "seed", "widths"):  # narrowed to the job's run (tested below)
+                if name not in ("train", "model", "seed", "widths", "data"):  # narrowed to the job (tested below)
                     assert section == study[name], (path.name, rule, outputs, name)
 
 
@@ -252,7 +270,7 @@ def test_stages_receive_only_their_config_sections(smoke_dry_run):
         ({"evaluate.batch_size": 2}, {"evaluate"}),
         ({"train.schedule.lr": 0.02}, {"train_detector"}),
         ({"pretrain.schedule.lr": 0.05}, {"pretrain"}),
-        ({"data.synthetic.val_images": 9}, {"synth_data", "train_detector"}),
+        ({"data.synthetic.val_images": 9}, {"synth_data"}),  # training reaches it through the data it reads
         # (without replicates: their names follow the study seed, <run>-s<seed> for the others)
         ({"seed": 1, "train.seeds": None}, {"synth_data", "pretrain", "train_detector", "covariance"}),
         ({"runtime.threads": 2}, {"pretrain", "train_detector", "evaluate", "covariance"}),
@@ -300,6 +318,21 @@ def test_a_widths_knob_changes_only_the_derivation(workdir, tmp_path, smoke_dry_
     derived = [cmd for (rule, out), cmd in after.items() if rule == "train_detector" and "derived" in out]
     assert len(derived) == 4  # both detectors, both seeds: the seed-1 retrains read the same widths
     assert all(config_json(cmd)["model"]["widths"].endswith("-derived.yaml") for cmd in derived)
+
+
+def test_the_synthetic_generators_keys_reach_only_what_reads_its_data(workdir, tmp_path, fake_coco):
+    """In a COCO study, data.synthetic feeds the classifier's data only (when it is trained here): no detector job's
+    params hold it; synth_data's params hold nothing but it (and the seed)."""
+    pretrain = yaml.safe_load((REPO / SMOKE).read_text())["pretrain"]  # the classifier trained on synthetic crops
+    synthetic = {"data.synthetic.rotate": True, "pretrain": pretrain}
+    base = jobs(dry_run(workdir, "--configfile", str(write_config(tmp_path / "a.yaml", str(fake_coco), **synthetic))))
+    edited = write_config(tmp_path / "b.yaml", str(fake_coco), **synthetic, **{"data.synthetic.image_size": 96})
+    after = jobs(dry_run(workdir, "--configfile", str(edited)))
+    assert {rule for rule, _ in (job for job in base if base[job] != after[job])} == {"synth_data"}
+    (synth,) = [cmd for (rule, _), cmd in after.items() if rule == "synth_data"]
+    assert set(config_json(synth)) == {"data", "seed"} and set(config_json(synth)["data"]) == {"source", "synthetic"}
+    trains = [cmd for (rule, _), cmd in after.items() if rule == "train_detector"]
+    assert trains and all(set(config_json(cmd)["data"]) == {"source", "strict", "coco"} for cmd in trains)
 
 
 def test_steps_of_one_init_change_only_its_runs(workdir, tmp_path, smoke_dry_run):
@@ -395,6 +428,23 @@ def test_editing_a_module_changes_only_the_hashes_of_stages_that_run_it(tmp_path
     codehash.code_hash.cache_clear()
     after = {stage: codehash.code_hash(stage, pkg) for stage in STAGES}
     assert {stage for stage in before if before[stage] != after[stage]} == {"report", "covariance", "analyze"}
+
+
+def test_the_command_line_and_the_numeric_libraries_are_in_every_stage_hash(tmp_path, monkeypatch):
+    """cli.py parses every stage's arguments (defaults, overrides); another torch gives other bits."""
+    pkg = tmp_path / "eigpipe"
+    shutil.copytree(codehash.PACKAGE_ROOT, pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    codehash.code_hash.cache_clear()
+    before = {stage: codehash.code_hash(stage, pkg) for stage in STAGES}
+    with (pkg / "cli.py").open("a") as handle:
+        handle.write("\n# an edit\n")
+    codehash.code_hash.cache_clear()
+    edited = {stage: codehash.code_hash(stage, pkg) for stage in STAGES}
+    monkeypatch.setattr(codehash, "software", lambda: {"torch": "0.0"})
+    codehash.code_hash.cache_clear()
+    upgraded = {stage: codehash.code_hash(stage, pkg) for stage in STAGES}
+    codehash.code_hash.cache_clear()
+    assert all(before[s] != edited[s] != upgraded[s] for s in STAGES)
 
 
 # ---- slow: the smoke study end to end ----

@@ -19,15 +19,24 @@ SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N"}  # full scale 65535 (PNG, TIFF
 
 
 def read_image(file: Path, width: int, height: int) -> Image.Image:
-    """The image at ``file`` decoded fully as 8-bit RGB of the recorded size; a DataError starting with the file.
+    """The image at ``file`` decoded fully as 8-bit RGB (``read_rgb``), checked to have the recorded size."""
+    image = read_rgb(file)
+    if image.size != (width, height):
+        raise DataError(f"{file} is {image.size[0]}x{image.size[1]} but the record says {width}x{height}")
+    return image
+
+
+def read_rgb(file: Path) -> Image.Image:
+    """The image at ``file`` decoded fully as 8-bit RGB; a DataError starting with the file.
 
     16-bit grayscale is scaled to 8 bit (PIL's own conversion clips it to white); modes with no defined 8-bit
-    scale (32-bit integer "I", float "F") or no faithful RGB conversion are refused, naming the mode.
+    scale (32-bit integer "I", float "F") or no faithful RGB conversion are refused, naming the mode. A file too
+    large for PIL's decompression-bomb limit is refused like any other file PIL cannot read.
     """
     try:
         with Image.open(file) as opened:
             opened.load()  # decode every byte now: a truncated file fails here, not half-way through a job
-            mode, size = opened.mode, opened.size
+            mode = opened.mode
             if mode in SIXTEEN_BIT:
                 pixels = (np.asarray(opened, dtype=np.uint32) + 128) // 257  # round(v * 255 / 65535)
                 image = Image.fromarray(pixels.astype(np.uint8), mode="L").convert("RGB")
@@ -42,8 +51,6 @@ def read_image(file: Path, width: int, height: int) -> Image.Image:
             f"{file} has image mode {mode!r}, which the loader cannot convert to 8-bit RGB faithfully "
             "(convert it to 8-bit RGB or grayscale first)"
         )
-    if size != (width, height):
-        raise DataError(f"{file} is {size[0]}x{size[1]} but the record says {width}x{height}")
     return image
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 import sys
 from functools import cache
 from pathlib import Path
@@ -24,7 +25,7 @@ from pycocotools import mask as mask_utils
 
 from eigpipe import config, provenance
 from eigpipe.errors import ConfigError
-from eigpipe.outputs import Kind, claim_outputs, json_keys
+from eigpipe.outputs import Kind, claim_outputs, json_keys, only_files
 
 SHAPES = ("circle", "square", "triangle", "cross")
 FILLS = ("solid", "striped")
@@ -37,9 +38,16 @@ MIN_VISIBLE_PIXELS = 20
 MIN_CONTRAST = 100.0  # RGB distance between an object's colour and the mean colour beneath it
 ATTEMPTS_PER_OBJECT = 30
 PNG_COMPRESSION = 1  # fast; PNG stays lossless and the bytes deterministic
+DATASET_FILES = re.compile(
+    r"manifest\.json|detection/instances_(train|val)\.json|detection/(train|val)/\d+\.png"
+    r"|classification/(train|val)/[a-z_]+/\d+\.png"
+)
 DATASET = Kind(
     "a synthetic dataset folder made by eigpipe synth-data",
-    lambda path: {"counts", "classes", "seed", "provenance"} <= json_keys(path / "manifest.json"),
+    lambda path: (
+        {"counts", "classes", "seed", "provenance"} <= json_keys(path / "manifest.json")
+        and only_files(path, DATASET_FILES)
+    ),
     folder=True,
 )
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import re
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,9 @@ def load_torch_file(path: Path, what: str) -> Any:
     a one-line error ``{path}: not {what} (why)``: a pickled Python object other than tensors and plain containers
     (a whole model saved with torch.save) is named, a damaged or foreign file is said to be one."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4" for a plain pickle: the error says it
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for damaged or foreign files
         pickled = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
         reason = (

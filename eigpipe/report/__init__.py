@@ -4,9 +4,9 @@ baseline and derived-width models), each comparison with how sure it is.
 Every input is read and checked before anything is written; the folder is then built in a temp sibling and
 renamed into place whole, so a bad input, a kill or a full disk leaves the previous report (or nothing), and a
 rerun with fewer inputs leaves no file of the last one. ``report.json`` marks the folder as a report's (what
-it holds, from which inputs): only such a folder, an empty one, or one written before the marker (report files
-only) is ever replaced. Files in it that the report did not write (``snakemake --report``'s report.html, your
-notes) are kept: hard-linked into the new folder before it replaces the old one.
+it holds, from which inputs): only such a folder or an empty one is ever replaced (a report folder from before
+the marker is refused: move it away once). Files in it that the report did not write (``snakemake --report``'s
+report.html, your notes) are kept: hard-linked into the new folder before it replaces the old one.
 """
 
 from __future__ import annotations
@@ -53,17 +53,13 @@ FILES = {
 COMPARISON = ("evaluation", "summary", "summary_md", "comparisons", "widths")  # written when evaluations are given
 
 
-LEGACY = {*FILES.values(), "report.html"}  # what a report folder held before its marker
-
-
 def _made(folder: Path) -> set[str] | None:
-    """The names the report wrote into ``folder`` (its marker's list; a folder from before the marker: report
-    files only), or None when ``folder`` is no report folder."""
-    if (folder / MARKER).is_file():
-        marker = json.loads((folder / MARKER).read_text())
-        return {*marker.get("files", []), MARKER} if marker.get("kind") == REPORT_KIND else None
-    names = {entry.name for entry in folder.iterdir() if not is_temp(entry.name)}
-    return set(FILES.values()) if names <= LEGACY else None
+    """The names the report wrote into ``folder`` (its marker's list), or None when ``folder`` is no report folder
+    (files named like a report's without the marker may be anybody's)."""
+    if not (folder / MARKER).is_file():
+        return None
+    marker = json.loads((folder / MARKER).read_text())
+    return {*marker.get("files", []), MARKER} if marker.get("kind") == REPORT_KIND else None
 
 
 REPORT_FOLDER = Kind(f"an eigpipe report folder (with its {MARKER})", lambda path: _made(path) is not None, True)
@@ -118,7 +114,7 @@ def make_report(
     order = layer_order(finals)
     layers = chosen_layers(order, cfg["report"]["layers"])
     style = styles(table)
-    stores = load_stores(eigenvalues)
+    stores = load_stores(eigenvalues, table)
     spectra = second_moments(stores)
     diffs = dimension_diffs.differences(stores)
     for run in spectra:

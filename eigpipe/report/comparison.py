@@ -24,8 +24,8 @@ LAYER_KEYS = ("name", "original", "derived", "d")
 def _evaluation(path: Path) -> dict[str, Any]:
     try:
         record = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise EigpipeError(f"{path}: not a readable evaluation JSON ({exc})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise EigpipeError(f"{path}: not a readable evaluation JSON ({type(exc).__name__})") from None
     if not isinstance(record, dict) or "bbox" not in record or "complexity" not in record:
         raise EigpipeError(f"{path}: an evaluation JSON needs 'bbox' and 'complexity'")
     needed = {
@@ -40,7 +40,15 @@ def _evaluation(path: Path) -> dict[str, Any]:
         if missing:
             key = f"{section}.{missing[0]}" if section else missing[0]
             raise EigpipeError(f"{path}: the evaluation JSON has no {key!r} (not written by eigpipe evaluate?)")
+        if section in ("complexity", "bbox", "segm"):
+            numbers = [key for key in keys if key != "input_size"]
+            if wrong := next((key for key in numbers if not _number(where[key])), None):
+                raise EigpipeError(f"{path}: {section}.{wrong} is {where[wrong]!r}, not a number")
     return record
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _row(record: dict[str, Any]) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from eigpipe.errors import EigpipeError
-from eigpipe.layer_paths import canonical
+from eigpipe.layer_paths import canonical_names
 from eigpipe.runs import group_of
 from eigpipe.spectral.dimensions import read_table
 from eigpipe.spectral.spectrum import read_eigenvalues
@@ -29,11 +29,26 @@ NEEDED = ("run", "iteration", "layer", "canonical", "forward_index", "channels",
 def load_dimensions(paths: Sequence[str | Path]) -> pd.DataFrame:
     if not paths:
         raise EigpipeError("report: no dimension tables given")
-    table = pd.concat([read_table(p, NEEDED) for p in paths], ignore_index=True)
+    tables = [read_table(p, NEEDED) for p in paths]
+    for path, one in zip(paths, tables, strict=True):
+        _check_canonical(path, one)
+    table = pd.concat(tables, ignore_index=True)
     for column in ("init", "task", "model_name"):
         if column not in table.columns:
             table[column] = None
     return table
+
+
+def _check_canonical(path: str | Path, table: pd.DataFrame) -> None:
+    """One row per canonical name in each snapshot (tables written before the rule that keeps full names where
+    stripping the body prefix would merge two layers may have two)."""
+    twice = table[table.duplicated(["run", "iteration", "canonical"])]
+    if len(twice):
+        row = twice.iloc[0]
+        raise EigpipeError(
+            f"{path}: run {row['run']}, iteration {row['iteration']}: two layers have the canonical name "
+            f"{row['canonical']}; run eigpipe spectrum and dimensions on its stores again"
+        )
 
 
 def final_snapshots(table: pd.DataFrame) -> pd.DataFrame:
@@ -99,19 +114,32 @@ def chosen_layers(order: Sequence[str], wanted: Sequence[str]) -> list[str]:
     return picks
 
 
-def load_stores(paths: Sequence[str | Path]) -> dict[str, tuple[dict, dict]]:
-    """{run: (root attrs, {layer: (arrays, layer attrs)})} of eigenvalue stores (final models), verified."""
-    stores = {}
+def load_stores(paths: Sequence[str | Path], table: pd.DataFrame | None = None) -> dict[str, tuple[dict, dict]]:
+    """{run: (root attrs, {layer: (arrays, layer attrs)})} of eigenvalue stores (final models), verified: one store
+    per run and, for a run of the dimension ``table``, the store of its last iteration there."""
+    last = table.groupby("run")["iteration"].max().to_dict() if table is not None else {}
+    stores, sources = {}, {}
     for path in paths:
         attrs, layers = read_eigenvalues(path)
-        stores[attrs.get("run") or Path(path).stem] = (attrs, layers)
+        run = attrs.get("run") or Path(path).stem
+        if run in sources:
+            raise EigpipeError(f"{path}: a second eigenvalue store of run {run} (also {sources[run]}); give one a run")
+        if run in last and attrs.get("iteration") != last[run]:
+            raise EigpipeError(
+                f"{path}: iteration {attrs.get('iteration')!r} of run {run} is not its final snapshot "
+                f"(the dimension tables' last iteration is {last[run]}); give the final model's store"
+            )
+        stores[run], sources[run] = (attrs, layers), path
     return stores
 
 
 def second_moments(stores: dict[str, tuple[dict, dict]]) -> dict[str, dict[str, np.ndarray]]:
     """{run: {canonical layer: second-moment eigenvalues}} of the study seed's runs (replicates left out)."""
     return {
-        run: {canonical(name): arrays["second_moment"] for name, (arrays, _attrs) in layers.items()}
+        run: {
+            name: arrays["second_moment"]
+            for name, (arrays, _) in zip(canonical_names(list(layers)), layers.values(), strict=True)
+        }
         for run, (_attrs, layers) in stores.items()
         if group_of(run) == run
     }

@@ -6,6 +6,7 @@ without writing code. The model's own preprocessing is used: torchvision's weigh
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -18,12 +19,14 @@ from torch.utils.data import DataLoader, Dataset
 from eigpipe import provenance
 from eigpipe.errors import EigpipeError
 from eigpipe.models.checkpoint import load_torch_file
+from eigpipe.models.published.mapping import check_tensor
 from eigpipe.outputs import claim_outputs
 from eigpipe.spectral import store
 from eigpipe.spectral.buffers import ieee_float32
 from eigpipe.spectral.track import Tracker
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".tif", ".tiff", ".webp"}
+MAX_BATCH = 4096  # images per forward pass: a larger number is a typo, not a batch (its inputs are allocated at once)
 
 
 def _torchvision(name: str) -> tuple[nn.Module, Callable]:
@@ -69,6 +72,9 @@ def _load_weights(model: nn.Module, path: Path, spec: str) -> None:
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     if not isinstance(state, dict):
         raise EigpipeError(f"{path}: not a state dict (a {type(state).__name__})")
+    expected = model.state_dict()
+    for key, value in state.items():
+        check_tensor(path, key, value, expected.get(key))
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
@@ -76,13 +82,35 @@ def _load_weights(model: nn.Module, path: Path, spec: str) -> None:
         raise EigpipeError(f"{path}: does not fit {spec}: {first[0].strip()}") from None
 
 
+def image_files(folder: Path) -> list[Path]:
+    """The image files under ``folder`` (recursively, sorted): files whose suffix is an image's. Hidden files and
+    folders (names starting with '.': ``.git/``, macOS's ``._a.png``) are left out; so are other files and links
+    to folders, counted in one line on stderr; a broken symbolic link is an error naming it."""
+    files, others = [], []
+    for root, folders, names in os.walk(folder):
+        folders[:] = [name for name in folders if not name.startswith(".")]
+        others += [Path(root, name) for name in folders if Path(root, name).is_symlink()]  # not followed
+        for path in (Path(root, name) for name in names if not name.startswith(".")):
+            if path.is_symlink() and not path.exists():
+                raise EigpipeError(f"{path}: a broken symbolic link (to {os.readlink(path)}, which does not exist)")
+            (files if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file() else others).append(path)
+    if others:
+        print(
+            f"analyze: {folder}: left out {len(others)} of its entries, which are not image files (e.g. "
+            f"{min(others).relative_to(folder)}; image files end {', '.join(sorted(IMAGE_SUFFIXES))})",
+            file=sys.stderr,
+        )
+    return sorted(files)
+
+
 class ImageFiles(Dataset):
-    """Every image file under a folder (recursively, sorted), preprocessed; a bad file names itself."""
+    """Every image file under a folder (``image_files``), decoded as the pipeline's loader decodes images
+    (``eigpipe.data.coco.read_rgb``) and preprocessed; a bad file names itself."""
 
     def __init__(self, folder: Path, preprocess: Callable) -> None:
         if not folder.is_dir():
             raise EigpipeError(f"{folder}: image folder not found")
-        self.files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        self.files = image_files(folder)
         if not self.files:
             raise EigpipeError(f"{folder}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
         self.preprocess = preprocess
@@ -91,14 +119,18 @@ class ImageFiles(Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        from PIL import Image
+        from eigpipe.data.coco import read_rgb
 
-        path = self.files[index]
-        try:
-            with Image.open(path) as image:
-                return self.preprocess(image.convert("RGB"))
-        except OSError as exc:
-            raise EigpipeError(f"{path}: not a readable image ({exc})") from None
+        return self.preprocess(read_rgb(self.files[index]))
+
+
+def _check_bounds(batch_size: int, threads: int | None) -> None:
+    """Bounds of the options the command line takes as any whole number >= 1."""
+    if batch_size > MAX_BATCH:
+        raise EigpipeError(f"--batch-size: {batch_size} is more than {MAX_BATCH} images per forward pass")
+    cores = os.cpu_count() or 1
+    if threads is not None and threads > cores:
+        raise EigpipeError(f"--threads: {threads} is more than this machine's {cores} CPUs")
 
 
 def analyze(
@@ -117,6 +149,7 @@ def analyze(
     """Run the classifier on the folder's images (inference mode, IEEE float32) and publish the store."""
     from tqdm import tqdm
 
+    _check_bounds(batch_size, threads)
     claim_outputs((out, store.COVARIANCE_STORE), inputs=[images, weights])
     if threads is not None:
         torch.set_num_threads(threads)

@@ -13,6 +13,7 @@ in the float32 mode, layers that widen their input are measured at it (eigpipe.s
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -31,6 +32,10 @@ from eigpipe.spectral.layouts import Layout
 from eigpipe.spectral.widening import Widening, widening_input, widens
 
 DEFAULT_LAYOUT = Layout()
+CONCURRENT = (
+    "concurrent forward passes (from several threads at once) are not supported; "
+    "for nn.DataParallel use DistributedDataParallel, which eigpipe.track supports"
+)
 
 
 @dataclass
@@ -73,6 +78,7 @@ class FeatureHooks:
         for layer in self.layers:
             self.by_tap.setdefault(layer.tap, []).append(layer)
         self.active = False
+        self.thread: int | None = None  # the thread of the batch in progress
         self.batches = 0  # batches ended
         self.ids: Sequence[Any] | None = None  # the current batch's sample ids, for error messages
         self.geometry: tuple[list[tuple[int, int]], tuple[int, int]] | None = None  # image sizes, padded size
@@ -112,6 +118,8 @@ class FeatureHooks:
             if not self.active:
                 self.outside.add(tap)
                 return
+            if threading.get_ident() != self.thread:
+                raise EigpipeError(f"layer {layers[0].name}: {CONCURRENT}")
             call = self._calls.get(tap, 0)
             self._calls[tap] = call + 1
             for layer in layers:
@@ -128,6 +136,7 @@ class FeatureHooks:
         self._calls.clear()
         self.groups.clear()
         self.ids, self.geometry, self.active = ids, None, True
+        self.thread = threading.get_ident()
 
     def end_batch(self) -> list[str]:
         """Close the batch (the small layers' statistics are computed now, in groups); returns the selected layers
@@ -248,12 +257,24 @@ class FeatureHooks:
         return NumericalError(f"layer {stream.layer.name}: non-finite feature in {where}")
 
     def _new_stream(self, layer: Layer, call: int, acc: CovarianceAccumulator | None, shape: list[int]) -> Stream:
+        if call:
+            self._check_call_names(layer.name, [0, call] if call == 1 else [call])
         named = replace(layer, name=layer.name if call == 0 else f"{layer.name}#{call}", feature_shape=shape)
         named.forward_index = len(self.streams)
         if call == 1:  # the module runs more than once: its first call becomes <layer>#0 too
             self.streams[(layer.name, 0)].layer.name = f"{layer.name}#0"
         stream = self.streams[(layer.name, call)] = Stream(named, call, acc)
         return stream
+
+    def _check_call_names(self, name: str, calls: list[int]) -> None:
+        """A module's repeated calls are named ``<name>#k``: none of them may be another selected layer's name."""
+        taken = {layer.name for layer in self.layers}
+        clash = next((f"{name}#{k}" for k in calls if f"{name}#{k}" in taken), None)
+        if clash is not None:
+            raise EigpipeError(
+                f"layer {name}: it runs more than once per forward pass, so its calls are named {name}#0, {name}#1, "
+                f"...; {clash} is also the name of a selected layer (rename that module or leave one of them out)"
+            )
 
     def results(self) -> tuple[list[Layer], dict[str, CovarianceAccumulator]]:
         """(layers in forward order, {layer name: accumulator}) of every layer that has statistics."""

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from eigpipe.config import fold_problem
 from eigpipe.errors import EigpipeError
 from eigpipe.spectral.accumulator import CovarianceAccumulator, FeatureBatch
 from eigpipe.spectral.buffers import Workspace
@@ -32,10 +33,8 @@ class FoldPlan:
     @classmethod
     def consecutive(cls, image_ids: Sequence[Any], count: int) -> FoldPlan:
         n = len(image_ids)
-        if count < 2:
-            raise EigpipeError(f"covariance.folds: {count} fold gives no jackknife; use 0 (no folds) or at least 2")
-        if count > n:
-            raise EigpipeError(f"covariance.folds: {count} folds need at least {count} images, got {n}")
+        if problem := fold_problem(count, n):
+            raise EigpipeError(f"covariance.folds: {problem}")
         return cls(count, {image_id: p * count // n for p, image_id in enumerate(image_ids)})
 
     def sizes(self) -> list[int]:

@@ -6,7 +6,8 @@ Every layout ends as [N, C, positions...]: one row of C channels per position, a
 - [N, T, C] token sequences (channels last): the tokens are a sample's positions, so each sample's tokens are
   averaged like a conv map's positions; ``prefix_tokens`` leading tokens (CLS, registers) are dropped, kept
   as ordinary tokens, or taken alone; a [N, T] mask of real tokens leaves the padding out;
-- any other axis order: ``channel_axis`` says where the channels are (batch is always axis 0);
+- any other axis order: ``channel_axis`` says where the channels are (batch is always axis 0); the library reads
+  modules that act on the last axis channels-last without it (``channels_last``);
 - tuple or list outputs: ``output_index`` picks the element.
 """
 
@@ -17,11 +18,25 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
+from torchvision.models.swin_transformer import PatchMerging, PatchMergingV2, SwinTransformerBlock
 
 from eigpipe.errors import EigpipeError, require_whole
 from eigpipe.spectral.accumulator import FeatureBatch
 
 PREFIX_POLICIES = ("drop", "keep", "only")
+CHANNELS_LAST = (nn.Linear, PatchMerging, PatchMergingV2, SwinTransformerBlock)  # SwinTransformerBlockV2 too
+
+
+def channels_last(module: nn.Module) -> bool:
+    """Whether a module's output has its channels on the last axis whatever its rank: modules that act on the last
+    axis (Linear, a LayerNorm over it) and torchvision's Swin blocks and patch merging, which keep [N, H, W, C]
+    (torchvision/models/swin_transformer.py); a Sequential as its last module."""
+    while isinstance(module, nn.Sequential) and len(module):
+        module = module[-1]
+    if isinstance(module, nn.LayerNorm):
+        return len(module.normalized_shape) == 1
+    return isinstance(module, CHANNELS_LAST)
 
 
 @dataclass(frozen=True)
@@ -53,8 +68,14 @@ class Layout:
             output = output[self.output_index]
         if not isinstance(output, torch.Tensor):
             raise EigpipeError(f"layer {layer}: its output is a {type(output).__name__}, not a tensor")
+        if output.layout != torch.strided:
+            raise EigpipeError(f"layer {layer}: its output is a {output.layout} tensor; select one with dense output")
+        if output.is_meta:
+            raise EigpipeError(f"layer {layer}: its output is on the meta device (no values); run the model on data")
         if output.is_complex():  # copied into real buffers, its imaginary part would be dropped
             raise EigpipeError(f"layer {layer}: its output is complex ({output.dtype}); take its real features")
+        if not output.is_floating_point():
+            raise EigpipeError(f"layer {layer}: its output is {output.dtype}; select a layer with real-valued features")
         if output.dim() < 2:
             raise EigpipeError(f"layer {layer}: a {output.dim()}-D output has no batch and channel axes")
         return output.detach()
@@ -76,6 +97,8 @@ class Layout:
                 f"layer {layer}: channel_axis {axis} does not fit its {dims}-D output (axis 0 is the batch)"
             )
         axis %= dims
+        if output.shape[axis] == 0:
+            raise EigpipeError(f"layer {layer}: its output of shape {list(output.shape)} has 0 channels (axis {axis})")
         if dims == 3 and axis == 2:
             return self._tokens(output, layer, token_mask)
         feats = output.movedim(axis, 1) if axis != 1 else output

@@ -19,8 +19,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from eigpipe.errors import ConfigError, EigpipeError, NumericalError
-from eigpipe.layer_paths import canonical
+from eigpipe import config
+from eigpipe.errors import EigpipeError, NumericalError
+from eigpipe.layer_paths import canonical_names
 from eigpipe.outputs import Kind, claim_outputs, table_columns
 from eigpipe.provenance import record, remove, write_table
 from eigpipe.spectral import store
@@ -165,9 +166,7 @@ def layer_spectra(
 
 def check_settings(cfg: dict) -> None:
     """Cross-key rules of the spectrum section the schema cannot state."""
-    first, last = cfg["alpha_ranks"]
-    if first > last:
-        raise ConfigError(f"spectrum.alpha_ranks: first rank {first} is after the last {last}")
+    config.check_section(cfg, "spectrum")
 
 
 def layer_row(
@@ -192,7 +191,6 @@ def layer_row(
         "model_name": root.get("model_name"),
         "iteration": root.get("iteration"),
         "layer": name,
-        "canonical": canonical(name),
         "forward_index": attrs.get("forward_index"),
         "module_type": attrs.get("module_type"),
         "channels": int(len(spectra["second_moment"][0])),
@@ -207,6 +205,13 @@ def layer_row(
     row.update({key: cfg[key] for key in SETTINGS})
     row["alpha_rank_first"], row["alpha_rank_last"] = cfg["alpha_ranks"]
     return row, spectra
+
+
+def spectrum_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """The table of one snapshot's rows, with each layer's canonical name (the same rule for every layer)."""
+    table = pd.DataFrame(rows)
+    table.insert(table.columns.get_loc("layer") + 1, "canonical", canonical_names(list(table["layer"])))
+    return table
 
 
 def negative_tolerance(precision: str | None) -> float:
@@ -248,14 +253,15 @@ def decompose(cfg: dict, store_path: Path, out: Path, eigenvalues_out: Path | No
     check_settings(section)
     eigenvalues_out = Path(eigenvalues_out or eigenvalue_path(out))
     claim_outputs((out, SPECTRUM_TABLE), (eigenvalues_out, store.EIGENVALUE_STORE), inputs=[store_path])
-    remove(Path(out))  # never a new store beside an old table
     rows, eig_arrays, eig_attrs = [], {}, {}
     root = store.store_attrs(store_path, store.COVARIANCE_KIND)
+    store.check_root(root, str(store_path))
     tolerance = negative_tolerance(root.get("precision"))
     layers = store.iter_layers(store_path, store.COVARIANCE_KIND, COVARIANCE_ARRAYS, optional=FOLD_ARRAYS)
     for name, arrays, attrs in layers:
         what = f"{store_path}: layer {name}"
         check_count(attrs, what)
+        store.check_shapes(arrays, what)
         row, spectra = layer_row(root, name, attrs, arrays, section, what, tolerance)
         rows.append(row)
         eig_arrays[name] = {key: values for key, (values, _) in spectra.items()}
@@ -280,8 +286,9 @@ def decompose(cfg: dict, store_path: Path, out: Path, eigenvalues_out: Path | No
     # (a kill in between) reads as unfinished, never as a complete half (see read_eigenvalues). The name is
     # relative to the store's folder, so it resolves wherever the results are copied or run from.
     table_ref = os.path.relpath(Path(out).absolute(), eigenvalues_out.absolute().parent)
+    remove(Path(out))  # never a new store beside an old table; only now, so that an error above leaves it
     store.write_store(eigenvalues_out, store.EIGENVALUE_KIND, eig_arrays, {**attrs, TABLE_REF: table_ref}, eig_attrs)
-    table = pd.DataFrame(rows)
+    table = spectrum_table(rows)
     write_table(out, table)
     return table
 

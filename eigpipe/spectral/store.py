@@ -18,7 +18,7 @@ import hashlib
 import json
 import sys
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
 
-from eigpipe.errors import EigpipeError
+from eigpipe.errors import EigpipeError, require_whole
 from eigpipe.outputs import stores_of
 from eigpipe.provenance import publish
 
@@ -59,9 +59,18 @@ def fingerprint(data: np.ndarray) -> dict[str, Any]:
     return {"sha256": hashlib.sha256(data.tobytes()).hexdigest(), "shape": list(data.shape), "dtype": str(data.dtype)}
 
 
-def _check_name(name: str) -> None:
-    if not name or "/" in name or name.startswith("__"):
-        raise EigpipeError(f"layer {name!r}: not usable as a zarr group name")
+NAME_BYTES = 255  # the longest file name most file systems take
+
+
+def check_names(names: Iterable[str]) -> None:
+    """Every layer name usable as a group (folder) name of a store; checked before anything is created."""
+    for name in names:
+        bad = not name or "/" in name or "\0" in name or name.startswith("__") or name in (".", "..", "zarr.json")
+        if bad or len(name.encode("utf-8", "surrogatepass")) > NAME_BYTES:
+            raise EigpipeError(
+                f"layer {name!r}: not usable as a zarr group name (no '/', NUL byte, leading '__', "
+                f"'zarr.json', or more than {NAME_BYTES} bytes)"
+            )
 
 
 def _consolidate(path: Path) -> None:
@@ -76,11 +85,11 @@ def write_store(
 ) -> Path:
     """Publish ``layers`` ({layer: {array: data}}, forward order) with the given attributes, atomically."""
     path = Path(path)
+    check_names(layers)
     with publish(path) as tmp:
         root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
         root.attrs.update(_jsonable({**attrs, "kind": kind, "format_version": FORMAT_VERSION, "layers": list(layers)}))
         for name, arrays in layers.items():
-            _check_name(name)
             group = root.create_group(name)
             integrity = {}
             for array_name, value in arrays.items():
@@ -178,3 +187,23 @@ def read_store(
     """(root attrs, {layer: ({array: data}, layer attrs)}) of a whole store, verified."""
     layers = iter_layers(path, kind, arrays, optional)
     return store_attrs(path, kind), {name: (data, attrs) for name, data, attrs in layers}
+
+
+def check_root(root: dict, where: str) -> None:
+    """The run and iteration a covariance store's rows are filed under (checked by the spectrum stage, not later
+    by dimensions)."""
+    require_whole(f"{where}: root attribute iteration", root.get("iteration"), 0)
+    if not isinstance(root.get("run"), str) or not root["run"]:
+        raise EigpipeError(f"{where}: root attribute run: {root.get('run')!r} is not a run name")
+
+
+def check_shapes(arrays: Arrays, where: str) -> None:
+    """second_moment [C, C], mean [C] and, where present, fold_second_moment [K, C, C] and fold_mean [K, C]."""
+    channels = (np.shape(arrays["second_moment"]) or (0,))[-1]
+    wanted = {"second_moment": (channels, channels), "mean": (channels,)}
+    if "fold_second_moment" in arrays:
+        folds = (np.shape(arrays["fold_second_moment"]) or (0,))[0]
+        wanted.update(fold_second_moment=(folds, channels, channels), fold_mean=(folds, channels))
+    for name, shape in wanted.items():
+        if name in arrays and np.shape(arrays[name]) != shape:
+            raise EigpipeError(f"{where}: array {name} has shape {list(np.shape(arrays[name]))}, not {list(shape)}")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import threading
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -35,9 +36,9 @@ from eigpipe.outputs import claim_outputs
 from eigpipe.spectral import spectrum, store
 from eigpipe.spectral.accumulator import PRECISIONS, CovarianceAccumulator
 from eigpipe.spectral.extract import MATRIX, layer_attrs
-from eigpipe.spectral.features import FeatureHooks, merge_ranks
+from eigpipe.spectral.features import CONCURRENT, FeatureHooks, merge_ranks
 from eigpipe.spectral.layers import Layer, select_layers
-from eigpipe.spectral.layouts import Layout
+from eigpipe.spectral.layouts import Layout, channels_last
 
 TAPS = ("auto", "pipeline", "output")
 PerLayer = int | Mapping[str, int] | None  # one value for every layer, or {layer-name glob: value}
@@ -83,6 +84,10 @@ class Tracker:
         _check_per_layer("output_index", output_index)
         if run is not None and (not isinstance(run, str) or not run):
             raise EigpipeError(f"run: {run!r} is not a name")
+        if isinstance(model, torch.jit.ScriptModule):
+            raise EigpipeError(
+                "eigpipe.track: a scripted model (torch.jit) runs no hooks; track the model before scripting it"
+            )
         own = tap == "output" or (tap == "auto" and not built_by_eigpipe(model))
         self.model, self.every, self.precision = model, every, precision
         layers = [layers] if isinstance(layers, str) else layers
@@ -95,16 +100,24 @@ class Tracker:
 
         def layout(name: str) -> Layout:
             axis, index = _for_layer(channel_axis, name), _for_layer(output_index, name)
+            if axis is None and own and channels_last(model.get_submodule(name)):
+                axis = -1
             return Layout(channel_axis=axis, output_index=index, prefix_tokens=prefix_tokens, prefix=prefix)
 
         selected = select_layers(model, self.selectors, own_outputs=own, where="layers")
         self.hooks = FeatureHooks(model, selected, precision, layouts=layout)
         self.forwards = 0  # calls of the tracked module, taken or not
         self._depth = 0
+        self._thread: int | None = None  # the thread of the forward pass in progress
+        self._inside = False
+        self._batches_at_reset = 0
         self._merged: tuple[int, list[Layer], dict[str, CovarianceAccumulator]] | None = None
 
     # ---- hooks on the tracked module: batch boundaries ---------------------------------------------
     def __enter__(self) -> Tracker:
+        if self._inside:
+            raise EigpipeError("eigpipe.track: this tracker is already active (a with block inside its own)")
+        self._inside = True
         self.hooks.__enter__()
         try:
             self.hooks.keep(self.model.register_forward_pre_hook(self._begin))
@@ -116,9 +129,13 @@ class Tracker:
 
     def __exit__(self, *exc: object) -> None:
         self.hooks.__exit__()  # removes the boundary hooks too
-        self._depth = 0
+        self._depth, self._thread, self._inside = 0, None, False
 
     def _begin(self, _module: nn.Module, _args: Any) -> None:
+        thread = threading.get_ident()
+        if self._depth and thread != self._thread:
+            raise EigpipeError(f"eigpipe.track: {CONCURRENT}")
+        self._thread = thread
         self._depth += 1
         if self._depth == 1:
             self.forwards += 1
@@ -126,6 +143,8 @@ class Tracker:
                 self.hooks.begin_batch()
 
     def _end(self, _module: nn.Module, _args: Any, _output: Any) -> None:
+        if threading.get_ident() != self._thread:  # a concurrent pass, refused by _begin
+            return
         self._depth -= 1
         if self._depth > 0:
             return
@@ -155,6 +174,12 @@ class Tracker:
         """Forget the statistics gathered so far (the hooks stay)."""
         self.hooks.streams.clear()
         self._merged = None
+        self._batches_at_reset = self.hooks.batches
+
+    @property
+    def batches_taken(self) -> int:
+        """Forward passes taken since the tracker started or was reset."""
+        return self.hooks.batches - self._batches_at_reset
 
     # ---- results -----------------------------------------------------------------------------------
     def _results(self) -> tuple[list[Layer], dict[str, CovarianceAccumulator]]:
@@ -193,7 +218,15 @@ class Tracker:
     def _arrays(self) -> dict[str, dict[str, np.ndarray]]:
         layers, accs = self._results()
         if not accs:
-            raise EigpipeError(f"eigpipe.track: no statistics: none of {', '.join(self.selectors)} ran in a batch")
+            taken = self.batches_taken
+            if not taken:
+                raise EigpipeError(
+                    f"eigpipe.track: no statistics: no forward pass was taken since the tracker started or was reset "
+                    f"(every={self.every})"
+                )
+            raise EigpipeError(
+                f"eigpipe.track: no statistics: none of {', '.join(self.selectors)} ran in the {taken} batch(es) taken"
+            )
         return {
             layer.name: {key: store.as_numpy(getattr(accs[layer.name], key)) for key in ("second_moment", "mean")}
             for layer in layers
@@ -203,6 +236,7 @@ class Tracker:
     def spectra(self, iteration: int = 0, **settings: Any) -> pd.DataFrame:
         """One row per layer with every measure of ``eigpipe spectrum``; ``settings`` are spectrum-section keys
         (threshold, relative_threshold, soft_lambda, saturation_threshold, alpha_ranks), validated by the schema."""
+        require_whole("iteration", iteration, 0)
         cfg = config.validate(dict(settings), "spectrum", config.schema()["properties"]["spectrum"])
         spectrum.check_settings(cfg)
         root, (layers, accs) = self.root_attrs(iteration), self._results()
@@ -212,14 +246,15 @@ class Tracker:
             attrs = layer_attrs(next(layer for layer in layers if layer.name == name), accs[name])
             row, _ = spectrum.layer_row(root, name, attrs, arrays, cfg, f"layer {name}", tolerance, _eigvalsh)
             rows.append(row)
-        return pd.DataFrame(rows)
+        return spectrum.spectrum_table(rows)
 
     def save(self, path: str | Path, iteration: int = 0, attrs: dict | None = None) -> Path:
         """Publish the statistics as a covariance store (atomically); ``attrs`` are added to its root attributes
         (say, what data the model saw). Under torch.distributed, rank 0 writes."""
-        path = Path(path)
+        path = Path(path).expanduser()
         require_whole("iteration", iteration, 0)
         arrays, own = self._arrays(), self.root_attrs(iteration)
+        store.check_names(arrays)
         root = {**own, **_user_attrs(attrs, own)}
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         if distributed and torch.distributed.get_rank() != 0:

@@ -43,7 +43,8 @@ def _warn_fewer_groups(model_cfg: dict, layers: list[dict]) -> None:
     if model_cfg["norm"] != "gn":
         return
     groups = model_cfg["gn_groups"]
-    fewer = [layer for layer in layers if math.gcd(layer["derived"], groups) < math.gcd(layer["original"], groups)]
+    both = [layer for layer in layers if layer["original"] and layer["derived"]]  # a downsample may be in one only
+    fewer = [layer for layer in both if math.gcd(layer["derived"], groups) < math.gcd(layer["original"], groups)]
     if fewer:
         first = fewer[0]
         print(

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from eigpipe import provenance, runtime
 from eigpipe.config import detector_schedule
-from eigpipe.errors import EigpipeError, NumericalError
+from eigpipe.errors import DataError, EigpipeError, NumericalError
 from eigpipe.models import build_detector, from_model_config, load_pretrained_body, save_checkpoint
 from eigpipe.models.checkpoint import unwrap
 from eigpipe.outputs import claim_outputs
@@ -292,6 +292,17 @@ def _classification_loss(model: nn.Module, batch: Any, device: torch.device) -> 
     return loss, {"accuracy": accuracy}
 
 
+def _class_image(path: str) -> Any:
+    """An ImageFolder image through the pipeline's faithful reader: an error names the image (module level, so
+    that loader workers can pickle it)."""
+    from eigpipe.data.coco import ImageError, read_rgb
+
+    try:
+        return read_rgb(Path(path))
+    except DataError as exc:
+        raise ImageError(str(exc)) from None
+
+
 def _image_folder(root: Path) -> Dataset:
     from torchvision import datasets, transforms
 
@@ -301,7 +312,7 @@ def _image_folder(root: Path) -> Dataset:
         raise EigpipeError(f"{root}: image folder not found")
     transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     try:
-        return datasets.ImageFolder(root, transform=transform)
+        return datasets.ImageFolder(root, transform=transform, loader=_class_image)
     except (FileNotFoundError, RuntimeError) as exc:
         raise EigpipeError(f"{root}: not an image folder with one sub-folder per class ({exc})") from None
 

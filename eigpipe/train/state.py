@@ -11,13 +11,14 @@ import json
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from eigpipe.models.checkpoint import FORMAT
-from eigpipe.outputs import Kind, is_temp, torch_archive_strings
+from eigpipe.outputs import Kind, is_temp, only_files, torch_archive_strings
 from eigpipe.provenance import publish
 
 # every file a run folder may hold, relative to it; checkpoints carry FORMAT, the resume state a fingerprint
@@ -25,18 +26,29 @@ RUN_FILES = re.compile(r"(resume/)?(metrics\.jsonl|snapshots/\d+\.pt)|final\.pt|
 
 
 def is_run_folder(path: Path) -> bool:
-    """Whether every file under ``path`` is one a training run writes (temp litter of killed runs aside)."""
-    for file in path.rglob("*"):
-        if file.is_dir() or is_temp(file.name):
-            continue
+    """Whether every file under ``path`` is one a training run writes (temp litter of killed runs aside): its
+    checkpoints carry FORMAT, its resume state a fingerprint, its metrics log training records."""
+    if not only_files(path, RUN_FILES):
+        return False
+    for file in (f for f in path.rglob("*") if f.is_file() and not is_temp(f.name)):
         relative = file.relative_to(path).as_posix()
-        if not RUN_FILES.fullmatch(relative):
-            return False
         if file.suffix == ".pt":
             marker = "fingerprint" if relative == "resume/state.pt" else FORMAT
             if marker not in torch_archive_strings(file):
                 return False
+        elif relative == "metrics.jsonl" and not _is_metrics_log(file):
+            return False
     return True
+
+
+def _is_metrics_log(path: Path) -> bool:
+    """Whether every line is a training record (a JSON object with its iteration); the resume copy, which a kill
+    may leave with a torn last line, is eigpipe's own by its place."""
+    try:
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return all(isinstance(record, dict) and "iteration" in record for record in records)
 
 
 RUN_FOLDER = Kind("an eigpipe training run folder (final.pt, snapshots/, metrics.jsonl, resume/)", is_run_folder, True)
@@ -67,10 +79,16 @@ class RunFolder:
         """Return the saved state when it belongs to this run's config, else start clean."""
         self.resume_dir.mkdir(parents=True, exist_ok=True)
         if self.state_path.is_file():
-            state = torch.load(self.state_path, map_location="cpu", weights_only=False)
-            if state.get("fingerprint") == self.fingerprint:
-                self._restore_outputs(state["iteration"])
-                return state
+            try:
+                state = torch.load(self.state_path, map_location="cpu", weights_only=False)
+                if state.get("fingerprint") == self.fingerprint:
+                    self._restore_outputs(state["iteration"])
+                    return state
+            except Exception as exc:  # eigpipe's own state, damaged (a full disk, a copy cut short): start afresh
+                print(
+                    f"warning: {self.resume_dir}: damaged resume state ({type(exc).__name__}), training afresh",
+                    file=sys.stderr,
+                )
         shutil.rmtree(self.resume_dir)
         self.resume_dir.mkdir(parents=True)
         return None
@@ -82,7 +100,7 @@ class RunFolder:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 _link_or_copy(kept, target)
         if self.metrics_log.exists():
-            lines = self.metrics_log.read_text().splitlines()
+            lines = [line for line in self.metrics_log.read_text().splitlines() if line.strip()]
             kept_lines = [line for line in lines if json.loads(line).get("iteration", 0) <= iteration]
             self.metrics_log.write_text("".join(f"{line}\n" for line in kept_lines))
 

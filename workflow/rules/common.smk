@@ -59,6 +59,19 @@ def stage_config(stage):
 # function of the wildcards alone.
 
 
+def training_data():
+    """The keys of `data` training reads: the source, strictness and COCO paths (the synthetic generator's keys
+    reach it through the dataset it makes, so editing them in a COCO study retrains nothing)."""
+    data = config["data"]
+    keys = ("source", "strict", "coco") if data["source"] == "coco" else ("source", "strict")
+    return {key: data[key] for key in keys}
+
+
+def synthetic_data_config(wildcards):
+    """synth_data's sections: the generator's keys alone (it makes synthetic data whatever `data.source` says)."""
+    return dumps({"data": {"source": "synthetic", "synthetic": config["data"]["synthetic"]}, "seed": config["seed"]})
+
+
 def detector_config(wildcards):
     """train_detector's sections, narrowed to the job's own run: its model, init, schedule and seed, and
     for a derived run the widths file. Adding a model, an init or a seed to a study, or changing another
@@ -69,6 +82,7 @@ def detector_config(wildcards):
     if run.init == "pretrained":
         train["init_gn_from_bn"] = config["train"]["init_gn_from_bn"]
     sections = {name: config[name] for name in STAGES["train"].sections}
+    sections["data"] = training_data()
     model = {**config["model"], "widths": widths_file(wildcards.study, run.widths)} if run.widths else config["model"]
     return dumps({**sections, "model": model, "train": train, "seed": run.seed})
 
@@ -102,11 +116,12 @@ def parent_of(name):
 # ---- datasets ----
 
 
-def dataset_input(wildcards):
-    """What a stage waits for: the generated synthetic dataset, or the checked COCO splits."""
+def dataset_input(split):
+    """What a stage of one split waits for: the generated synthetic dataset, or that COCO split checked (so that
+    editing the val split reruns no training)."""
     if config["data"]["source"] == "synthetic":
-        return f"results/{wildcards.study}/data"
-    return expand("results/{study}/checks/{split}.txt", study=wildcards.study, split=["train", "val"])
+        return "results/{study}/data"
+    return f"results/{{study}}/checks/{split}.txt"
 
 
 def split_paths(split):

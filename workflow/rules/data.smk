@@ -2,7 +2,7 @@ rule synth_data:
     output:
         directory("results/{study}/data"),
     params:
-        cfg=stage_config("synth-data"),
+        cfg=synthetic_data_config,
         code=code_hash("synth-data"),
     log:
         "results/{study}/logs/synth_data.log",

@@ -1,7 +1,7 @@
 rule evaluate:
     input:
         checkpoint=lambda wildcards: final_checkpoint(wildcards.study, wildcards.detector),
-        data=dataset_input,
+        data=dataset_input("val"),
     output:
         metrics="results/{study}/eval/{detector}.json",
         # pycocotools' per-image matching: the report's bootstrap over images re-accumulates it

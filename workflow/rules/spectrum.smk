@@ -3,7 +3,7 @@
 rule covariance:
     input:
         checkpoint=covariance_checkpoint,
-        data=dataset_input,
+        data=dataset_input("val"),
     output:
         directory("results/{study}/covariance/{run}/{iteration}.zarr"),
     params:

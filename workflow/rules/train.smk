@@ -35,7 +35,7 @@ rule pretrain:
 rule train_detector:
     input:
         unpack(detector_inputs),
-        data=dataset_input,
+        data=dataset_input("train"),
     output:
         final="results/{study}/train/{detector}/final.pt",
         # each snapshot a named output: a cached rule's outputs must all be named (or one multiext)

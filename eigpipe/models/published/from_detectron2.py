@@ -86,6 +86,14 @@ def _fpn(m: Any) -> str:
     return f"backbone.fpn.{'inner' if m[1] == 'lateral' else 'layer'}_blocks.{int(m[2]) - 2}"
 
 
+def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
+    """What pickle protocols 0-2 call (``_codecs.encode(text, "latin1")``) to rebuild a bytes object in Python 3
+    (CPython's Lib/pickle.py, ``save_bytes``); any other encoding is refused."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"_codecs.encode with {encoding!r} does not rebuild bytes")
+    return text.encode("latin1")
+
+
 class _ArraysOnly(pickle.Unpickler):
     """Unpickles dicts, lists and numpy arrays, nothing that runs code."""
 
@@ -94,12 +102,18 @@ class _ArraysOnly(pickle.Unpickler):
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy.core.multiarray", "scalar"),
         ("numpy._core.multiarray", "scalar"),
+        # protocol 5 (Python 3.14's default): numpy's ndarray.__reduce_ex__ rebuilds an array from its buffer
+        # with _frombuffer (numpy/_core/numeric.py; numpy/core/numeric.py before numpy 2)
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
         ("collections", "OrderedDict"),
     }
 
     def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("_codecs", "encode"):  # protocols 0-2: bytes, latin-1 only
+            return _latin1_bytes
         if (module, name) not in self.ALLOWED:
             raise pickle.UnpicklingError(f"{module}.{name} is not a numpy array")
         return super().find_class(module, name)
@@ -125,7 +139,10 @@ def read(path: Path) -> tuple[dict[str, torch.Tensor], str]:
     for key, value in arrays.items():
         if not isinstance(value, np.ndarray):
             raise EigpipeError(f"{path}: entry {key} is a {type(value).__name__}, not a numpy array")
-        state[str(key)] = torch.from_numpy(np.array(value))
+        try:
+            state[str(key)] = torch.from_numpy(np.array(value, dtype=value.dtype.newbyteorder("=")))  # native order
+        except TypeError:  # torch has no dtype for numpy's objects, strings, ...
+            raise EigpipeError(f"{path}: entry {key} is an array of {value.dtype}, not of numbers") from None
     return state, kind
 
 

@@ -41,7 +41,27 @@ def torch_file(path: Path, what: str, key: str, required: bool = True) -> tuple[
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         where = f"under '{key}'" if required else f"at its top level or under '{key}'"
         raise EigpipeError(f"{path}: not {what} (no state dict of tensors {where})")
+    for name, value in state.items():
+        check_tensor(path, name, value)
     return dict(state), raw
+
+
+def check_tensor(source: Path, key: str, value: object, target: torch.Tensor | None = None) -> None:
+    """A one-line error naming ``source`` and ``key`` unless ``value`` is a dense tensor and, where it fills the
+    floating-point ``target`` (a parameter or buffer of a model), floating point, finite, and not negative as a
+    running variance. Integer targets (BatchNorm's ``num_batches_tracked``) take any dense tensor."""
+    if not isinstance(value, torch.Tensor):
+        raise EigpipeError(f"{source}: key {key} is a {type(value).__name__}, not a tensor")
+    if value.layout != torch.strided:
+        raise EigpipeError(f"{source}: key {key} is a {value.layout} tensor; weights are read as dense tensors")
+    if target is None or not target.is_floating_point():
+        return
+    if not value.is_floating_point():
+        raise EigpipeError(f"{source}: key {key} holds {value.dtype} values, not floating point")
+    if not torch.isfinite(value).all():
+        raise EigpipeError(f"{source}: key {key} has non-finite values (NaN or Inf)")
+    if key.endswith("running_var") and (value < 0).any():
+        raise EigpipeError(f"{source}: key {key} has negative values (a running variance)")
 
 
 def rule(pattern: str, target: str | Rename) -> tuple[re.Pattern, Rename]:
@@ -95,10 +115,11 @@ def background_first(mapped: Mapped, source: Path) -> None:
     which have no background entry, get a zero one (torchvision never reads it)."""
     if f"{CLS_SCORE}.weight" not in mapped.state:
         return
-    classes = mapped.state[f"{CLS_SCORE}.weight"].shape[0] - 1
+    classes = rows(mapped, f"{CLS_SCORE}.weight", source) - 1
     for kind in ("weight", "bias"):
         key = f"{CLS_SCORE}.{kind}"
         if key in mapped.state:
+            rows(mapped, key, source)
             value = mapped.state[key]
             mapped.state[key] = torch.cat([value[-1:], value[:-1]])
     for prefix, per_class in ((BBOX_PRED, 4), (MASK_LOGITS, 1)):
@@ -107,7 +128,7 @@ def background_first(mapped: Mapped, source: Path) -> None:
             if key not in mapped.state:
                 continue
             value = mapped.state[key]
-            if value.shape[0] != per_class * classes:
+            if rows(mapped, key, source) != per_class * classes:
                 raise EigpipeError(
                     f"{source}: {mapped.origin[key]} has {value.shape[0]} rows; {classes} classes (the classifier's "
                     f"{classes + 1} minus background) need {per_class * classes}"
@@ -115,19 +136,33 @@ def background_first(mapped: Mapped, source: Path) -> None:
             mapped.state[key] = torch.cat([value.new_zeros((per_class, *value.shape[1:])), value])
 
 
-def fold_channel_order(mapped: Mapped, prefix: str, channel_order: str) -> None:
+def fold_channel_order(mapped: Mapped, prefix: str, channel_order: str, source: Path) -> None:
     """An upstream model reading BGR gets its stem conv's input channels reversed, so that it reads RGB."""
+    key = prefix + STEM
+    value = mapped.state[key]
+    if value.dim() != 4:
+        raise EigpipeError(
+            f"{source}: key {mapped.origin[key]} has shape {list(value.shape)}, not a conv weight [out, in, kh, kw]"
+        )
     if channel_order == "BGR":
-        key = prefix + STEM
-        mapped.state[key] = mapped.state[key].flip(1)
+        mapped.state[key] = value.flip(1)
 
 
-def num_classes(mapped: Mapped) -> int | None:
+def num_classes(mapped: Mapped, source: Path) -> int | None:
     """Classifier outputs (background included for detectors), or None when the file has no classifier."""
     for key in (f"{CLS_SCORE}.weight", "fc.weight"):
         if key in mapped.state:
-            return int(mapped.state[key].shape[0])
+            return rows(mapped, key, source)
     return None
+
+
+def rows(mapped: Mapped, key: str, source: Path) -> int:
+    """The first dimension of a mapped weight or bias (its rows: classes, box deltas, mask logits); a 0-d tensor,
+    which has none, is named with its upstream key and shape (other shapes are checked against the model)."""
+    value = mapped.state[key]
+    if value.dim() == 0:
+        raise EigpipeError(f"{source}: key {mapped.origin[key]} has shape [], not one row per output")
+    return int(value.shape[0])
 
 
 def fill(model: nn.Module, mapped: Mapped, source: Path) -> None:
@@ -143,8 +178,7 @@ def fill(model: nn.Module, mapped: Mapped, source: Path) -> None:
                 f"{source}: key {upstream} has shape {list(value.shape)}, the model's {key} takes "
                 f"{list(target[key].shape)}"
             )
-        if not value.is_floating_point():
-            raise EigpipeError(f"{source}: key {upstream} holds {value.dtype} values, not floating point")
+        check_tensor(source, upstream, value, target[key])
     missing = [k for k in target if k not in mapped.state and not k.endswith("num_batches_tracked")]
     if missing:
         raise EigpipeError(

@@ -8,6 +8,7 @@ the checkpoint is written, which happens atomically.
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from eigpipe.models.published.presets import FAMILY_DEFAULTS, Preprocessing, Pre
 from eigpipe.outputs import claim_outputs
 
 FAMILY_MODULES = {"torchvision": from_torchvision, "detectron2": from_detectron2, "mmdet": from_mmdet}
+RUN_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # as the schema's names of imports (results/<study>/import/<run>.pt)
 
 
 @dataclass
@@ -57,7 +59,7 @@ def make_request(
 ) -> Request:
     """What the command line asks to import; ``model`` sets test-time keys of the model section."""
     request = _request(preset, family, pixel_mean, pixel_std, channel_order)
-    request.category_ids = category_ids
+    request.category_ids = _check_category_ids(category_ids)
     unknown = sorted(set(model or {}) - set(TEST_TIME_KEYS))
     if unknown:
         raise EigpipeError(
@@ -65,6 +67,18 @@ def make_request(
         )
     request.model = dict(model or {})
     return request
+
+
+def _check_category_ids(ids: list[int] | None) -> list[int] | None:
+    """Dataset category ids, one per class: whole numbers >= 0, each given once."""
+    seen: set[int] = set()
+    for value in ids or []:
+        if value < 0:
+            raise EigpipeError(f"--category-ids: {value} is negative (category ids are whole numbers >= 0)")
+        if value in seen:
+            raise EigpipeError(f"--category-ids: {value} is given twice (each class has its own category id)")
+        seen.add(value)
+    return ids
 
 
 def _request(
@@ -113,7 +127,15 @@ def _count(state: dict, pattern: str) -> int:
     return count
 
 
-def _inferred_model(mapped: mapping.Mapped, family: str, task: str) -> tuple[str, dict[str, Any]]:
+def _outputs(mapped: mapping.Mapped, key: str, source: Path) -> int:
+    """Output channels (rows) of the model's tensor ``key``, which the architecture is read off; one no key of the
+    file fills is named."""
+    if key not in mapped.state:
+        raise EigpipeError(f"{source}: the model's {key} is filled by no key of the file (the architecture needs it)")
+    return mapping.rows(mapped, key, source)
+
+
+def _inferred_model(mapped: mapping.Mapped, family: str, task: str, source: Path) -> tuple[str, dict[str, Any]]:
     """(model name, model-section keys) read off the file's tensors (``--from``)."""
     state = mapped.state
     prefix = "backbone.body." if task == "detection" else "body."
@@ -125,18 +147,21 @@ def _inferred_model(mapped: mapping.Mapped, family: str, task: str) -> tuple[str
         keys["head_norm"] = "frozen_bn" if "backbone.fpn.inner_blocks.0.1.running_mean" in state else "gn"
     else:
         keys["head_norm"] = "none"
-    keys["fpn_channels"] = int(state["backbone.fpn.inner_blocks.0.0.weight"].shape[0])
+    keys["fpn_channels"] = _outputs(mapped, "backbone.fpn.inner_blocks.0.0.weight", source)
     keys["rpn_conv_depth"] = max(1, _count(state, "rpn.head.conv.{}.0.weight"))
     convs = _count(state, "roi_heads.box_head.{}.0.weight")
     if convs:
-        layers = [int(state[f"roi_heads.box_head.{i}.0.weight"].shape[0]) for i in range(convs)]
-        size = int(state[f"roi_heads.box_head.{convs + 1}.weight"].shape[0])
+        layers = [_outputs(mapped, f"roi_heads.box_head.{i}.0.weight", source) for i in range(convs)]
+        size = _outputs(mapped, f"roi_heads.box_head.{convs + 1}.weight", source)
         keys["box_head"] = {"type": "convfc", "conv_layers": layers, "representation_size": size}
     else:
-        keys["box_head"] = {"type": "mlp", "representation_size": int(state["roi_heads.box_head.fc6.weight"].shape[0])}
+        keys["box_head"] = {
+            "type": "mlp",
+            "representation_size": _outputs(mapped, "roi_heads.box_head.fc6.weight", source),
+        }
     masks = _count(state, "roi_heads.mask_head.{}.0.weight")
     if masks:
-        keys["mask_head_layers"] = [int(state[f"roi_heads.mask_head.{i}.0.weight"].shape[0]) for i in range(masks)]
+        keys["mask_head_layers"] = [_outputs(mapped, f"roi_heads.mask_head.{i}.0.weight", source) for i in range(masks)]
     return ("mask_rcnn" if masks else "faster_rcnn"), keys
 
 
@@ -177,6 +202,13 @@ def _build(task: str, model_name: str, model_cfg: dict, classes: int, widths: An
     return build_detector(model_name, model_cfg, classes, widths)
 
 
+def _weights_file(weights: Path) -> Path:
+    weights = Path(weights)
+    if not weights.is_file():
+        raise EigpipeError(f"{weights}: weights file not found")
+    return weights
+
+
 def convert(
     weights: Path, request: Request, run: str | None = None, init: str | None = None, labels: dict | None = None
 ) -> tuple[nn.Module, dict[str, Any]]:
@@ -184,9 +216,7 @@ def convert(
     from eigpipe.models import standard
     from eigpipe.models.checkpoint import widths_from_state_dict
 
-    weights = Path(weights)
-    if not weights.is_file():
-        raise EigpipeError(f"{weights}: weights file not found")
+    weights = _weights_file(weights)
     mapped, kind, upstream_meta = _read(request, weights)
     task = "classification" if kind == "caffe2" else "detection"
     chosen = request.preset
@@ -202,13 +232,13 @@ def convert(
         raise EigpipeError(
             f"{weights}: the model's {prefix}{mapping.STEM} (the stem conv) is filled by no key of the file"
         )
-    mapping.fold_channel_order(mapped, prefix, request.preprocessing.channel_order)
+    mapping.fold_channel_order(mapped, prefix, request.preprocessing.channel_order, weights)
 
     if chosen is not None:
         model_name, keys, widths = chosen.model_name, dict(chosen.model), standard()
     else:
-        model_name, keys = _inferred_model(mapped, request.family, task)
-        widths = widths_from_state_dict(mapped.state, prefix)
+        model_name, keys = _inferred_model(mapped, request.family, task, weights)
+        widths = widths_from_state_dict(mapped.state, prefix, source=str(weights))
         keys["depths"] = widths.depths
     mean, std = request.preprocessing.rgb_unit()
     model_cfg = config.validate(
@@ -218,7 +248,7 @@ def convert(
         prefix="model",
     )
     cls_key = mapping.CLS_SCORE + ".weight" if task == "detection" else "fc.weight"
-    classes = mapping.num_classes(mapped)
+    classes = mapping.num_classes(mapped, weights)
     if classes is None:
         raise EigpipeError(f"{weights}: the model's {cls_key} (the classifier) is filled by no key of the file")
     if chosen is not None and classes != chosen.classes:
@@ -265,6 +295,15 @@ def convert(
     return model.eval(), meta
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object of ``--model-json`` whose keys are each given once (json keeps the last silently)."""
+    keys = [key for key, _ in pairs]
+    twice = next((key for position, key in enumerate(keys) if key in keys[:position]), None)
+    if twice is not None:
+        raise EigpipeError(f"--model-json: key {twice} is given twice")
+    return dict(pairs)
+
+
 def import_checkpoint(
     cfg: dict,
     weights: Path,
@@ -288,8 +327,11 @@ def import_checkpoint(
     from eigpipe.models.checkpoint import CHECKPOINT
 
     claim_outputs((out, CHECKPOINT), inputs=[weights])
+    _weights_file(weights)
+    if run is not None and (not RUN_NAME.fullmatch(run) or set(run) == {"."}):
+        raise EigpipeError(f"--run: {run!r} is not a run name (letters, digits, _ . -; not dots only)")
     try:
-        model = json.loads(model_json) if model_json else {}
+        model = json.loads(model_json, object_pairs_hook=_unique_keys) if model_json else {}
     except json.JSONDecodeError as exc:
         raise EigpipeError(f"--model-json: not valid JSON ({exc})") from None
     if not isinstance(model, dict):
