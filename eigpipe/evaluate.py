@@ -14,7 +14,6 @@ from pycocotools import mask as mask_utils
 from pycocotools.cocoeval import COCOeval
 from torch.utils.data import DataLoader, Subset
 from torchvision.ops import box_convert
-from tqdm import tqdm
 
 from eigpipe import matching, provenance, runtime
 from eigpipe.complexity import model_complexity
@@ -110,8 +109,9 @@ def predict(
         pin_memory=device.type == "cuda",
         generator=torch.Generator(),
     )  # global RNG untouched
-    with torch.inference_mode(), finite_outputs(model):
-        for images, targets in tqdm(loader, desc="evaluate", unit="batch", file=sys.stderr):
+    bar = runtime.progress(total=len(loader), desc="evaluate", unit="batch")
+    with torch.inference_mode(), finite_outputs(model), bar as bar:
+        for images, targets in loader:
             try:
                 outputs = model([image.to(device, non_blocking=True) for image in images])
             except _NonFinite as exc:
@@ -122,6 +122,7 @@ def predict(
                 if not all(torch.isfinite(v).all() for k, v in output.items() if k in ("boxes", "scores")):
                     raise NumericalError(f"image id {int(target['image_id'])}: non-finite detections")
                 results.extend(to_coco_results(output, int(target["image_id"]), category_ids))
+            bar.update()
     return results
 
 

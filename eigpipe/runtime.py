@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -99,3 +102,20 @@ def describe_gpu(index: int) -> str:
 def teardown() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+@contextlib.contextmanager
+def progress(**options: Any) -> Iterator[Any]:
+    """A tqdm progress bar on stderr (``options`` are tqdm's; update it by hand: a bar iterating for you closes
+    itself, leaving its line, before this sees the error). On an error it is cleared, not left as a line of its
+    own, so that the error stays the one line a failed stage prints."""
+    from tqdm import tqdm
+
+    bar = tqdm(file=sys.stderr, **options)
+    try:
+        yield bar
+    except BaseException:
+        bar.leave = False
+        raise
+    finally:
+        bar.close()

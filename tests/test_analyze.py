@@ -100,10 +100,12 @@ def test_bad_input_is_one_line_and_leaves_nothing(photos: Path, tmp_path: Path, 
 
 
 def _refused(capsys, code: int, out: Path, *messages: str) -> None:
-    """One error line naming the culprit, exit 1, no store."""
-    err = capsys.readouterr().err.strip().splitlines()
+    """One error line naming the culprit, exit 1, no store; no progress line left before it."""
+    raw = capsys.readouterr().err
+    err = raw.strip().splitlines()
     assert code == 1 and all(m in err[-1] for m in messages) and not out.exists(), err
     assert err[-1].startswith("eigpipe analyze: error:") and len([e for e in err if "error" in e]) == 1
+    assert not [line for line in raw.rstrip("\n").split("\n")[:-1] if "left out" not in line], raw
 
 
 def _write(folder: Path, name: str, pixels: np.ndarray) -> Path:

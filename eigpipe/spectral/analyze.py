@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from eigpipe import provenance
+from eigpipe import provenance, runtime
 from eigpipe.errors import EigpipeError
 from eigpipe.models.checkpoint import load_torch_file
 from eigpipe.models.published.mapping import check_tensor
@@ -147,8 +147,6 @@ def analyze(
     threads: int | None = None,
 ) -> Path:
     """Run the classifier on the folder's images (inference mode, IEEE float32) and publish the store."""
-    from tqdm import tqdm
-
     _check_bounds(batch_size, threads)
     claim_outputs((out, store.COVARIANCE_STORE), inputs=[images, weights])
     if threads is not None:
@@ -163,8 +161,8 @@ def analyze(
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     model.to(target)
     tracker = Tracker(model, layers, precision=precision, run=model_spec)
-    bar = tqdm(total=count, desc=f"analyze {model_spec}", unit="img", file=sys.stderr)
-    with torch.inference_mode(), ieee_float32(), tracker, bar:
+    bar = runtime.progress(total=count, desc=f"analyze {model_spec}", unit="img")
+    with torch.inference_mode(), ieee_float32(), tracker, bar as bar:
         for batch in loader:
             model(batch.to(target))
             bar.update(len(batch))

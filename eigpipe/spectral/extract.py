@@ -131,8 +131,6 @@ def extract(cfg: dict, checkpoint: Path, annotations: Path, images: Path, out: P
     ``covariance.folds`` K, every per-image layer also keeps its statistics per fold of the images (arrays
     ``fold_second_moment`` [K, C, C] and ``fold_mean`` [K, C]; eigpipe.spectral.folds).
     """
-    from tqdm import tqdm
-
     from eigpipe import runtime
     from eigpipe.data.coco import CocoDetection
     from eigpipe.models import load_checkpoint
@@ -151,7 +149,7 @@ def extract(cfg: dict, checkpoint: Path, annotations: Path, images: Path, out: P
     folds = FoldPlan.consecutive(dataset.ids[:n], section["folds"]) if section["folds"] else None
     share = list(range(rt.rank, n, rt.world_size))
     desc = f"covariance {meta.get('run')}@{meta.get('iteration')}"
-    with tqdm(total=len(share), desc=desc, unit="img", file=sys.stderr, disable=not rt.is_main) as bar:
+    with runtime.progress(total=len(share), desc=desc, unit="img", disable=not rt.is_main) as bar:
         batches = _batches(dataset, share, section["batch_size"], section["workers"], rt.device.type == "cuda")
         ordered, accs = accumulate(model, meta, selected, batches, rt.device, bar, section["precision"], folds)
     if rt.distributed:
