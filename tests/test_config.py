@@ -369,6 +369,10 @@ TV_IMPORT = {"preset": "torchvision/fasterrcnn_resnet50_fpn", "weights": "w.pth"
     [
         ({"covariance.layers": ["backbone.body.layer9.*"]}, "covariance.layers: selector 'backbone.body.layer9.*'"),
         ({"covariance.layers": ["*fpn.inner_blocks.*"]}, "matches no module of the model (the classifier)"),
+        (  # the classifier's modules all output tensors; the detectors' transform, RPN, FPN ... do not
+            {"covariance.layers": ["*"]},
+            "covariance.layers: transform (GeneralizedRCNNTransform) is selected, but its output is no feature tensor",
+        ),
         ({"report.layers": ["layer1.0.conv3", "layer5.0.conv1"]}, "report.layers: layer5.0.conv1 is not a layer"),
         ({"covariance.layers": ["Bottleneck:*"], "report.layers": ["conv1"]}, "report.layers: conv1 is not a layer"),
         ({"widths.source_iteration": 2}, "widths.source_iteration: 2 is not one of train.schedule.snapshots"),

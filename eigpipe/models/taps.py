@@ -9,8 +9,15 @@ eigpipe builds, not from module names or class-name patterns.
 from __future__ import annotations
 
 from torch import nn
+from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FrozenBatchNorm2d
+from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, FeaturePyramidNetwork
 
 from eigpipe.errors import EigpipeError
 from eigpipe.layer_paths import CLASSIFIER_BODY, DETECTOR_BODY
@@ -19,6 +26,20 @@ from eigpipe.models.resnet import Bottleneck, ResNet
 
 NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, FrozenBatchNorm2d)
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.SiLU, nn.GELU, nn.Hardswish, nn.Sigmoid, nn.Tanh)
+# torchvision's detector parts whose forward returns no feature tensor (a tuple, a list or a dict of maps, by their
+# annotations in detection/transform.py, backbone_utils.py, ops/feature_pyramid_network.py, detection/rpn.py,
+# detection/roi_heads.py, detection/anchor_utils.py and models/_utils.py)
+NO_FEATURE_TENSOR = (
+    GeneralizedRCNNTransform,
+    BackboneWithFPN,
+    IntermediateLayerGetter,
+    FeaturePyramidNetwork,
+    ExtraFPNBlock,
+    RPNHead,
+    RegionProposalNetwork,
+    RoIHeads,
+    AnchorGenerator,
+)
 STEM_TAP = {"conv1": "relu"}  # the ResNet stem: conv1 -> bn1 -> relu (also inside BackboneWithFPN's body)
 
 

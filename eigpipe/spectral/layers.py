@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from eigpipe.errors import EigpipeError
-from eigpipe.models.taps import feature_tap, runs_per_region
+from eigpipe.models.taps import NO_FEATURE_TENSOR, feature_tap, runs_per_region
 
 # (selector, must match something). FPN outputs are absent from classifiers, so that part is optional.
 PRESETS: dict[str, tuple[tuple[str, bool], ...]] = {
@@ -66,6 +66,12 @@ def select_layers(
         if not hits and required:
             raise EigpipeError(f"{where}: selector {sel!r} matches no module of the model")
         chosen.update(hits)
+    whole = next(((path, m) for path, m in chosen.items() if isinstance(m, NO_FEATURE_TENSOR)), None)
+    if whole is not None:
+        raise EigpipeError(
+            f"{where}: {whole[0]} ({type(whole[1]).__name__}) is selected, but its output is no feature tensor; "
+            "select the modules inside it (e.g. 'Conv2d:*')"
+        )
     order = {path: i for i, (path, _) in enumerate(modules)}
     return [
         Layer(
