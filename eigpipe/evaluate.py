@@ -109,8 +109,8 @@ def predict(
         pin_memory=device.type == "cuda",
         generator=torch.Generator(),
     )  # global RNG untouched
-    bar = runtime.progress(total=len(loader), desc="evaluate", unit="batch")
-    with torch.inference_mode(), finite_outputs(model), bar as bar:
+    progress = runtime.progress(total=len(loader), desc="evaluate", unit="batch")
+    with torch.inference_mode(), finite_outputs(model), progress as bar:
         for images, targets in loader:
             try:
                 outputs = model([image.to(device, non_blocking=True) for image in images])

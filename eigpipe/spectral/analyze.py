@@ -161,8 +161,8 @@ def analyze(
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     model.to(target)
     tracker = Tracker(model, layers, precision=precision, run=model_spec)
-    bar = runtime.progress(total=count, desc=f"analyze {model_spec}", unit="img")
-    with torch.inference_mode(), ieee_float32(), tracker, bar as bar:
+    progress = runtime.progress(total=count, desc=f"analyze {model_spec}", unit="img")
+    with torch.inference_mode(), ieee_float32(), tracker, progress as bar:
         for batch in loader:
             model(batch.to(target))
             bar.update(len(batch))
