@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -203,6 +203,25 @@ def parse_yaml(text: str, source: str, what: str = "config") -> Any:
         raise ConfigError(f"{source}: nested too deeply to be a {what}") from None
 
 
+def _each_key_once(source: str, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    twice = next((key for position, key in enumerate(keys) if key in keys[:position]), None)
+    if twice is not None:
+        raise ConfigError(f"{source}: key {twice!r} given twice")
+    return dict(pairs)
+
+
+def parse_json(text: str, source: str) -> Any:
+    """Parse JSON text given on the command line, refusing a key given twice in one object (the json module
+    keeps the last silently); errors are one ConfigError line naming ``source``."""
+    try:
+        return json.loads(text, object_pairs_hook=partial(_each_key_once, source))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{source}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: nested too deeply") from None
+
+
 def read_yaml(path: str | Path, what: str = "config file") -> Any:
     """Parse a YAML (or JSON) file; a missing, binary or malformed file is a ConfigError naming it."""
     path = Path(path)
@@ -268,12 +287,7 @@ def sections(
     a rule passes (only its own sections, each validated on its own). ``overrides`` ("section.key": value)
     replace keys before validation, so command-line values are checked like the config's own."""
     if config_json is not None:
-        try:
-            given = _whole(json.loads(config_json), "--config-json")
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"--config-json: not valid JSON ({exc})") from None
-        except RecursionError:
-            raise ConfigError("--config-json: nested too deeply") from None
+        given = _whole(parse_json(config_json, "--config-json"), "--config-json")
         _apply(given, overrides or {})
         for name, value in given.items():
             sub = schema()["properties"].get(name)

@@ -89,11 +89,24 @@ def test_command_line_overrides_are_validated_like_the_config(overrides, fragmen
     assert got["covariance"]["images"] == 5
 
 
-@pytest.mark.parametrize("text", ["[1]", "3", '"x"', "null", '{"covariance": [1]}'])
+@pytest.mark.parametrize("text", ["[1]", "3", '"x"', "null", '{"covariance": [1]}', "{"])
 def test_config_json_of_the_wrong_shape_is_one_line(text, capsys, tmp_path):
     code = cli.main(["spectrum", "--config-json", text, str(tmp_path / "s.zarr"), "--out", str(tmp_path / "t.parquet")])
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1 and "--config-json" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ('{"spectrum": {}, "spectrum": {"threshold": 0.5}}', "spectrum"),
+        ('{"spectrum": {"threshold": 0.5, "threshold": 0.1}}', "threshold"),
+    ],
+)
+def test_a_json_key_given_twice_is_refused_not_overridden(text, key):
+    """JSON keeps the last of two equal keys silently; a section or knob given twice is an error, as in YAML."""
+    with pytest.raises(ConfigError, match=rf"^--config-json: key '{key}' given twice$"):
+        config.sections(config_json=text, names=("spectrum",))
 
 
 @pytest.mark.parametrize(

@@ -552,7 +552,7 @@ def test_a_missing_file_or_a_bad_run_name_is_named_first(capsys, tmp_path, extra
     ("model_json", "pattern"),
     [
         ('{"norm": "bn"}', r"--model-json: norm is set by the weights"),
-        ('{"min_size": 600, "min_size": 700}', r"--model-json: key min_size is given twice"),
+        ('{"min_size": 600, "min_size": 700}', r"--model-json: key 'min_size' given twice"),
     ],
 )
 def test_an_import_sets_only_test_time_model_keys(capsys, tmp_path, files, model_json, pattern):

@@ -295,15 +295,6 @@ def convert(
     return model.eval(), meta
 
 
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """A JSON object of ``--model-json`` whose keys are each given once (json keeps the last silently)."""
-    keys = [key for key, _ in pairs]
-    twice = next((key for position, key in enumerate(keys) if key in keys[:position]), None)
-    if twice is not None:
-        raise EigpipeError(f"--model-json: key {twice} is given twice")
-    return dict(pairs)
-
-
 def import_checkpoint(
     cfg: dict,
     weights: Path,
@@ -321,8 +312,6 @@ def import_checkpoint(
     source_label: str | None = None,
 ) -> dict[str, Any]:
     """The ``eigpipe import`` stage (no config sections): write an eigpipe checkpoint; return its meta."""
-    import json
-
     from eigpipe.models import save_checkpoint
     from eigpipe.models.checkpoint import CHECKPOINT
 
@@ -330,10 +319,7 @@ def import_checkpoint(
     _weights_file(weights)
     if run is not None and (not RUN_NAME.fullmatch(run) or set(run) == {"."}):
         raise EigpipeError(f"--run: {run!r} is not a run name (letters, digits, _ . -; not dots only)")
-    try:
-        model = json.loads(model_json, object_pairs_hook=_unique_keys) if model_json else {}
-    except json.JSONDecodeError as exc:
-        raise EigpipeError(f"--model-json: not valid JSON ({exc})") from None
+    model = config.parse_json(model_json, "--model-json") if model_json else {}
     if not isinstance(model, dict):
         raise EigpipeError("--model-json: give an object of model-section keys")
     request = make_request(preset, family, pixel_mean, pixel_std, channel_order, category_ids, model)
