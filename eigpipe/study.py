@@ -37,6 +37,31 @@ def _violations(study: dict) -> Iterator[tuple[str, str]]:
         yield "widths.source_iteration", f"{iteration} is not one of train.schedule.snapshots {snapshots} ({hint})"
 
 
+def _budget_violations(study: dict) -> Iterator[tuple[str, str]]:
+    """widths.macs_budget against the narrowest body the derivation can give the source run (every width at its
+    floor), which the model section alone fixes: else only the derivation, after training, finds it unreachable."""
+    from eigpipe.models.cost import body_cost
+    from eigpipe.models.widths import from_model_config, width_floor
+    from eigpipe.runs import imported_runs
+
+    widths = study["widths"]
+    if not widths["enabled"] or widths["source_run"] in imported_runs(study):  # an import's widths are its file's
+        return
+    original = from_model_config(study["model"])
+    narrowest = original.each_width(
+        lambda width: width_floor(width, widths["multiple"], widths["min_width"], widths["min_ratio"])
+    )
+    side = widths["input_size"] or [study["model"]["min_size"]] * 2
+    least, budget = body_cost(narrowest, *side)[1], widths["macs_budget"] * body_cost(original, *side)[1]
+    if least > budget:
+        yield (
+            "widths.macs_budget",
+            f"{widths['macs_budget']} x the body's MACs ({budget:,.0f}) is below the {least:,} of its narrowest "
+            f"derivable body (every width at widths.min_width {widths['min_width']}, widths.min_ratio "
+            f"{widths['min_ratio']}, rounded up to widths.multiple {widths['multiple']}): lower those or raise it",
+        )
+
+
 def _seed_violations(study: dict) -> Iterator[tuple[str, str]]:
     """The study seed's runs are the analysed ones (spectra, derived widths); replicates only add accuracy."""
     seeds = study["train"]["seeds"]
@@ -167,7 +192,7 @@ def check(study: dict, files: Sequence[str | Path], command_line: bool = False) 
             cfg.widths_spec(study["model"]["widths"], study["model"]["depths"])
         except ConfigError as exc:
             raise ConfigError(f"{source}: model.widths: {exc}") from None
-    for where, message in _layer_violations(study):
+    for where, message in [*_budget_violations(study), *_layer_violations(study)]:
         raise ConfigError(f"{source}: {where}: {message}")
     return study
 

@@ -1,6 +1,8 @@
 """Study configs: schema validation with defaults, one-line errors naming the key, per-stage sections."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -481,3 +483,13 @@ def test_a_bad_command_line_argument_is_one_line(capsys, argv, fragment):
         cli.main(argv)
     err = capsys.readouterr().err
     assert done.value.code == 2 and err.count("\n") == 1 and fragment in err and "--help" in err, err
+
+
+def test_the_check_at_dag_start_imports_no_torch():
+    """Snakemake checks the study at every DAG start (even a dry run): importing torch there costs seconds."""
+    code = (
+        "import sys, yaml; from eigpipe import study; "
+        "study.check(yaml.safe_load(open('config/smoke.yaml')), ['config/smoke.yaml']); "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)

@@ -1,7 +1,9 @@
 """Width derivation from a dimensions table: analytic cost, budgeted bisection, tied widths, errors, the stage."""
 
+import itertools
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -354,6 +356,31 @@ def test_unknown_measure_and_unreachable_budget():
     assert "cannot be met" in message and "1.0 x its original width" in message, message
     with pytest.raises(ConfigError, match="min_ratio"):
         derive_widths(make_table(spec), spec, min_ratio=1.5, input_size=(64, 64))
+
+
+def test_the_study_check_refuses_exactly_the_budgets_the_derivation_cannot_meet():
+    """At DAG start, before any training, the study check finds what the derivation would find after it."""
+    from eigpipe import study
+
+    smoke = yaml.safe_load((Path(__file__).resolve().parents[1] / "config" / "smoke.yaml").read_text())
+    spec = standard(smoke["model"]["depths"], smoke["model"]["width_multiplier"])
+    outcomes = set()
+    for budget, min_width, min_ratio, multiple in itertools.product((0.3, 0.6, 1.0, 1.5), (4, 8, 16), (0, 0.5), (4,)):
+        knobs = {"macs_budget": budget, "min_width": min_width, "min_ratio": min_ratio, "multiple": multiple}
+        try:
+            derive_widths(make_table(spec), spec, input_size=(64, 64), **knobs)
+            met = True
+        except EigpipeError as exc:
+            assert "cannot be met" in str(exc)
+            met = False
+        outcomes.add(met)
+        given = {**smoke, "widths": {**smoke["widths"], **knobs}}
+        if met:
+            study.check(given, [])
+        else:
+            with pytest.raises(ConfigError, match=rf"^config: widths.macs_budget: {budget} x the body's MACs"):
+                study.check(given, [])
+    assert outcomes == {True, False}
 
 
 # -- paper scale --------------------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ stage's ``out`` width, so a stage is ``out`` plus ``[conv1, conv2]`` widths per 
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +39,13 @@ class WidthSpec:
     def stage_outs(self) -> list[int]:
         return [s.out for s in self.stages]
 
+    def each_width(self, change: Callable[[int], int]) -> WidthSpec:
+        """The spec with ``change`` applied to every width (stem, block convs, stage outputs)."""
+        stages = tuple(
+            Stage(out=change(s.out), blocks=tuple((change(w1), change(w2)) for w1, w2 in s.blocks)) for s in self.stages
+        )
+        return WidthSpec(stem=change(self.stem), stages=stages)
+
     def to_dict(self) -> dict:
         return {
             "stem": self.stem,
@@ -66,6 +75,12 @@ class WidthSpec:
     def load(cls, path: str | Path, depths: list[int] | None = None) -> WidthSpec:
         """The spec of a widths file (with ``depths``: checked against ``model.depths``)."""
         return cls.from_dict(config.widths_spec(path, depths), source=str(path))
+
+
+def width_floor(original: int, multiple: int, min_width: int, min_ratio: float) -> int:
+    """The narrowest width the derivation gives a conv of width ``original``: ``min_width`` and ``min_ratio`` x
+    ``original``, each rounded up to ``multiple`` (widths.multiple, min_width, min_ratio)."""
+    return multiple * max(math.ceil(min_width / multiple), math.ceil(min_ratio * original / multiple))
 
 
 def standard(depths: list[int] | tuple[int, ...] = STANDARD_DEPTHS, multiplier: float = 1.0) -> WidthSpec:

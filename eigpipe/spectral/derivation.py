@@ -13,7 +13,7 @@ import pandas as pd
 
 from eigpipe.errors import ConfigError, EigpipeError
 from eigpipe.models.cost import body_cost, convs
-from eigpipe.models.widths import Stage, WidthSpec
+from eigpipe.models.widths import Stage, WidthSpec, width_floor
 
 BASE_MEASURES = ("intrinsic_dim", "relative_dim", "soft_dof", "effective_rank")
 MEASURES = BASE_MEASURES + tuple("centered_" + m for m in BASE_MEASURES)
@@ -124,8 +124,7 @@ def _round_up(value: float, multiple: int) -> int:
 
 
 def _with_floors(slots: list[_Slot], multiple: int, min_width: int, min_ratio: float) -> list[_Slot]:
-    floor = _round_up(min_width, multiple)
-    return [replace(slot, floor=max(floor, _round_up(min_ratio * slot.original, multiple))) for slot in slots]
+    return [replace(slot, floor=width_floor(slot.original, multiple, min_width, min_ratio)) for slot in slots]
 
 
 def _rounded(slots: list[_Slot], alpha: float, multiple: int) -> dict[tuple[int, int, int], int]:
