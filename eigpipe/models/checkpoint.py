@@ -9,7 +9,10 @@ are each one line naming the file and the field or tensor.
 from __future__ import annotations
 
 import copy
+import errno
+import os
 import re
+import shutil
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -37,8 +40,21 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> None:
     """Atomically write ``meta`` (plain data) and the model's state dict."""
+    save_torch_file({**meta, "format": FORMAT, "state_dict": unwrap(model).state_dict()}, path)
+
+
+def save_torch_file(contents: Any, path: str | Path) -> None:
+    """``torch.save`` published atomically. torch reports a failed write as a RuntimeError naming no file and no
+    reason: it becomes an OSError naming ``path``, "No space left on device" when the disk is full."""
     with publish(path) as tmp:
-        torch.save({**meta, "format": FORMAT, "state_dict": unwrap(model).state_dict()}, tmp)
+        try:
+            torch.save(contents, tmp)
+        except RuntimeError:
+            if shutil.disk_usage(tmp.parent).free > 0:
+                raise OSError(
+                    errno.EIO, "the write failed (torch gives no reason: a quota, a device error?)", str(path)
+                ) from None
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
 
 
 def load_torch_file(path: Path, what: str) -> Any:

@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from eigpipe import provenance, runtime
+from eigpipe.codehash import code_hash
 from eigpipe.config import detector_schedule
 from eigpipe.errors import DataError, EigpipeError, NumericalError
 from eigpipe.models import build_detector, from_model_config, load_pretrained_body, save_checkpoint
@@ -55,13 +56,20 @@ def _progress(iteration: int, steps: int, loss: float, parts: dict[str, float], 
     print(f"it {iteration}/{steps} loss {loss:.4f} ({detail}) lr {lr:.5f} {rate:.3f} s/it ETA {eta}", file=sys.stderr)
 
 
-def resume_fingerprint(meta: dict[str, Any], **extra: Any) -> str:
-    """What a saved training state must match to be resumed: the config, the resolved widths and the content
-    of every input file, so a widths file, init checkpoint or dataset rewritten at the same path starts anew."""
+def resume_fingerprint(meta: dict[str, Any], stage: str, **extra: Any) -> str:
+    """What a saved training state must match to be resumed: the config, the resolved widths, the content of
+    every input file (a widths file, init checkpoint or dataset rewritten at the same path starts anew) and the
+    stage's code and library versions (what Snakemake reruns a job for)."""
     record = meta["provenance"]
     keys = ("task", "model_name", "init", "widths")
     return provenance.section_hash(
-        {**{key: meta[key] for key in keys}, "config": record["config_hash"], "inputs": record["inputs"], **extra}
+        {
+            **{key: meta[key] for key in keys},
+            "config": record["config_hash"],
+            "inputs": record["inputs"],
+            "code": code_hash(stage),
+            **extra,
+        }
     )
 
 
@@ -81,7 +89,7 @@ def mixed_precision(amp: str, device: torch.device) -> tuple[Callable[[], Any], 
 
 
 def _resume(job: Job, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: torch.amp.GradScaler) -> int:
-    state = job.folder.prepare()
+    state = job.folder.prepare(job.schedule)
     if state is None:
         return 0
     unwrap(job.model).load_state_dict(state["model"])
@@ -95,6 +103,15 @@ def _resume(job: Job, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: 
 
 def run(job: Job) -> None:
     """Train ``job.model`` for the schedule's steps, publishing snapshots, the final model and metrics."""
+    try:
+        _train(job)
+    except BaseException:
+        if job.env.is_main:
+            job.folder.prune_empty()
+        raise
+
+
+def _train(job: Job) -> None:
     schedule, env, folder = job.schedule, job.env, job.folder
     steps, snapshots = schedule["steps"], set(schedule["snapshots"])
     job.model.to(env.device)
@@ -164,6 +181,7 @@ def run(job: Job) -> None:
             folder.log({"iteration": steps, **final_metrics})
         folder.publish_metrics()
         _save_model(job, folder.final_path, steps)  # last: final.pt marks a finished run
+        folder.finished()
     if env.distributed:
         torch.distributed.barrier()
 
@@ -271,7 +289,7 @@ def train_detector(cfg: dict, model_name: str, init: str, annotations: Path, ima
         loss_fn=_detection_loss,
         schedule=schedule,
         meta=meta,
-        folder=RunFolder(out, resume_fingerprint(meta)),
+        folder=RunFolder(out, resume_fingerprint(meta, "train")),
         env=env,
         seed=seed,
     )
@@ -356,7 +374,7 @@ def train_classifier(cfg: dict, data: Path, out: Path) -> None:
         loss_fn=_classification_loss,
         schedule=schedule,
         meta=meta,
-        folder=RunFolder(out, resume_fingerprint(meta, data=provenance.listing_hash(data))),
+        folder=RunFolder(out, resume_fingerprint(meta, "pretrain", data=provenance.listing_hash(data))),
         env=env,
         seed=seed,
         finish=finish,

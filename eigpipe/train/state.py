@@ -2,11 +2,18 @@
 
 Snakemake deletes a job's declared outputs before re-running it, so everything needed to resume lives
 in ``<run>/resume/`` (never a declared output): the training state, the metrics written so far, and
-hard links to the snapshots already published (re-linked into place after a restart).
+hard links to the snapshots already published (re-linked into place after a restart). A finished run
+keeps no resume state: rerunning it trains afresh.
+
+A state is resumed only when everything it stands on checks out: its own checksum, its fingerprint (config,
+input contents, code and library versions), an iteration inside the schedule, every snapshot up to it with the
+content it had, and a metrics log with one record per logged iteration up to it. Anything else is said in one
+line and the run starts afresh, its folder cleared of the older run's files.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -17,41 +24,89 @@ from typing import Any
 
 import torch
 
-from eigpipe.models.checkpoint import FORMAT
+from eigpipe.models.checkpoint import FORMAT, save_torch_file
 from eigpipe.outputs import Kind, is_temp, only_files, torch_archive_strings
-from eigpipe.provenance import publish
+from eigpipe.provenance import publish, sha256_file
 
 # every file a run folder may hold, relative to it; checkpoints carry FORMAT, the resume state a fingerprint
 RUN_FILES = re.compile(r"(resume/)?(metrics\.jsonl|snapshots/\d+\.pt)|final\.pt|resume/state\.pt")
+ZIP_MAGIC = b"PK\x03\x04"  # every torch.save archive starts with it, also one cut short
 
 
 def is_run_folder(path: Path) -> bool:
     """Whether every file under ``path`` is one a training run writes (temp litter of killed runs aside): its
-    checkpoints carry FORMAT, its resume state a fingerprint, its metrics log training records."""
+    checkpoints carry FORMAT, its resume state a fingerprint, its metrics log training records. Under resume/,
+    eigpipe's own by their place, a torch archive cut short (a full disk, a copy) is one too: it is dropped."""
     if not only_files(path, RUN_FILES):
         return False
     for file in (f for f in path.rglob("*") if f.is_file() and not is_temp(f.name)):
         relative = file.relative_to(path).as_posix()
-        if file.suffix == ".pt":
-            marker = "fingerprint" if relative == "resume/state.pt" else FORMAT
-            if marker not in torch_archive_strings(file):
-                return False
-        elif relative == "metrics.jsonl" and not _is_metrics_log(file):
+        marker = "fingerprint" if relative == "resume/state.pt" else FORMAT
+        if file.suffix == ".pt" and not _is_own_archive(file, marker, relative.startswith("resume/")):
+            return False
+        if relative == "metrics.jsonl" and not _is_metrics_log(file):
             return False
     return True
 
 
-def _is_metrics_log(path: Path) -> bool:
-    """Whether every line is a training record (a JSON object with its iteration); the resume copy, which a kill
-    may leave with a torn last line, is eigpipe's own by its place."""
+def _is_own_archive(file: Path, marker: str, in_resume: bool) -> bool:
     try:
-        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        return marker in torch_archive_strings(file)
+    except Exception:  # no whole torch archive
+        if not in_resume:
+            return False
+        with file.open("rb") as handle:
+            return handle.read(len(ZIP_MAGIC)) == ZIP_MAGIC
+
+
+def _is_metrics_log(path: Path) -> bool:
+    """Whether every line is a training record (a JSON object with its iteration)."""
+    try:
+        return _records(path.read_text().splitlines()) is not None
+    except UnicodeDecodeError:
         return False
-    return all(isinstance(record, dict) and "iteration" in record for record in records)
+
+
+def _records(lines: list[str]) -> list[dict] | None:
+    try:
+        records = [json.loads(line) for line in lines if line.strip()]
+    except json.JSONDecodeError:
+        return None
+    return records if all(isinstance(r, dict) and isinstance(r.get("iteration"), int) for r in records) else None
 
 
 RUN_FOLDER = Kind("an eigpipe training run folder (final.pt, snapshots/, metrics.jsonl, resume/)", is_run_folder, True)
+
+
+class Unresumable(Exception):
+    """Why a saved state is not resumed (said in the warning)."""
+
+
+def content_digest(value: Any) -> str:
+    """A checksum of a training state's contents (tensor bytes, numbers, keys), which torch's archive lacks."""
+    digest = hashlib.sha256()
+    _digest_into(digest, value)
+    return digest.hexdigest()
+
+
+def _digest_into(digest: Any, value: Any) -> None:
+    if isinstance(value, torch.Tensor):
+        flat = value.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"T{flat.dtype}{tuple(value.shape)}".encode())
+        digest.update(flat.view(torch.uint8).numpy())
+    elif isinstance(value, dict):
+        digest.update(f"D{len(value)}".encode())
+        for key, item in value.items():
+            digest.update(repr(key).encode())
+            _digest_into(digest, item)
+    elif isinstance(value, list | tuple):
+        digest.update(f"L{len(value)}".encode())
+        for item in value:
+            _digest_into(digest, item)
+    elif value is None or isinstance(value, bool | int | float | str):
+        digest.update(repr(value).encode())
+    else:  # an object a scheduler keeps: only its type is stable from one process to the next
+        digest.update(type(value).__qualname__.encode())
 
 
 class RunFolder:
@@ -59,6 +114,8 @@ class RunFolder:
         self.out = Path(out)
         self.resume_dir = self.out / "resume"
         self.fingerprint = fingerprint
+        self.kept: dict[int, str] = {}  # snapshot iteration -> sha256 of its resume copy
+        self.made: list[Path] = []  # the run folder and those above it that this run created
 
     @property
     def state_path(self) -> Path:
@@ -71,49 +128,94 @@ class RunFolder:
     def snapshot_path(self, iteration: int) -> Path:
         return self.out / "snapshots" / f"{iteration}.pt"
 
+    def kept_path(self, iteration: int) -> Path:
+        return self.resume_dir / "snapshots" / f"{iteration}.pt"
+
     @property
     def final_path(self) -> Path:
         return self.out / "final.pt"
 
-    def prepare(self) -> dict[str, Any] | None:
-        """Return the saved state when it belongs to this run's config, else start clean."""
-        self.resume_dir.mkdir(parents=True, exist_ok=True)
+    def prepare(self, schedule: dict) -> dict[str, Any] | None:
+        """The saved state when it is this run's and sound (see the module's doc); else None, with the folder
+        cleared of every earlier run's file (resume state, snapshots, final model, metrics)."""
+        self.made = [folder for folder in (self.out, *self.out.parents) if not folder.exists()]
         if self.state_path.is_file():
             try:
-                state = torch.load(self.state_path, map_location="cpu", weights_only=False)
-                if state.get("fingerprint") == self.fingerprint:
-                    self._restore_outputs(state["iteration"])
-                    return state
-            except Exception as exc:  # eigpipe's own state, damaged (a full disk, a copy cut short): start afresh
-                print(
-                    f"warning: {self.resume_dir}: damaged resume state ({type(exc).__name__}), training afresh",
-                    file=sys.stderr,
-                )
-        shutil.rmtree(self.resume_dir)
-        self.resume_dir.mkdir(parents=True)
+                state = self._sound_state(schedule)
+                self._restore_outputs(state["iteration"])
+                return state
+            except Unresumable as why:
+                print(f"warning: {self.resume_dir}: {why}; training afresh", file=sys.stderr)
+        self.clear()
         return None
+
+    def _sound_state(self, schedule: dict) -> dict[str, Any]:
+        try:
+            state = torch.load(self.state_path, map_location="cpu", weights_only=False)
+            digest = state.pop("digest")
+        except Exception as exc:  # eigpipe's own state, damaged (a full disk, a copy cut short)
+            raise Unresumable(f"damaged resume state ({type(exc).__name__})") from None
+        if digest != content_digest(state):
+            raise Unresumable("damaged resume state (its checksum does not match its contents)")
+        if state.get("fingerprint") != self.fingerprint:
+            raise Unresumable("the resume state is of another config, input file, code or library version")
+        iteration = state["iteration"]
+        if not 0 < iteration < schedule["steps"]:
+            raise Unresumable(f"the resume state's iteration {iteration} is outside 1..{schedule['steps'] - 1}")
+        self._check_kept_snapshots(state["snapshots"], [s for s in schedule["snapshots"] if s <= iteration])
+        self._check_metrics_log(iteration, schedule["log_every"])
+        return state
+
+    def _check_kept_snapshots(self, digests: dict[int, str], expected: list[int]) -> None:
+        for iteration in expected:
+            kept = self.kept_path(iteration)
+            if not kept.is_file() or sha256_file(kept) != digests.get(iteration):
+                how = "damaged" if kept.is_file() else "missing"
+                raise Unresumable(f"damaged resume state (its copy of snapshot {iteration} is {how})")
+        self.kept = {iteration: digests[iteration] for iteration in expected}
+
+    def _check_metrics_log(self, iteration: int, log_every: int) -> None:
+        """One record per logged iteration up to ``iteration``, in order; a last line a kill tore is dropped."""
+        text = self.metrics_log.read_text(errors="replace") if self.metrics_log.is_file() else ""
+        lines = text.splitlines()
+        if lines and not text.endswith("\n"):
+            lines.pop()
+        records = _records(lines)
+        logged = [r["iteration"] for r in records or [] if r["iteration"] <= iteration]
+        if records is None or logged != list(range(log_every, iteration + 1, log_every)):
+            raise Unresumable("damaged resume state (its metrics log does not match it)")
+        self.metrics_log.write_text("".join(f"{json.dumps(r, sort_keys=True)}\n" for r in records[: len(logged)]))
 
     def _restore_outputs(self, iteration: int) -> None:
         for kept in (self.resume_dir / "snapshots").glob("*.pt"):
             target = self.snapshot_path(int(kept.stem))
-            if not target.exists():
+            if int(kept.stem) > iteration:  # made after the state: training makes it again
+                kept.unlink()
+            elif not target.exists():
                 target.parent.mkdir(parents=True, exist_ok=True)
                 _link_or_copy(kept, target)
-        if self.metrics_log.exists():
-            lines = [line for line in self.metrics_log.read_text().splitlines() if line.strip()]
-            kept_lines = [line for line in lines if json.loads(line).get("iteration", 0) <= iteration]
-            self.metrics_log.write_text("".join(f"{line}\n" for line in kept_lines))
+
+    def clear(self) -> None:
+        """Remove every file of an earlier run (the folder was recognised as a run folder before any work)."""
+        for path in (self.resume_dir, self.out / "snapshots", self.final_path, self.out / "metrics.jsonl"):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)  # ranks of a distributed run clear at once
+            else:
+                path.unlink(missing_ok=True)
+        self.kept = {}
+        self.resume_dir.mkdir(parents=True, exist_ok=True)
 
     def save_state(self, state: dict[str, Any]) -> None:
-        with publish(self.state_path) as tmp:
-            torch.save({**state, "fingerprint": self.fingerprint}, tmp)
+        state = {**state, "fingerprint": self.fingerprint, "snapshots": dict(self.kept)}
+        save_torch_file({**state, "digest": content_digest(state)}, self.state_path)
 
     def keep_snapshot(self, iteration: int) -> None:
         """Link a published snapshot into the resume folder so a Snakemake re-run cannot lose it."""
-        kept = self.resume_dir / "snapshots" / f"{iteration}.pt"
+        kept = self.kept_path(iteration)
         kept.parent.mkdir(parents=True, exist_ok=True)
         kept.unlink(missing_ok=True)
         _link_or_copy(self.snapshot_path(iteration), kept)
+        self.kept[iteration] = sha256_file(kept)
 
     def log(self, record: dict[str, Any]) -> None:
         with self.metrics_log.open("a") as handle:
@@ -122,6 +224,16 @@ class RunFolder:
     def publish_metrics(self) -> None:
         with publish(self.out / "metrics.jsonl") as tmp:
             shutil.copyfile(self.metrics_log, tmp)
+
+    def finished(self) -> None:
+        """After final.pt: drop the resume state, so that a rerun (new code, --forcerun) trains afresh."""
+        shutil.rmtree(self.resume_dir, ignore_errors=True)
+
+    def prune_empty(self) -> None:
+        """After a failure: remove the folders this run made that hold nothing (a run that failed at once)."""
+        for folder in (self.resume_dir / "snapshots", self.resume_dir, self.out / "snapshots", *self.made):
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
