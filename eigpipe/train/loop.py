@@ -89,7 +89,10 @@ def mixed_precision(amp: str, device: torch.device) -> tuple[Callable[[], Any], 
 
 
 def _resume(job: Job, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: torch.amp.GradScaler) -> int:
-    state = job.folder.prepare(job.schedule)
+    state = job.folder.prepare(job.schedule) if job.env.is_main else None
+    if job.env.distributed:  # the main rank judges (and may clear) the folder; the others read what it kept
+        torch.distributed.barrier()
+        state = state if job.env.is_main else job.folder.kept_state()
     if state is None:
         return 0
     unwrap(job.model).load_state_dict(state["model"])

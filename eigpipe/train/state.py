@@ -149,6 +149,12 @@ class RunFolder:
         self.clear()
         return None
 
+    def kept_state(self) -> dict[str, Any] | None:
+        """The state that prepare() kept (on another rank of a distributed run), else None."""
+        if not self.state_path.is_file():
+            return None
+        return torch.load(self.state_path, map_location="cpu", weights_only=False)
+
     def _sound_state(self, schedule: dict) -> dict[str, Any]:
         try:
             state = torch.load(self.state_path, map_location="cpu", weights_only=False)
