@@ -62,6 +62,25 @@ def _out(*flags: str, help: str, **options: Any) -> Arg:
     return _path(*flags, help=help, output=True, **options)
 
 
+def _whole(text: str) -> int:
+    """An argparse type: a whole number >= 0."""
+    import argparse
+
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0")
+    return int(text)
+
+
+def _per_layer(text: str) -> tuple[str, int]:
+    """An argparse type: ``[GLOB=]N``, a whole number for the layers GLOB matches (all without one)."""
+    import argparse
+
+    glob, _, number = text.rpartition("=")
+    if not number.strip().lstrip("-").isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not [GLOB=]N with N a whole number")
+    return glob or "*", int(number)
+
+
 def _positive(text: str) -> int:
     """An argparse type: a whole number >= 1."""
     import argparse
@@ -253,6 +272,37 @@ STAGES: dict[str, Stage] = {
                 Arg(("--batch-size",), {"type": _positive, "default": 16, "help": "images per forward pass"}),
                 Arg(("--max-images",), {"type": _positive, "help": "at most this many images (sorted by path)"}),
                 Arg(("--precision",), {"choices": ["float64", "float32"], "default": "float64"}),
+                Arg(
+                    ("--channel-axis",),
+                    {
+                        "type": _per_layer,
+                        "nargs": "+",
+                        "metavar": "[GLOB=]AXIS",
+                        "help": "where the channels are (default by rank: [N,C], [N,T,C] tokens, [N,C,H,W]), e.g. -1 "
+                        "for channels-last maps; GLOB=AXIS for the layers it matches (the first match applies)",
+                    },
+                ),
+                Arg(
+                    ("--output-index",),
+                    {
+                        "type": _per_layer,
+                        "nargs": "+",
+                        "metavar": "[GLOB=]INDEX",
+                        "help": "the element of a layer's tuple output to take",
+                    },
+                ),
+                Arg(
+                    ("--prefix-tokens",),
+                    {"type": _whole, "default": 0, "help": "leading CLS/register tokens of [N,T,C] outputs"},
+                ),
+                Arg(
+                    ("--prefix",),
+                    {
+                        "choices": ["drop", "keep", "only"],
+                        "default": "drop",
+                        "help": "the prefix tokens: dropped, kept as ordinary tokens, or taken alone",
+                    },
+                ),
                 Arg(("--device",), {"choices": ["auto", "cpu", "cuda"], "default": "auto"}),
                 Arg(("--threads",), {"type": _positive, "help": "torch CPU threads"}),
             ),

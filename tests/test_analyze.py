@@ -235,3 +235,47 @@ def test_help_speaks_to_a_researcher_and_version(capsys) -> None:
     text = capsys.readouterr().out
     assert "eigenspectra" in text and "where to start" in text and "eigpipe.track" in text
     assert "Command line: argument parsing only" not in text and text.strip().endswith(f"eigpipe {__version__}")
+
+
+def _hooked_mean(model: torch.nn.Module, layer: str, photos: Path, preset, per_image) -> np.ndarray:
+    """The per-image-weighted mean of ``layer``'s output, by hand: ``per_image`` reduces one image's output."""
+    outputs = []
+    hook = model.get_submodule(layer).register_forward_hook(lambda module, args, out: outputs.append(out))
+    files = sorted(p for p in photos.rglob("*") if p.suffix in (".png", ".jpg"))
+    with torch.inference_mode():
+        model.eval()(torch.stack([preset(Image.open(p).convert("RGB")) for p in files]))
+    hook.remove()
+    return torch.stack([per_image(image) for image in outputs[0]]).double().mean(0).numpy()
+
+
+@pytest.mark.parametrize(
+    ("name", "layer", "options", "per_image"),
+    [  # a ConvNeXt activation on [N, H, W, C] maps; a ViT block's tokens without the CLS token
+        (
+            "convnext_tiny",
+            "features.1.0.block.4",
+            ["--channel-axis", "features.1.0.block.4=-1"],
+            lambda x: x.mean((0, 1)),
+        ),
+        ("vit_b_16", "encoder.layers.encoder_layer_0", ["--prefix-tokens", "1"], lambda x: x[1:].mean(0)),
+    ],
+)
+def test_layout_options_read_channels_last_maps_and_drop_prefix_tokens(
+    photos, tmp_path, name, layer, options, per_image
+):
+    out = tmp_path / f"{name}.zarr"
+    torch.manual_seed(0)  # random weights: the reference model below is built alike
+    assert analyze(photos, out, "--layers", layer, *options, model=f"torchvision:{name}") == 0
+    mean = store.read_store(out, store.COVARIANCE_KIND, ("mean",))[1][layer][0]["mean"]
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)()
+    preset = torchvision.models.get_model_weights(name).DEFAULT.transforms()
+    expected = _hooked_mean(model, layer, photos, preset, per_image)
+    assert mean.shape == expected.shape and np.allclose(mean, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_channel_axis_that_does_not_fit_is_one_line(capsys, photos, tmp_path) -> None:
+    out = tmp_path / "out.zarr"
+    _refused(
+        capsys, analyze(photos, out, "--layers", "avgpool", "--channel-axis", "7"), out, "channel_axis 7 does not fit"
+    )

@@ -124,6 +124,15 @@ class ImageFiles(Dataset):
         return self.preprocess(read_rgb(self.files[index]))
 
 
+def _first_match(pairs: Sequence[tuple[str, int]] | None) -> dict[str, int] | None:
+    """{glob: value} in the order given, a glob given twice keeping its first value (the tracker takes the first
+    glob that matches a layer)."""
+    found: dict[str, int] = {}
+    for glob, value in pairs or ():
+        found.setdefault(glob, value)
+    return found or None
+
+
 def _check_bounds(batch_size: int, threads: int | None) -> None:
     """Bounds of the options the command line takes as any whole number >= 1."""
     if batch_size > MAX_BATCH:
@@ -145,8 +154,13 @@ def analyze(
     precision: str = "float64",
     device: str = "auto",
     threads: int | None = None,
+    channel_axis: Sequence[tuple[str, int]] | None = None,
+    output_index: Sequence[tuple[str, int]] | None = None,
+    prefix_tokens: int = 0,
+    prefix: str = "drop",
 ) -> Path:
-    """Run the classifier on the folder's images (inference mode, IEEE float32) and publish the store."""
+    """Run the classifier on the folder's images (inference mode, IEEE float32) and publish the store;
+    ``channel_axis`` and ``output_index`` are (layer glob, value) pairs, the first match applying."""
     _check_bounds(batch_size, threads)
     claim_outputs((out, store.COVARIANCE_STORE), inputs=[images, weights])
     if threads is not None:
@@ -160,7 +174,10 @@ def analyze(
     dataset = torch.utils.data.Subset(dataset, range(count))
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     model.to(target)
-    tracker = Tracker(model, layers, precision=precision, run=model_spec)
+    layouts = {"channel_axis": _first_match(channel_axis), "output_index": _first_match(output_index)}
+    tracker = Tracker(
+        model, layers, precision=precision, run=model_spec, prefix_tokens=prefix_tokens, prefix=prefix, **layouts
+    )
     progress = runtime.progress(total=count, desc=f"analyze {model_spec}", unit="img")
     with torch.inference_mode(), ieee_float32(), tracker, progress as bar:
         for batch in loader:
