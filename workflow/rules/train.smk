@@ -30,8 +30,9 @@ rule pretrain:
 
 
 # The stage keeps resume state in train/<run>/resume/ (not an output, so Snakemake never deletes it):
-# rerunning an incomplete job continues from there. Runs are named in eigpipe.runs: <model>-<init>,
-# <model>-derived (widths derived from the eigenspectrum, trained from scratch), -s<seed> for replicates.
+# rerunning an incomplete job continues from there; a finished run keeps none, so a rerun trains afresh.
+# Runs are named in eigpipe.runs: <model>-<init>, <model>-derived (widths derived from the eigenspectrum,
+# trained from scratch), -s<seed> for replicates.
 rule train_detector:
     input:
         unpack(detector_inputs),
