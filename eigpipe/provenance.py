@@ -130,25 +130,45 @@ def check_writable(final: str | Path) -> None:
         ) from None
 
 
+def missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and its ancestors that do not exist yet, deepest first."""
+    missing = []
+    for path in (folder, *folder.parents):
+        if path.exists() or path.is_symlink():
+            break
+        missing.append(path)
+    return missing
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove each of ``folders`` (deepest first) that is empty; one another process filled is kept."""
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)
+
+
 @contextlib.contextmanager
 def publish(final: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling path; on success rename it to ``final``, on any error remove it.
 
     Works for files and directories (zarr stores, dataset folders). An existing ``final`` is replaced, and
-    temp siblings of ``final`` that killed processes left behind are removed first. An OS error that names no
+    temp siblings of ``final`` that killed processes left behind are removed first. Folders made for ``final``
+    are removed again on any error or interrupt, so a failure leaves none behind. An OS error that names no
     file, or only the temp sibling (disk full while writing), is raised again naming ``final``.
     """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(final)
+    made = missing_folders(final.parent)
     tmp = temp_sibling(final)
     try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(final)
         yield tmp
         if final.exists() and final.is_dir() and tmp.is_dir():
             remove(final)
         os.replace(tmp, final)
     except BaseException as exc:
         remove(tmp)
+        remove_empty(made)
         if isinstance(exc, OSError) and (exc.filename is None or str(exc.filename).startswith(str(tmp))):
             raise OSError(exc.errno, exc.strerror or str(exc), str(final)) from exc
         raise

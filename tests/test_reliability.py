@@ -124,6 +124,37 @@ def test_a_full_disk_is_one_line_with_the_os_reason(tmp_path, covariance_store, 
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # temp siblings removed
 
 
+@pytest.mark.parametrize(
+    "error", [KeyboardInterrupt(), OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))], ids=["interrupt", "disk-full"]
+)
+def test_a_failed_publication_leaves_no_folder_it_made(tmp_path, error):
+    (tmp_path / "kept").mkdir()  # existed before: never removed
+    final = tmp_path / "kept" / "new" / "deeper" / "out.json"
+    with pytest.raises(type(error)), provenance.publish(final) as tmp:
+        tmp.write_text("half")
+        raise error
+    assert list(tmp_path.iterdir()) == [tmp_path / "kept"] and not any((tmp_path / "kept").iterdir())
+
+
+def test_a_folder_made_for_a_publication_is_kept_when_another_process_filled_it(tmp_path):
+    final = tmp_path / "new" / "out.json"
+    with pytest.raises(KeyboardInterrupt), provenance.publish(final):
+        (tmp_path / "new" / "other.json").write_text("another job's output")
+        raise KeyboardInterrupt
+    assert [p.name for p in (tmp_path / "new").iterdir()] == ["other.json"]
+
+
+def test_a_stage_that_fails_leaves_no_empty_output_folders(tmp_path, covariance_store, capsys, monkeypatch):
+    def full(source: object, target: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target))
+
+    monkeypatch.setattr(provenance.os, "replace", full)
+    out = tmp_path / "results" / "spectra" / "t.parquet"
+    assert cli.main(["spectrum", "--config-json", SPECTRUM_CFG, str(covariance_store), "--out", str(out)]) == 1
+    one_line_error(capsys, "No space left on device")
+    assert not (tmp_path / "results").exists()
+
+
 def _dead_pid() -> int:
     proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     return int(proc.stdout)
