@@ -469,6 +469,18 @@ def test_the_users_files_exist_outside_the_studys_results(tmp_path, monkeypatch,
         study.check(moved, [])
 
 
+def test_a_results_folder_that_loops_is_one_line_at_dag_start(tmp_path, monkeypatch):
+    from eigpipe import study
+
+    monkeypatch.chdir(tmp_path)
+    Path("results").mkdir()
+    Path("results/smoke").symlink_to("smoke")
+    Path("w.yaml").write_text("")
+    changes = {"pretrain": {"source": "detectron2", "weights": "w.yaml"}}
+    with pytest.raises(ConfigError, match="pretrain.weights: results/smoke: a symbolic link that loops"):
+        study.check(yaml.safe_load(_smoke_with(tmp_path, **changes).read_text()), [])
+
+
 @pytest.mark.parametrize(
     ("argv", "fragment"),
     [

@@ -135,6 +135,25 @@ def test_an_input_is_never_an_output(inputs_root, capsys, stage, flag) -> None:
         assert snapshot(inputs_root / "in") == before
 
 
+@pytest.mark.parametrize("under", [False, True], ids=["the-link", "under-it"])
+@pytest.mark.parametrize(("stage", "flag"), [(s, a.flags[0]) for s, a in OUTPUT_ARGS])
+def test_an_output_at_a_symbolic_link_that_loops_is_one_line(inputs_root, capsys, stage, flag, under) -> None:
+    loop = inputs_root / "loop"
+    loop.symlink_to("loop")
+    target = loop / "out" if under else loop
+    argv, _ = stage_argv(stage, inputs_root, flag, target)
+    assert cli.main(argv) == 1
+    one_line_error(capsys, f"{target}: a symbolic link that loops")
+    assert loop.is_symlink()
+
+
+def test_an_input_at_a_symbolic_link_that_loops_is_one_line(tmp_path, capsys) -> None:
+    (tmp_path / "loop").symlink_to("loop")
+    argv = ["spectrum", "--config-json", json.dumps({"spectrum": {}}), str(tmp_path / "loop")]
+    assert cli.main([*argv, "--out", str(tmp_path / "t.parquet")]) == 1
+    one_line_error(capsys, f"{tmp_path / 'loop'}: a symbolic link that loops")
+
+
 def covariance_store(path: Path) -> Path:
     a = np.random.default_rng(0).normal(size=(3, 7))
     layers = {"body.conv1": {"second_moment": a @ a.T / 7, "mean": a.mean(axis=1)}}
