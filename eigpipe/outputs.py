@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from eigpipe.errors import EigpipeError
-from eigpipe.provenance import TEMP_MARK, check_writable
+from eigpipe.provenance import check_writable, is_temp
 
 
 @dataclass(frozen=True)
@@ -122,11 +122,6 @@ def table_columns(path: Path) -> list[str]:
 def json_keys(path: Path) -> set[str]:
     record = json.loads(path.read_text())
     return set(record) if isinstance(record, dict) else set()
-
-
-def is_temp(name: str) -> bool:
-    """A temp sibling (``.<name>.tmp-<host>-<pid>-...``) that a killed publication left behind."""
-    return name.startswith(".") and TEMP_MARK in name
 
 
 def torch_archive_strings(path: Path) -> set[str]:

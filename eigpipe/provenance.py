@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import tempfile
 import uuid
@@ -77,11 +78,19 @@ def record(
 
 
 TEMP_MARK = ".tmp-"
+TEMP_TAIL = re.compile(r"(?P<pid>\d+)-[0-9a-f]{8}")  # after the host: what temp_sibling writes, exactly
+TEMP_NAME = re.compile(rf"\..+{re.escape(TEMP_MARK)}.*-{TEMP_TAIL.pattern}")
 
 
 def temp_sibling(final: Path) -> Path:
-    """A hidden sibling named after the final path, this host and this process (for stale-litter removal)."""
+    """A hidden sibling ``.<name>.tmp-<host>-<pid>-<8 hex>``, named after the final path, this host and this
+    process (for stale-litter removal)."""
     return final.with_name(f".{final.name}{TEMP_MARK}{platform.node()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def is_temp(name: str) -> bool:
+    """Whether ``name`` is exactly of the form temp_sibling writes; a user's ``.notes.tmp-keep`` is not."""
+    return TEMP_NAME.fullmatch(name) is not None
 
 
 def _process_alive(pid: int) -> bool:
@@ -98,9 +107,9 @@ def remove_stale_temps(final: Path) -> list[Path]:
     """Remove temp siblings of ``final`` left by killed processes of this host; never a live one's."""
     removed = []
     prefix = f".{final.name}{TEMP_MARK}{platform.node()}-"
-    for candidate in final.parent.glob(f".{final.name}{TEMP_MARK}*"):
-        pid = candidate.name[len(prefix) :].partition("-")[0]
-        if candidate.name.startswith(prefix) and pid.isdigit() and not _process_alive(int(pid)):
+    for candidate in final.parent.iterdir():
+        tail = TEMP_TAIL.fullmatch(candidate.name[len(prefix) :])
+        if candidate.name.startswith(prefix) and tail and not _process_alive(int(tail["pid"])):
             remove(candidate)
             removed.append(candidate)
     return removed

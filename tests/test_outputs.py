@@ -16,8 +16,9 @@ import pytest
 import torch
 import yaml
 
-from eigpipe import cli, outputs
+from eigpipe import cli, outputs, provenance
 from eigpipe.data.synthetic import DATASET
+from eigpipe.errors import EigpipeError
 from eigpipe.evaluate import EVALUATION
 from eigpipe.models import save_checkpoint
 from eigpipe.report import MARKER, REPORT_FOLDER, REPORT_KIND
@@ -304,6 +305,18 @@ def test_an_output_folder_holding_a_users_file_is_not_replaced(tmp_path, artifac
     assert KINDS[artifact].is_own(folder)
     (folder / inside).write_text("mine")
     assert not KINDS[artifact].is_own(folder)
+
+
+@pytest.mark.parametrize("artifact", ["covariance store", "dataset", "run folder"])
+def test_only_eigpipes_own_temp_names_are_litter_a_users_hidden_file_is_kept(tmp_path, artifact) -> None:
+    folder = ARTIFACTS[artifact](tmp_path)
+    (folder / provenance.temp_sibling(folder / "chunk").name).write_text("litter of a killed publication")
+    assert KINDS[artifact].is_own(folder)
+    (folder / ".notes.tmp-keep").write_text("mine")
+    assert not KINDS[artifact].is_own(folder)
+    with pytest.raises(EigpipeError, match="exists and is not"):
+        outputs.claim_outputs((folder, KINDS[artifact]))
+    assert (folder / ".notes.tmp-keep").read_text() == "mine"
 
 
 def test_a_folder_of_report_named_files_without_the_marker_is_no_report_folder(tmp_path) -> None:

@@ -167,7 +167,8 @@ def test_stale_temp_siblings_of_killed_processes_are_removed_live_ones_kept(tmp_
     stale = tmp_path / f".final.pt.tmp-{host}-{_dead_pid()}-0badf00d"
     live = tmp_path / f".final.pt.tmp-{host}-{os.getpid()}-c0ffee00"
     other_host = tmp_path / f".final.pt.tmp-elsewhere-{_dead_pid()}-00000000"
-    for path in (stale, live, other_host):
+    users = tmp_path / f".final.pt.tmp-{host}-{_dead_pid()}-notes"  # not the form eigpipe writes
+    for path in (stale, live, other_host, users):
         if kind == "dir":
             path.mkdir()
             (path / "chunk").write_text("x")
@@ -176,6 +177,7 @@ def test_stale_temp_siblings_of_killed_processes_are_removed_live_ones_kept(tmp_
     provenance.write_json(final, {"a": 1})
     assert final.exists() and not stale.exists()
     assert live.exists() and other_host.exists()  # a live process's, and one of another host (shared disks)
+    assert users.exists()
 
 
 def test_spectrum_killed_between_its_outputs_never_leaves_a_complete_half(
