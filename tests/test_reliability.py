@@ -8,6 +8,7 @@ import json
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -153,6 +154,50 @@ def test_a_stage_that_fails_leaves_no_empty_output_folders(tmp_path, covariance_
     assert cli.main(["spectrum", "--config-json", SPECTRUM_CFG, str(covariance_store), "--out", str(out)]) == 1
     one_line_error(capsys, "No space left on device")
     assert not (tmp_path / "results").exists()
+
+
+SIGNALLED_STAGE = """
+import os, sys, threading, time
+from eigpipe import cli
+
+rename = os.replace
+
+def stalled(source, target):  # zarr renames in its own thread; the stage's first publication stalls
+    if threading.current_thread() is not threading.main_thread():
+        return rename(source, target)
+    print("ready", flush=True)  # the output is written to its temp sibling, not yet renamed
+    time.sleep(60)
+
+os.replace = stalled
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_is_one_line_exit_143_and_leaves_no_temp_sibling(tmp_path, covariance_store):
+    """SIGTERM is how Snakemake and SLURM cancel a job: the publication cleans up as on Ctrl-C."""
+    out = tmp_path / "new" / "t.parquet"
+    argv = ["spectrum", "--config-json", SPECTRUM_CFG, str(covariance_store), "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    child = subprocess.Popen(
+        [sys.executable, "-c", SIGNALLED_STAGE, *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert child.stdout.readline() == "ready\n"
+    assert [p for p in (tmp_path / "new").iterdir() if provenance.is_temp(p.name)]
+    child.send_signal(signal.SIGTERM)
+    _, err = child.communicate(timeout=60)
+    assert child.returncode == 143 and err == "eigpipe spectrum: terminated\n", err
+    assert not (tmp_path / "new").exists()  # the temp sibling and the folder made for it are gone
+
+
+def test_the_sigterm_handler_is_restored_after_a_stage(tmp_path, covariance_store):
+    before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "t.parquet"
+    assert cli.main(["spectrum", "--config-json", SPECTRUM_CFG, str(covariance_store), "--out", str(out)]) == 0
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def _dead_pid() -> int:
