@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 from typing import NoReturn
 
 from eigpipe.errors import EigpipeError
@@ -108,8 +114,43 @@ def _likely_path(stage: Stage, args: argparse.Namespace) -> str:
     return str(first[0] if isinstance(first, list) else first)
 
 
+class Terminated(BaseException):
+    """SIGTERM (Snakemake or SLURM cancelling the job), raised so that publications clean up as on Ctrl-C."""
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """While the stage runs, SIGTERM raises Terminated in this process; the previous handler is restored after.
+    Signal handlers can only be set in the main thread; elsewhere (eigpipe.cli.main called from a thread of the
+    user's) SIGTERM keeps its handler."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    owner = os.getpid()
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        if os.getpid() != owner:  # a forked worker (data loading, image checks) dies quietly, as before
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM does not break off the cleanup
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    with _sigterm_raises():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run the chosen stage; every failure the user can act on is one line on stderr and a non-zero status."""
     try:
         run_stage(args.stage, args)
     except EigpipeError as exc:
@@ -122,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"eigpipe {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"eigpipe {args.command}: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     return 0
 
 

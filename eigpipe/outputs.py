@@ -12,6 +12,7 @@ a torch archive, which is scanned and never executed), so a claim costs millisec
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
 import pickletools
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from eigpipe.errors import EigpipeError
-from eigpipe.provenance import TEMP_MARK, check_writable
+from eigpipe.provenance import check_writable, is_temp
 
 
 @dataclass(frozen=True)
@@ -46,10 +47,24 @@ class Kind:
             return False
 
 
+def resolved(path: Path) -> Path:
+    """``path`` made absolute with every symbolic link followed; one line for a link that loops (``ln -s a a``),
+    on which pathlib raises RuntimeError (Python 3.11) or OSError ELOOP."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError) as exc:
+        if isinstance(exc, OSError) and exc.errno != errno.ELOOP:
+            raise
+        raise EigpipeError(
+            f"{path}: a symbolic link that loops (the path or a folder above it points back to itself); "
+            "remove or fix the link"
+        ) from None
+
+
 def _overlap(output: Path, source: Path) -> str | None:
     """How ``output`` would destroy or change ``source``: it is the same path, a folder holding it, or inside it (a
     zarr store); else None."""
-    out, src = output.resolve(), source.resolve()
+    out, src = resolved(output), resolved(source)
     if out == src or (output.exists() and source.exists() and os.path.samefile(output, source)):
         return "is"
     if out in src.parents:
@@ -74,9 +89,9 @@ def claim_outputs(*outputs: tuple[str | Path, Kind], inputs: Iterable[str | Path
     for output, kind in outputs:
         path = Path(output)
         refuse_inputs(path, inputs)
-        if (other := seen.get(path.resolve())) is not None:
+        if (other := seen.get(resolved(path))) is not None:
             raise EigpipeError(f"{path}: given for two outputs (also as {other}); each output needs its own path")
-        seen[path.resolve()] = path
+        seen[resolved(path)] = path
         check_writable(path)
         if (path.exists() or path.is_symlink()) and not kind.is_own(path):
             raise EigpipeError(
@@ -107,11 +122,6 @@ def table_columns(path: Path) -> list[str]:
 def json_keys(path: Path) -> set[str]:
     record = json.loads(path.read_text())
     return set(record) if isinstance(record, dict) else set()
-
-
-def is_temp(name: str) -> bool:
-    """A temp sibling (``.<name>.tmp-<host>-<pid>-...``) that a killed publication left behind."""
-    return name.startswith(".") and TEMP_MARK in name
 
 
 def torch_archive_strings(path: Path) -> set[str]:

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import tempfile
 import uuid
@@ -77,11 +78,19 @@ def record(
 
 
 TEMP_MARK = ".tmp-"
+TEMP_TAIL = re.compile(r"(?P<pid>\d+)-[0-9a-f]{8}")  # after the host: what temp_sibling writes, exactly
+TEMP_NAME = re.compile(rf"\..+{re.escape(TEMP_MARK)}.*-{TEMP_TAIL.pattern}")
 
 
 def temp_sibling(final: Path) -> Path:
-    """A hidden sibling named after the final path, this host and this process (for stale-litter removal)."""
+    """A hidden sibling ``.<name>.tmp-<host>-<pid>-<8 hex>``, named after the final path, this host and this
+    process (for stale-litter removal)."""
     return final.with_name(f".{final.name}{TEMP_MARK}{platform.node()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def is_temp(name: str) -> bool:
+    """Whether ``name`` is exactly of the form temp_sibling writes; a user's ``.notes.tmp-keep`` is not."""
+    return TEMP_NAME.fullmatch(name) is not None
 
 
 def _process_alive(pid: int) -> bool:
@@ -98,9 +107,9 @@ def remove_stale_temps(final: Path) -> list[Path]:
     """Remove temp siblings of ``final`` left by killed processes of this host; never a live one's."""
     removed = []
     prefix = f".{final.name}{TEMP_MARK}{platform.node()}-"
-    for candidate in final.parent.glob(f".{final.name}{TEMP_MARK}*"):
-        pid = candidate.name[len(prefix) :].partition("-")[0]
-        if candidate.name.startswith(prefix) and pid.isdigit() and not _process_alive(int(pid)):
+    for candidate in final.parent.iterdir():
+        tail = TEMP_TAIL.fullmatch(candidate.name[len(prefix) :])
+        if candidate.name.startswith(prefix) and tail and not _process_alive(int(tail["pid"])):
             remove(candidate)
             removed.append(candidate)
     return removed
@@ -130,25 +139,45 @@ def check_writable(final: str | Path) -> None:
         ) from None
 
 
+def missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and its ancestors that do not exist yet, deepest first."""
+    missing = []
+    for path in (folder, *folder.parents):
+        if path.exists() or path.is_symlink():
+            break
+        missing.append(path)
+    return missing
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove each of ``folders`` (deepest first) that is empty; one another process filled is kept."""
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)
+
+
 @contextlib.contextmanager
 def publish(final: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling path; on success rename it to ``final``, on any error remove it.
 
     Works for files and directories (zarr stores, dataset folders). An existing ``final`` is replaced, and
-    temp siblings of ``final`` that killed processes left behind are removed first. An OS error that names no
+    temp siblings of ``final`` that killed processes left behind are removed first. Folders made for ``final``
+    are removed again on any error or interrupt, so a failure leaves none behind. An OS error that names no
     file, or only the temp sibling (disk full while writing), is raised again naming ``final``.
     """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(final)
+    made = missing_folders(final.parent)
     tmp = temp_sibling(final)
     try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(final)
         yield tmp
         if final.exists() and final.is_dir() and tmp.is_dir():
             remove(final)
         os.replace(tmp, final)
     except BaseException as exc:
         remove(tmp)
+        remove_empty(made)
         if isinstance(exc, OSError) and (exc.filename is None or str(exc.filename).startswith(str(tmp))):
             raise OSError(exc.errno, exc.strerror or str(exc), str(final)) from exc
         raise

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from eigpipe import config as cfg
-from eigpipe.errors import ConfigError
+from eigpipe.errors import ConfigError, EigpipeError
+from eigpipe.outputs import resolved
 
 RUNAWAY = re.compile(r"(.+)\1{19}$")  # Snakemake's PeriodicityDetector (snakemake/io): 20 repeats at the end
 
@@ -137,10 +138,21 @@ def _file_violations(study: dict) -> Iterator[tuple[str, str]]:
     results = Path("results", study["study"])
     for where, value in user_files(study):
         path = Path(value)
-        if not path.exists():
+        if not path.exists():  # a link that loops or points nowhere too
             yield where, f"{value}: not found"
-        elif results.resolve() in (path.resolve(), *path.resolve().parents):
-            yield where, f"{value} is inside {results}/, which the workflow writes and may delete: keep it elsewhere"
+        elif message := _inside_results(value, results):
+            yield where, message
+
+
+def _inside_results(value: str, results: Path) -> str | None:
+    """Why the user's file ``value`` (which exists) may not lie where it does, or None."""
+    try:
+        inside = resolved(results) in (resolved(Path(value)), *resolved(Path(value)).parents)
+    except EigpipeError as exc:  # results/<study> is a link that loops
+        return str(exc)
+    return (
+        f"{value} is inside {results}/, which the workflow writes and may delete: keep it elsewhere" if inside else None
+    )
 
 
 def _layer_violations(study: dict) -> Iterator[tuple[str, str]]:

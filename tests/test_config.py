@@ -328,10 +328,12 @@ def test_bad_widths_specs_are_one_line_naming_the_key(tmp_path, edit, key):
         (b"a:\n" + b"".join(b"  " * i + b"- \n" for i in range(1, 2000)), "nested too deeply"),
     ],
 )
-def test_files_that_are_no_config_are_one_line(tmp_path, capsys, content, fragment):
+@pytest.mark.parametrize("command", [["complexity", "--config"], ["check-config"]])
+def test_files_that_are_no_config_are_one_line(tmp_path, capsys, content, fragment, command):
+    """check-config too: it is what the README offers where Snakemake's --configfile gives a traceback."""
     path = tmp_path / "study.yaml"
     path.write_bytes(content)
-    code = cli.main(["complexity", "--config", str(path)])
+    code = cli.main([*command, str(path)])
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1 and f"{path}: " in err and fragment in err, err
 
@@ -467,6 +469,18 @@ def test_the_users_files_exist_outside_the_studys_results(tmp_path, monkeypatch,
     Path(where).unlink()
     with pytest.raises(ConfigError, match=f"{key}: {where}: not found"):
         study.check(moved, [])
+
+
+def test_a_results_folder_that_loops_is_one_line_at_dag_start(tmp_path, monkeypatch):
+    from eigpipe import study
+
+    monkeypatch.chdir(tmp_path)
+    Path("results").mkdir()
+    Path("results/smoke").symlink_to("smoke")
+    Path("w.yaml").write_text("")
+    changes = {"pretrain": {"source": "detectron2", "weights": "w.yaml"}}
+    with pytest.raises(ConfigError, match="pretrain.weights: results/smoke: a symbolic link that loops"):
+        study.check(yaml.safe_load(_smoke_with(tmp_path, **changes).read_text()), [])
 
 
 @pytest.mark.parametrize(

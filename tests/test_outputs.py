@@ -16,8 +16,9 @@ import pytest
 import torch
 import yaml
 
-from eigpipe import cli, outputs
+from eigpipe import cli, outputs, provenance
 from eigpipe.data.synthetic import DATASET
+from eigpipe.errors import EigpipeError
 from eigpipe.evaluate import EVALUATION
 from eigpipe.models import save_checkpoint
 from eigpipe.report import MARKER, REPORT_FOLDER, REPORT_KIND
@@ -133,6 +134,25 @@ def test_an_input_is_never_an_output(inputs_root, capsys, stage, flag) -> None:
         assert cli.main(argv) == 1, (stage, source)
         one_line_error(capsys, str(source), "the input")
         assert snapshot(inputs_root / "in") == before
+
+
+@pytest.mark.parametrize("under", [False, True], ids=["the-link", "under-it"])
+@pytest.mark.parametrize(("stage", "flag"), [(s, a.flags[0]) for s, a in OUTPUT_ARGS])
+def test_an_output_at_a_symbolic_link_that_loops_is_one_line(inputs_root, capsys, stage, flag, under) -> None:
+    loop = inputs_root / "loop"
+    loop.symlink_to("loop")
+    target = loop / "out" if under else loop
+    argv, _ = stage_argv(stage, inputs_root, flag, target)
+    assert cli.main(argv) == 1
+    one_line_error(capsys, f"{target}: a symbolic link that loops")
+    assert loop.is_symlink()
+
+
+def test_an_input_at_a_symbolic_link_that_loops_is_one_line(tmp_path, capsys) -> None:
+    (tmp_path / "loop").symlink_to("loop")
+    argv = ["spectrum", "--config-json", json.dumps({"spectrum": {}}), str(tmp_path / "loop")]
+    assert cli.main([*argv, "--out", str(tmp_path / "t.parquet")]) == 1
+    one_line_error(capsys, f"{tmp_path / 'loop'}: a symbolic link that loops")
 
 
 def covariance_store(path: Path) -> Path:
@@ -285,6 +305,18 @@ def test_an_output_folder_holding_a_users_file_is_not_replaced(tmp_path, artifac
     assert KINDS[artifact].is_own(folder)
     (folder / inside).write_text("mine")
     assert not KINDS[artifact].is_own(folder)
+
+
+@pytest.mark.parametrize("artifact", ["covariance store", "dataset", "run folder"])
+def test_only_eigpipes_own_temp_names_are_litter_a_users_hidden_file_is_kept(tmp_path, artifact) -> None:
+    folder = ARTIFACTS[artifact](tmp_path)
+    (folder / provenance.temp_sibling(folder / "chunk").name).write_text("litter of a killed publication")
+    assert KINDS[artifact].is_own(folder)
+    (folder / ".notes.tmp-keep").write_text("mine")
+    assert not KINDS[artifact].is_own(folder)
+    with pytest.raises(EigpipeError, match="exists and is not"):
+        outputs.claim_outputs((folder, KINDS[artifact]))
+    assert (folder / ".notes.tmp-keep").read_text() == "mine"
 
 
 def test_a_folder_of_report_named_files_without_the_marker_is_no_report_folder(tmp_path) -> None:

@@ -8,6 +8,7 @@ import json
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -124,6 +125,81 @@ def test_a_full_disk_is_one_line_with_the_os_reason(tmp_path, covariance_store, 
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # temp siblings removed
 
 
+@pytest.mark.parametrize(
+    "error", [KeyboardInterrupt(), OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))], ids=["interrupt", "disk-full"]
+)
+def test_a_failed_publication_leaves_no_folder_it_made(tmp_path, error):
+    (tmp_path / "kept").mkdir()  # existed before: never removed
+    final = tmp_path / "kept" / "new" / "deeper" / "out.json"
+    with pytest.raises(type(error)), provenance.publish(final) as tmp:
+        tmp.write_text("half")
+        raise error
+    assert list(tmp_path.iterdir()) == [tmp_path / "kept"] and not any((tmp_path / "kept").iterdir())
+
+
+def test_a_folder_made_for_a_publication_is_kept_when_another_process_filled_it(tmp_path):
+    final = tmp_path / "new" / "out.json"
+    with pytest.raises(KeyboardInterrupt), provenance.publish(final):
+        (tmp_path / "new" / "other.json").write_text("another job's output")
+        raise KeyboardInterrupt
+    assert [p.name for p in (tmp_path / "new").iterdir()] == ["other.json"]
+
+
+def test_a_stage_that_fails_leaves_no_empty_output_folders(tmp_path, covariance_store, capsys, monkeypatch):
+    def full(source: object, target: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target))
+
+    monkeypatch.setattr(provenance.os, "replace", full)
+    out = tmp_path / "results" / "spectra" / "t.parquet"
+    assert cli.main(["spectrum", "--config-json", SPECTRUM_CFG, str(covariance_store), "--out", str(out)]) == 1
+    one_line_error(capsys, "No space left on device")
+    assert not (tmp_path / "results").exists()
+
+
+SIGNALLED_STAGE = """
+import os, sys, threading, time
+from eigpipe import cli
+
+rename = os.replace
+
+def stalled(source, target):  # zarr renames in its own thread; the stage's first publication stalls
+    if threading.current_thread() is not threading.main_thread():
+        return rename(source, target)
+    print("ready", flush=True)  # the output is written to its temp sibling, not yet renamed
+    time.sleep(60)
+
+os.replace = stalled
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_is_one_line_exit_143_and_leaves_no_temp_sibling(tmp_path, covariance_store):
+    """SIGTERM is how Snakemake and SLURM cancel a job: the publication cleans up as on Ctrl-C."""
+    out = tmp_path / "new" / "t.parquet"
+    argv = ["spectrum", "--config-json", SPECTRUM_CFG, str(covariance_store), "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    child = subprocess.Popen(
+        [sys.executable, "-c", SIGNALLED_STAGE, *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert child.stdout.readline() == "ready\n"
+    assert [p for p in (tmp_path / "new").iterdir() if provenance.is_temp(p.name)]
+    child.send_signal(signal.SIGTERM)
+    _, err = child.communicate(timeout=60)
+    assert child.returncode == 143 and err == "eigpipe spectrum: terminated\n", err
+    assert not (tmp_path / "new").exists()  # the temp sibling and the folder made for it are gone
+
+
+def test_the_sigterm_handler_is_restored_after_a_stage(tmp_path, covariance_store):
+    before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "t.parquet"
+    assert cli.main(["spectrum", "--config-json", SPECTRUM_CFG, str(covariance_store), "--out", str(out)]) == 0
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 def _dead_pid() -> int:
     proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     return int(proc.stdout)
@@ -136,7 +212,8 @@ def test_stale_temp_siblings_of_killed_processes_are_removed_live_ones_kept(tmp_
     stale = tmp_path / f".final.pt.tmp-{host}-{_dead_pid()}-0badf00d"
     live = tmp_path / f".final.pt.tmp-{host}-{os.getpid()}-c0ffee00"
     other_host = tmp_path / f".final.pt.tmp-elsewhere-{_dead_pid()}-00000000"
-    for path in (stale, live, other_host):
+    users = tmp_path / f".final.pt.tmp-{host}-{_dead_pid()}-notes"  # not the form eigpipe writes
+    for path in (stale, live, other_host, users):
         if kind == "dir":
             path.mkdir()
             (path / "chunk").write_text("x")
@@ -145,6 +222,7 @@ def test_stale_temp_siblings_of_killed_processes_are_removed_live_ones_kept(tmp_
     provenance.write_json(final, {"a": 1})
     assert final.exists() and not stale.exists()
     assert live.exists() and other_host.exists()  # a live process's, and one of another host (shared disks)
+    assert users.exists()
 
 
 def test_spectrum_killed_between_its_outputs_never_leaves_a_complete_half(
