@@ -26,7 +26,7 @@ import torch
 
 from eigpipe.models.checkpoint import FORMAT, save_torch_file
 from eigpipe.outputs import Kind, is_temp, only_files, torch_archive_strings
-from eigpipe.provenance import publish, sha256_file
+from eigpipe.provenance import missing_folders, publish, remove_empty, sha256_file
 
 # every file a run folder may hold, relative to it; checkpoints carry FORMAT, the resume state a fingerprint
 RUN_FILES = re.compile(r"(resume/)?(metrics\.jsonl|snapshots/\d+\.pt)|final\.pt|resume/state\.pt")
@@ -138,7 +138,7 @@ class RunFolder:
     def prepare(self, schedule: dict) -> dict[str, Any] | None:
         """The saved state when it is this run's and sound (see the module's doc); else None, with the folder
         cleared of every earlier run's file (resume state, snapshots, final model, metrics)."""
-        self.made = [folder for folder in (self.out, *self.out.parents) if not folder.exists()]
+        self.made = missing_folders(self.out)
         if self.state_path.is_file():
             try:
                 state = self._sound_state(schedule)
@@ -237,9 +237,7 @@ class RunFolder:
 
     def prune_empty(self) -> None:
         """After a failure: remove the folders this run made that hold nothing (a run that failed at once)."""
-        for folder in (self.resume_dir / "snapshots", self.resume_dir, self.out / "snapshots", *self.made):
-            if folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()
+        remove_empty([self.resume_dir / "snapshots", self.resume_dir, self.out / "snapshots", *self.made])
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
