@@ -138,6 +138,7 @@ def test_an_unreadable_image_of_the_classifier_is_named(tmp_path, image_folder, 
     assert train_classifier(study(), data, tmp_path / "run") == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert str(bad) in err[-1] and "cannot be read as an image" in err[-1] and "Traceback" not in "".join(err)
+    assert not (tmp_path / "run").exists()  # snapshot 0, published before the image was read, is not left
 
 
 def test_a_damaged_resume_state_trains_afresh_and_an_unrecognisable_one_is_refused(

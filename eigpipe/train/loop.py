@@ -108,8 +108,10 @@ def run(job: Job) -> None:
     """Train ``job.model`` for the schedule's steps, publishing snapshots, the final model and metrics."""
     try:
         _train(job)
-    except BaseException:
+    except BaseException as exc:
         if job.env.is_main:
+            if isinstance(exc, DataError) and not job.folder.state_path.exists():
+                job.folder.clear()  # a bad image before any resume state: no snapshot of this attempt stands
             job.folder.prune_empty()
         raise
 
