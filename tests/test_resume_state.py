@@ -42,9 +42,16 @@ def _record_missing(run):
     log.write_text("".join(log.read_text().splitlines(keepends=True)[1:]))
 
 
+def _record_out_of_place(run):
+    log = run / "resume" / "metrics.jsonl"
+    lines = log.read_text().splitlines(keepends=True)
+    log.write_text("".join([*lines[:2], '{"iteration": 7, "loss": 0.5}\n', *lines[2:]]))
+
+
 DAMAGES = {  # name: (damage to the killed run's folder, what the rerun says: None = it resumes)
     "torn-last-metrics-line": (_torn_last_line, None),
     "metrics-record-missing": (_record_missing, "its metrics log does not match it"),
+    "metrics-record-out-of-place": (_record_out_of_place, "its metrics log does not match it"),
     "state-cut-short": (lambda run: (run / "resume/state.pt").write_bytes(b"PK\x03\x04" + bytes(60)), "damaged"),
     "state-byte-changed": (lambda run: _flip_middle_byte(run / "resume/state.pt"), "damaged resume state"),
     "snapshot-copy-deleted": (lambda run: (run / "resume/snapshots/4.pt").unlink(), "snapshot 4 is missing"),

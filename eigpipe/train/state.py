@@ -158,9 +158,11 @@ class RunFolder:
     def _sound_state(self, schedule: dict) -> dict[str, Any]:
         try:
             state = torch.load(self.state_path, map_location="cpu", weights_only=False)
-            digest = state.pop("digest")
         except Exception as exc:  # eigpipe's own state, damaged (a full disk, a copy cut short)
             raise Unresumable(f"damaged resume state ({type(exc).__name__})") from None
+        if not isinstance(state, dict) or "digest" not in state:
+            raise Unresumable("the resume state is of an older eigpipe (it has no checksum)")
+        digest = state.pop("digest")
         if digest != content_digest(state):
             raise Unresumable("damaged resume state (its checksum does not match its contents)")
         if state.get("fingerprint") != self.fingerprint:
@@ -186,11 +188,11 @@ class RunFolder:
         lines = text.splitlines()
         if lines and not text.endswith("\n"):
             lines.pop()
-        records = _records(lines)
-        logged = [r["iteration"] for r in records or [] if r["iteration"] <= iteration]
-        if records is None or logged != list(range(log_every, iteration + 1, log_every)):
+        records, expected = _records(lines), list(range(log_every, iteration + 1, log_every))
+        kept = (records or [])[: len(expected)]
+        if records is None or [record["iteration"] for record in kept] != expected:
             raise Unresumable("damaged resume state (its metrics log does not match it)")
-        self.metrics_log.write_text("".join(f"{json.dumps(r, sort_keys=True)}\n" for r in records[: len(logged)]))
+        self.metrics_log.write_text("".join(f"{json.dumps(record, sort_keys=True)}\n" for record in kept))
 
     def _restore_outputs(self, iteration: int) -> None:
         for kept in (self.resume_dir / "snapshots").glob("*.pt"):
