@@ -99,6 +99,32 @@ def test_failed_write_leaves_nothing_and_keeps_the_old_store(tmp_path: Path, mon
     assert np.array_equal(read["backbone.body.conv1"][0]["mean"], fake_layers(seed=1)["backbone.body.conv1"]["mean"])
 
 
+def test_an_interrupt_while_zarr_writes_on_its_own_thread_leaves_no_temp_store(tmp_path, monkeypatch) -> None:
+    """zarr runs the writes on its I/O thread: an interrupt of the main thread (Ctrl-C, SIGTERM) must wait for
+    them, or they go on writing into the temp store after publish removed it."""
+    import asyncio
+    import os
+    import signal
+    import threading
+    import time
+
+    from zarr.storage import LocalStore
+
+    original = LocalStore.set
+
+    async def slow_set(self, key, value):
+        await asyncio.sleep(0.3)
+        return await original(self, key, value)
+
+    monkeypatch.setattr(LocalStore, "set", slow_set)
+    interrupt = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))  # while the main thread waits on zarr's
+    interrupt.start()
+    with pytest.raises(KeyboardInterrupt):
+        write(tmp_path / "new.zarr")
+    time.sleep(1.0)  # what zarr's thread would write by now
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_eigenvalue_store_round_trip(tmp_path: Path) -> None:
     eigs = {"body.conv1": {"second_moment": np.array([3.0, 1.0, 0.0]), "covariance": np.array([2.0, 0.5, 0.0])}}
     path = write(tmp_path / "e.zarr", eigs, store.EIGENVALUE_KIND, {"body.conv1": {"channels": 3}})

@@ -14,6 +14,8 @@ mode="r")``; nothing here needs the model.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import json
 import sys
@@ -87,21 +89,47 @@ def write_store(
     path = Path(path)
     check_names(layers)
     with publish(path) as tmp:
-        root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
-        root.attrs.update(_jsonable({**attrs, "kind": kind, "format_version": FORMAT_VERSION, "layers": list(layers)}))
-        for name, arrays in layers.items():
-            group = root.create_group(name)
-            integrity = {}
-            for array_name, value in arrays.items():
-                data = as_numpy(value)
-                chunks = tuple(min(s, CHUNK) for s in data.shape) or ()
-                if data.ndim == 3:  # a stack of [C, C] matrices (folds): one matrix per chunk row
-                    chunks = (1, *chunks[1:])
-                group.create_array(array_name, data=data, chunks=chunks, compressors=ZstdCodec(level=3))
-                integrity[array_name] = fingerprint(data)
-            group.attrs.update(_jsonable({**layer_attrs.get(name, {}), INTEGRITY: integrity}))
-        _consolidate(tmp)
+        try:
+            _write_groups(tmp, {**attrs, "kind": kind, "format_version": FORMAT_VERSION}, layers, layer_attrs)
+        except BaseException:
+            _settle_writes()  # before publish removes the temp store, or zarr's thread would write on into it
+            raise
     return path
+
+
+def _write_groups(tmp: Path, attrs: dict, layers: Mapping[str, Arrays], layer_attrs: Mapping[str, dict]) -> None:
+    root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+    root.attrs.update(_jsonable({**attrs, "layers": list(layers)}))
+    for name, arrays in layers.items():
+        group = root.create_group(name)
+        integrity = {}
+        for array_name, value in arrays.items():
+            data = as_numpy(value)
+            chunks = tuple(min(s, CHUNK) for s in data.shape) or ()
+            if data.ndim == 3:  # a stack of [C, C] matrices (folds): one matrix per chunk row
+                chunks = (1, *chunks[1:])
+            group.create_array(array_name, data=data, chunks=chunks, compressors=ZstdCodec(level=3))
+            integrity[array_name] = fingerprint(data)
+        group.attrs.update(_jsonable({**layer_attrs.get(name, {}), INTEGRITY: integrity}))
+    _consolidate(tmp)
+
+
+def _settle_writes(timeout: float = 60.0) -> None:
+    """Wait for the writes that zarr runs on its own I/O thread (zarr.core.sync) and that an interrupt of this
+    thread (Ctrl-C, SIGTERM) left running."""
+    from zarr.core import sync
+
+    loop = sync.loop[0]
+    if loop is None or loop.is_closed() or not loop.is_running():
+        return
+
+    async def pending() -> None:
+        others = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        if others:
+            await asyncio.wait(others, timeout=timeout)
+
+    with contextlib.suppress(Exception):
+        asyncio.run_coroutine_threadsafe(pending(), loop).result(timeout + 5)
 
 
 def open_store(path: str | Path, kind: str) -> zarr.Group:
