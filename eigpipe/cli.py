@@ -134,13 +134,19 @@ def _sigterm_raises() -> Iterator[None]:
             os.kill(os.getpid(), signal.SIGTERM)
             return
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM does not break off the cleanup
+        # The job's loader workers got the same signal (scancel and Snakemake signal the process group); torch's
+        # SIGCHLD handler would report each of them as a failure while the stage cleans up.
+        replaced.append(signal.signal(signal.SIGCHLD, signal.SIG_DFL))
         raise Terminated
 
+    replaced: list = []  # the SIGCHLD handler that a SIGTERM set aside
     previous = signal.signal(signal.SIGTERM, handler)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        for child_handler in replaced:
+            signal.signal(signal.SIGCHLD, child_handler if child_handler is not None else signal.SIG_DFL)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -134,8 +134,12 @@ def torch_archive_strings(path: Path) -> set[str]:
 
 def only_files(folder: Path, pattern: re.Pattern[str]) -> bool:
     """Whether every file under ``folder`` (its path relative to it) is one ``pattern`` names: a user's file put
-    into an output folder is never deleted with it (temp litter of killed publications aside)."""
-    files = (f for f in folder.rglob("*") if not f.is_dir() and not is_temp(f.name))
+    into an output folder is never deleted with it (temp litter of killed publications aside). A symbolic link
+    inside is never an output's (writing through it would reach the user's files), so it makes the folder foreign."""
+    entries = list(folder.rglob("*"))
+    if any(entry.is_symlink() for entry in entries):
+        return False
+    files = (f for f in entries if not f.is_dir() and not is_temp(f.name))
     return all(pattern.fullmatch(f.relative_to(folder).as_posix()) for f in files)
 
 

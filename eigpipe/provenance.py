@@ -35,10 +35,14 @@ def section_hash(section: Any) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
-def listing_hash(root: str | Path) -> str:
-    """Hash of a folder's file names and sizes: cheap, and it changes when a dataset is rewritten differently."""
+def listing_hash(root: str | Path, modified: bool = False) -> str:
+    """Hash of a folder's file names and sizes (and modification times with ``modified``): cheap, it changes when
+    a dataset is rewritten differently (with ``modified``, when any file is rewritten, as Snakemake judges)."""
     root = Path(root)
-    entries = sorted(f"{p.relative_to(root)}\t{p.stat().st_size}" for p in root.rglob("*") if p.is_file())
+    stats = ((p, p.stat()) for p in root.rglob("*") if p.is_file())
+    entries = sorted(
+        f"{p.relative_to(root)}\t{s.st_size}" + (f"\t{s.st_mtime_ns}" if modified else "") for p, s in stats
+    )
     return section_hash(entries)
 
 
@@ -96,7 +100,7 @@ def is_temp(name: str) -> bool:
 def _process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # OverflowError: a number no process id can be
         return False
     except PermissionError:  # another user's live process
         return True

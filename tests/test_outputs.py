@@ -231,6 +231,14 @@ def _run_folder(path: Path) -> Path:
     return path
 
 
+def _link_to_users_folder(inside: Path) -> None:
+    """Replace a folder of the run by a symbolic link to a copy of it elsewhere (the user's, with a file of theirs)."""
+    mine = inside.parent.parent / f"mine-{inside.name}"
+    shutil.move(inside, mine)
+    (mine / "notes.txt").write_text("mine")
+    inside.symlink_to(mine, target_is_directory=True)
+
+
 def _report(path: Path) -> Path:
     path.mkdir()
     (path / MARKER).write_text(json.dumps({"kind": REPORT_KIND}))
@@ -287,6 +295,8 @@ def test_each_kind_recognises_only_its_own_artifacts(tmp_path, artifact) -> None
         lambda run: torch.save({"weights": torch.zeros(1)}, run / "snapshots" / "9.pt"),  # another tool's torch file
         lambda run: torch.save({"iteration": 3}, run / "resume" / "state.pt"),  # a state without its fingerprint
         lambda run: (run / "metrics.jsonl").write_text('{"my": "experiment log"}\n'),  # a log of the user's
+        lambda run: _link_to_users_folder(run / "snapshots"),  # written through, it would replace the user's 0.pt
+        lambda run: _link_to_users_folder(run / "resume"),
     ],
 )
 def test_a_run_folder_with_anything_foreign_is_not_a_run_folder(tmp_path, spoil) -> None:

@@ -32,6 +32,11 @@ def _rewrite_state(path, **changes):
     torch.save({**saved, "digest": state.content_digest(saved)}, path)
 
 
+def _zero(path):
+    """What a power loss can leave of a file renamed before its data reached the disk."""
+    path.write_bytes(bytes(path.stat().st_size))
+
+
 def _torn_last_line(run):
     with (run / "resume" / "metrics.jsonl").open("a") as log:
         log.write('{"iteration": 8, "lo')
@@ -53,6 +58,9 @@ DAMAGES = {  # name: (damage to the killed run's folder, what the rerun says: No
     "metrics-record-missing": (_record_missing, "its metrics log does not match it"),
     "metrics-record-out-of-place": (_record_out_of_place, "its metrics log does not match it"),
     "state-cut-short": (lambda run: (run / "resume/state.pt").write_bytes(b"PK\x03\x04" + bytes(60)), "damaged"),
+    "state-emptied": (lambda run: (run / "resume/state.pt").write_bytes(b""), "damaged resume state"),
+    "state-zeroed": (lambda run: _zero(run / "resume/state.pt"), "damaged resume state"),
+    "snapshot-copy-zeroed": (lambda run: _zero(run / "resume/snapshots/4.pt"), "snapshot 4 is damaged"),
     "state-byte-changed": (lambda run: _flip_middle_byte(run / "resume/state.pt"), "damaged resume state"),
     "snapshot-copy-deleted": (lambda run: (run / "resume/snapshots/4.pt").unlink(), "snapshot 4 is missing"),
     "snapshot-copy-damaged": (lambda run: _flip_middle_byte(run / "resume/snapshots/4.pt"), "snapshot 4 is damaged"),
@@ -128,3 +136,47 @@ def test_a_full_disk_is_one_line_naming_the_file_and_leaves_no_folders(full_disk
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"eigpipe pretrain: error: {run / 'snapshots' / '0.pt'}: No space left on device"]
     assert os.listdir(full_disk) == []  # neither the run folder nor the folder above it, which it made
+
+
+def test_sigterm_to_the_job_with_loader_workers_is_one_line_and_leaves_nothing(tmp_path, image_folder, study):
+    """scancel and Snakemake signal the whole process group, loader workers included: one line, exit 143, and a
+    run stopped before its first resume state leaves no run folder."""
+    import signal
+    import sys
+    import time
+    from pathlib import Path
+
+    import yaml
+
+    config = yaml.safe_load(study(steps=4000).read_text())
+    config["pretrain"]["schedule"].update(workers=2, checkpoint_every=4000, log_every=1)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    run = tmp_path / "new" / "run"
+    argv = ["pretrain", "--config", str(tmp_path / "c.yaml"), "--data", str(image_folder), "--out", str(run)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    child = subprocess.Popen(
+        [sys.executable, "-m", "eigpipe.cli", *argv], stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
+    assert child.stderr.readline().startswith("it 1/4000"), "training did not start"
+    time.sleep(1)
+    os.killpg(child.pid, signal.SIGTERM)
+    err = child.stderr.read()
+    assert child.wait(timeout=60) == 143 and err.splitlines()[-1:] == ["eigpipe pretrain: terminated"], err
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+    assert not (tmp_path / "new").exists()
+
+
+def test_an_image_rewritten_in_place_at_the_same_size_is_not_resumed_over(
+    tmp_path, image_folder, monkeypatch, capsys, study
+):
+    data = tmp_path / "data"
+    shutil.copytree(image_folder, data)
+    crash_at(monkeypatch, "_classification_loss", 7)
+    assert train_classifier(study(), data, tmp_path / "run") == 130
+    monkeypatch.undo()
+    image = next((data / "train").rglob("*.png"))
+    content = image.read_bytes()
+    image.write_bytes(content[:-1] + bytes([content[-1] ^ 1]))  # same name, same size, other content
+    capsys.readouterr()
+    assert train_classifier(study(), data, tmp_path / "run") == 0
+    assert "another config, input file" in capsys.readouterr().err

@@ -61,7 +61,7 @@ def resume_fingerprint(meta: dict[str, Any], stage: str, **extra: Any) -> str:
     every input file (a widths file, init checkpoint or dataset rewritten at the same path starts anew) and the
     stage's code and library versions (what Snakemake reruns a job for)."""
     record = meta["provenance"]
-    keys = ("task", "model_name", "init", "widths")
+    keys = ("task", "model_name", "init", "widths", "run")
     return provenance.section_hash(
         {
             **{key: meta[key] for key in keys},
@@ -100,6 +100,8 @@ def _resume(job: Job, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: 
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["torch_rng"])
+    if state.get("cuda_rng") is not None and job.env.device.type == "cuda":  # the GPU's samplers draw from it
+        torch.cuda.set_rng_state(state["cuda_rng"], job.env.device)
     print(f"resuming {job.folder.out} from iteration {state['iteration']}", file=sys.stderr)
     return state["iteration"]
 
@@ -108,10 +110,10 @@ def run(job: Job) -> None:
     """Train ``job.model`` for the schedule's steps, publishing snapshots, the final model and metrics."""
     try:
         _train(job)
-    except BaseException as exc:
+    except BaseException:
         if job.env.is_main:
-            if isinstance(exc, DataError) and not job.folder.state_path.exists():
-                job.folder.clear()  # a bad image before any resume state: no snapshot of this attempt stands
+            if not job.folder.state_path.exists():
+                job.folder.clear()  # stopped before any resume state: nothing of this attempt can be resumed
             job.folder.prune_empty()
         raise
 
@@ -176,6 +178,7 @@ def _train(job: Job) -> None:
                     "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict(),
                     "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state(env.device) if env.device.type == "cuda" else None,
                     "iteration": done,
                 }
             )
@@ -294,7 +297,7 @@ def train_detector(cfg: dict, model_name: str, init: str, annotations: Path, ima
         loss_fn=_detection_loss,
         schedule=schedule,
         meta=meta,
-        folder=RunFolder(out, resume_fingerprint(meta, "train")),
+        folder=RunFolder(out, resume_fingerprint(meta, "train", images=provenance.listing_hash(images, modified=True))),
         env=env,
         seed=seed,
     )
@@ -379,7 +382,7 @@ def train_classifier(cfg: dict, data: Path, out: Path) -> None:
         loss_fn=_classification_loss,
         schedule=schedule,
         meta=meta,
-        folder=RunFolder(out, resume_fingerprint(meta, "pretrain", data=provenance.listing_hash(data))),
+        folder=RunFolder(out, resume_fingerprint(meta, "pretrain", data=provenance.listing_hash(data, modified=True))),
         env=env,
         seed=seed,
         finish=finish,

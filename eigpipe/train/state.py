@@ -52,11 +52,20 @@ def is_run_folder(path: Path) -> bool:
 def _is_own_archive(file: Path, marker: str, in_resume: bool) -> bool:
     try:
         return marker in torch_archive_strings(file)
-    except Exception:  # no whole torch archive
-        if not in_resume:
-            return False
-        with file.open("rb") as handle:
-            return handle.read(len(ZIP_MAGIC)) == ZIP_MAGIC
+    except Exception:  # no whole torch archive: under resume/, one cut short or zeroed (a power loss) is eigpipe's
+        return in_resume and _torn_archive(file)
+
+
+def _torn_archive(file: Path, block: int = 1 << 20) -> bool:
+    with file.open("rb") as handle:
+        head = handle.read(len(ZIP_MAGIC))
+        if head == ZIP_MAGIC:
+            return True
+        while head:
+            if head.strip(b"\0"):
+                return False
+            head = handle.read(block)
+    return True  # empty, or zeros only
 
 
 def _is_metrics_log(path: Path) -> bool:
@@ -192,7 +201,8 @@ class RunFolder:
         kept = (records or [])[: len(expected)]
         if records is None or [record["iteration"] for record in kept] != expected:
             raise Unresumable("damaged resume state (its metrics log does not match it)")
-        self.metrics_log.write_text("".join(f"{json.dumps(record, sort_keys=True)}\n" for record in kept))
+        with publish(self.metrics_log) as tmp:  # a kill while it is rewritten keeps the sound log
+            tmp.write_text("".join(f"{json.dumps(record, sort_keys=True)}\n" for record in kept))
 
     def _restore_outputs(self, iteration: int) -> None:
         for kept in (self.resume_dir / "snapshots").glob("*.pt"):
