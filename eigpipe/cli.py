@@ -13,7 +13,7 @@ from pathlib import Path
 from types import FrameType
 from typing import NoReturn
 
-from eigpipe.errors import EigpipeError
+from eigpipe.errors import EigpipeError, one_line
 from eigpipe.outputs import refuse_inputs
 from eigpipe.stages import STAGES, Arg, Stage, path_argument
 
@@ -160,11 +160,11 @@ def _run(args: argparse.Namespace) -> int:
     try:
         run_stage(args.stage, args)
     except EigpipeError as exc:
-        print(f"eigpipe {args.command}: error: {exc}", file=sys.stderr)
+        print(one_line(f"eigpipe {args.command}: error: {exc}"), file=sys.stderr)
         return 1
     except OSError as exc:  # disk full, permissions, read-only folders: the path and the reason, in one line
         where = exc.filename if exc.filename is not None else _likely_path(args.stage, args)
-        print(f"eigpipe {args.command}: error: {where}: {exc.strerror or exc}", file=sys.stderr)
+        print(one_line(f"eigpipe {args.command}: error: {where}: {exc.strerror or exc}"), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"eigpipe {args.command}: interrupted", file=sys.stderr)

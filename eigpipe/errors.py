@@ -26,3 +26,8 @@ def require_whole(name: str, value: object, least: int) -> None:
     """A one-line error unless ``value`` is a whole number >= ``least``."""
     if not whole(value) or value < least:
         raise EigpipeError(f"{name}: {value!r} is not a whole number >= {least}")
+
+
+def one_line(message: object) -> str:
+    """``message`` on one line: a line break inside it (a path that holds one) is written as ``\\n``."""
+    return str(message).replace("\r", "\\r").replace("\n", "\\n")

@@ -9,6 +9,7 @@ where it is read), and the keyword arguments are the stage's paths and flags.
 from __future__ import annotations
 
 import importlib
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,33 +63,31 @@ def _out(*flags: str, help: str, **options: Any) -> Arg:
     return _path(*flags, help=help, output=True, **options)
 
 
+INTEGER = re.compile(r"\s*-?[0-9]+\s*")  # ASCII digits only: str.isdigit() also takes '²', which int() refuses
+
+
 def _whole(text: str) -> int:
     """An argparse type: a whole number >= 0."""
-    import argparse
-
-    if not text.strip().isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0")
-    return int(text)
-
-
-def _per_layer(text: str) -> tuple[str, int]:
-    """An argparse type: ``[GLOB=]N``, a whole number for the layers GLOB matches (all without one)."""
-    import argparse
-
-    glob, _, number = text.rpartition("=")
-    if not number.strip().lstrip("-").isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r} is not [GLOB=]N with N a whole number")
-    return glob or "*", int(number)
+    return _integer(text, 0, f"{text!r} is not a whole number >= 0")
 
 
 def _positive(text: str) -> int:
     """An argparse type: a whole number >= 1."""
+    return _integer(text, 1, f"{text!r} is not a whole number >= 1")
+
+
+def _per_layer(text: str) -> tuple[str, int]:
+    """An argparse type: ``[GLOB=]N``, a whole number for the layers GLOB matches (all without one)."""
+    glob, _, number = text.rpartition("=")
+    return glob or "*", _integer(number, None, f"{text!r} is not [GLOB=]N with N a whole number")
+
+
+def _integer(text: str, least: int | None, message: str) -> int:
     import argparse
 
-    value = int(text) if text.strip().lstrip("-").isdigit() else 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
-    return value
+    if not INTEGER.fullmatch(text) or (least is not None and int(text) < least):
+        raise argparse.ArgumentTypeError(message)
+    return int(text)
 
 
 CHECKPOINT = _path("--checkpoint", help="an eigpipe checkpoint (or a torchvision ResNet state dict)")

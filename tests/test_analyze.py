@@ -279,3 +279,11 @@ def test_a_channel_axis_that_does_not_fit_is_one_line(capsys, photos, tmp_path) 
     _refused(
         capsys, analyze(photos, out, "--layers", "avgpool", "--channel-axis", "7"), out, "channel_axis 7 does not fit"
     )
+
+
+@pytest.mark.parametrize("option", [["--channel-axis", "²"], ["--batch-size", "²"], ["--prefix-tokens", "٣"]])
+def test_digits_python_reads_but_int_refuses_are_named_as_the_option(capsys, photos, tmp_path, option) -> None:
+    with pytest.raises(SystemExit) as done:
+        analyze(photos, tmp_path / "out.zarr", "--layers", "avgpool", *option)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert done.value.code == 2 and f"argument {option[0]}: '{option[1]}' is not" in err and "invalid" not in err

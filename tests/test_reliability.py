@@ -268,3 +268,17 @@ def test_an_os_error_that_names_no_file_names_the_output(tmp_path, covariance_st
     out = tmp_path / "out.parquet"
     assert cli.main(["spectrum", "--config-json", SPECTRUM_CFG, str(covariance_store), "--out", str(out)]) == 1
     one_line_error(capsys, f"{out}: {os.strerror(errno.EIO)}")
+
+
+def test_a_temp_name_with_a_pid_no_process_can_have_is_litter_not_a_traceback(tmp_path):
+    litter = tmp_path / f".t.csv{provenance.TEMP_MARK}{platform.node()}-{'9' * 20}-deadbeef"
+    litter.write_text("left by a killed publication")
+    provenance.write_json(tmp_path / "t.csv", {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.csv"]
+
+
+def test_a_path_with_a_line_break_is_still_one_line(tmp_path, capsys):
+    missing = tmp_path / "no\nsuch.zarr"
+    assert cli.main(["spectrum", "--config-json", SPECTRUM_CFG, str(missing), "--out", str(tmp_path / "t.csv")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no\\nsuch.zarr" in err, err

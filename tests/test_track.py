@@ -135,6 +135,17 @@ def test_transformer_tokens_against_a_float64_reference(vit: nn.Module, prefix: 
         assert tracker.layers[names.index(name)].feature_shape == [plain.shape[-1], samples[0].shape[1], 1]
 
 
+@pytest.mark.parametrize(
+    ("prefix", "tokens", "message"),
+    [("drop", 17, "17 prefix tokens leave none of its 17"), ("only", 18, "18 prefix tokens are more than its 17")],
+)
+def test_more_prefix_tokens_than_a_layer_has_are_one_line(vit: nn.Module, prefix, tokens, message) -> None:
+    x = torch.rand(1, 3, 32, 32)
+    tracker = eigpipe.track(vit, "encoder.ln", prefix_tokens=tokens, prefix=prefix)
+    with pytest.raises(EigpipeError, match=f"^layer encoder.ln: {message} tokens$"), torch.inference_mode(), tracker:
+        vit(x)
+
+
 def test_a_token_mask_is_boolean_or_zero_one_of_n_by_t() -> None:
     """A nested list is a mask as a tensor is; a 3-D mask or one with other values is a one-line error."""
     model = nn.Sequential(nn.Linear(4, 3))
@@ -728,3 +739,10 @@ def test_spectra_keep_full_names_where_stripping_the_body_prefix_would_merge_two
     with eigpipe.track(model, "body.conv") as alone:
         model(torch.rand(5, 4))
     assert list(alone.spectra()["canonical"]) == ["conv"]
+
+
+@pytest.mark.parametrize("option", ["channel_axis", "output_index"])
+def test_a_per_layer_glob_that_matches_no_selected_layer_is_one_line(option: str) -> None:
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU())
+    with pytest.raises(EigpipeError, match=rf"^{option}: '2\*' matches none of the selected layers \(0, 1\)$"):
+        eigpipe.track(model, ["0", "1"], **{option: {"0": 1, "2*": 1}})

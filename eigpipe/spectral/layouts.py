@@ -111,6 +111,8 @@ class Layout:
         k = self.prefix_tokens
         if k >= tokens.shape[1] and self.prefix == "drop":
             raise EigpipeError(f"layer {layer}: {k} prefix tokens leave none of its {tokens.shape[1]} tokens")
+        if k > tokens.shape[1]:
+            raise EigpipeError(f"layer {layer}: {k} prefix tokens are more than its {tokens.shape[1]} tokens")
         if mask is not None and tuple(mask.shape) != tuple(tokens.shape[:2]):
             raise EigpipeError(
                 f"layer {layer}: the token mask of shape {tuple(mask.shape)} does not fit its "

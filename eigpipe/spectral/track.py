@@ -52,6 +52,14 @@ def _check_per_layer(name: str, option: object) -> None:
             raise EigpipeError(f"{name}: {option!r} is not a whole number or a {{layer glob: whole number}} dict")
 
 
+def _check_globs_match(name: str, option: PerLayer, layers: list[str]) -> None:
+    """A {layer glob: value} option whose glob matches no selected layer is a typo that would silently apply nothing."""
+    for glob in option if isinstance(option, Mapping) else ():
+        if not any(fnmatch.fnmatchcase(layer, glob) for layer in layers):
+            shown = ", ".join(layers[:3]) + (", ..." if len(layers) > 3 else "")
+            raise EigpipeError(f"{name}: {glob!r} matches none of the selected layers ({shown})")
+
+
 def _for_layer(option: PerLayer, name: str) -> int | None:
     if option is None or isinstance(option, int):
         return option
@@ -105,6 +113,8 @@ class Tracker:
             return Layout(channel_axis=axis, output_index=index, prefix_tokens=prefix_tokens, prefix=prefix)
 
         selected = select_layers(model, self.selectors, own_outputs=own, where="layers")
+        for option, value in (("channel_axis", channel_axis), ("output_index", output_index)):
+            _check_globs_match(option, value, [layer.name for layer in selected])
         self.hooks = FeatureHooks(model, selected, precision, layouts=layout)
         self.forwards = 0  # calls of the tracked module, taken or not
         self._depth = 0
