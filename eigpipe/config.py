@@ -225,6 +225,8 @@ def parse_json(text: str, source: str) -> Any:
 def read_yaml(path: str | Path, what: str = "config file") -> Any:
     """Parse a YAML (or JSON) file; a missing, binary or malformed file is a ConfigError naming it."""
     path = Path(path)
+    if path.exists() and not path.is_file() and not path.is_dir():  # a FIFO would block, /dev/zero fill the memory
+        raise ConfigError(f"{path}: not a regular file (a FIFO, device or socket), not a {what}")
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:

@@ -140,6 +140,8 @@ def _file_violations(study: dict) -> Iterator[tuple[str, str]]:
         path = Path(value)
         if not path.exists():  # a link that loops or points nowhere too
             yield where, f"{value}: not found"
+        elif not path.is_file() and not path.is_dir():
+            yield where, f"{value}: not a regular file or folder (a FIFO, device or socket)"
         elif message := _inside_results(value, results):
             yield where, message
 

@@ -507,3 +507,25 @@ def test_the_check_at_dag_start_imports_no_torch():
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def test_a_fifo_or_a_device_given_as_a_file_is_one_line_not_a_hang(tmp_path, capsys):
+    """Reading a FIFO waits for a writer forever; reading /dev/zero fills the memory."""
+    import os
+
+    from eigpipe import study
+
+    fifo = tmp_path / "mine.fifo"
+    os.mkfifo(fifo)
+    for argv in (["check-config", str(fifo)], ["complexity", "--config", "/dev/zero"]):
+        with pytest.raises(SystemExit) as done:
+            cli.main(argv)
+        err = capsys.readouterr().err
+        assert done.value.code == 2 and err.count("\n") == 1 and f"{argv[-1]}: not a regular file" in err, err
+    with pytest.raises(ConfigError, match=f"^{fifo}: not a regular file .*, not a widths spec$"):
+        config.read_yaml(fifo, "widths spec")
+    weights = yaml.safe_load(
+        _smoke_with(tmp_path, **{"pretrain": {"source": "detectron2", "weights": str(fifo)}}).read_text()
+    )
+    with pytest.raises(ConfigError, match=f"pretrain.weights: {fifo}: not a regular file or folder"):
+        study.check(weights, [])
