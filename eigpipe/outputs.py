@@ -63,13 +63,13 @@ def resolved(path: Path) -> Path:
 
 def _overlap(output: Path, source: Path) -> str | None:
     """How ``output`` would destroy or change ``source``: it is the same path, a folder holding it, or inside it (a
-    zarr store); else None."""
+    folder: an image folder, a zarr store); else None."""
     out, src = resolved(output), resolved(source)
     if out == src or (output.exists() and source.exists() and os.path.samefile(output, source)):
         return "is"
     if out in src.parents:
         return "is a folder holding"
-    if src in out.parents and (source / "zarr.json").is_file():  # inside an input store: it would change it
+    if src in out.parents and source.is_dir():  # inside an input folder (images, a store): it would change it
         return "is inside"
     return None
 
@@ -93,6 +93,8 @@ def claim_outputs(*outputs: tuple[str | Path, Kind], inputs: Iterable[str | Path
             raise EigpipeError(f"{path}: given for two outputs (also as {other}); each output needs its own path")
         seen[resolved(path)] = path
         check_writable(path)
+        if path.is_symlink() and not path.exists():
+            raise EigpipeError(f"{path}: a symbolic link to {os.readlink(path)}, which does not exist; remove it")
         if (path.exists() or path.is_symlink()) and not kind.is_own(path):
             raise EigpipeError(
                 f"{path}: exists and is not {kind.description}; eigpipe replaces only its own earlier output "

@@ -148,6 +148,27 @@ def test_an_output_at_a_symbolic_link_that_loops_is_one_line(inputs_root, capsys
     assert loop.is_symlink()
 
 
+@pytest.mark.parametrize(("stage", "flag"), [(s, a.flags[0]) for s, a in OUTPUT_ARGS])
+def test_an_output_at_a_symbolic_link_to_nothing_is_one_line(inputs_root, capsys, stage, flag) -> None:
+    link = inputs_root / "dangling"
+    link.symlink_to("nowhere")
+    argv, _ = stage_argv(stage, inputs_root, flag, link)
+    assert cli.main(argv) == 1
+    one_line_error(capsys, f"{link}: a symbolic link to nowhere, which does not exist")
+    assert link.is_symlink()
+
+
+def test_an_output_inside_an_input_folder_is_refused(tmp_path, capsys) -> None:
+    """Written into the images folder, the store would be among the next run's inputs."""
+    images = tmp_path / "photos"
+    images.mkdir()
+    out = images / "x.zarr"
+    argv = ["analyze", "--model", "torchvision:resnet18", "--images", str(images), "--layers", "avgpool"]
+    assert cli.main([*argv, "--out", str(out)]) == 1
+    one_line_error(capsys, f"{out}: is inside the input {images}")
+    assert list(images.iterdir()) == []
+
+
 def test_an_input_at_a_symbolic_link_that_loops_is_one_line(tmp_path, capsys) -> None:
     (tmp_path / "loop").symlink_to("loop")
     argv = ["spectrum", "--config-json", json.dumps({"spectrum": {}}), str(tmp_path / "loop")]

@@ -67,7 +67,7 @@ def load_model(spec: str, weights: Path | None) -> tuple[nn.Module, Callable]:
 
 def _load_weights(model: nn.Module, path: Path, spec: str) -> None:
     if not path.is_file():
-        raise EigpipeError(f"{path}: weights file not found")
+        raise EigpipeError(f"{path}: {'a folder, not a weights file' if path.is_dir() else 'weights file not found'}")
     state = load_torch_file(path, "a readable state dict")
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     if not isinstance(state, dict):

@@ -205,7 +205,9 @@ def _build(task: str, model_name: str, model_cfg: dict, classes: int, widths: An
 def _weights_file(weights: Path) -> Path:
     weights = Path(weights)
     if not weights.is_file():
-        raise EigpipeError(f"{weights}: weights file not found")
+        raise EigpipeError(
+            f"{weights}: {'a folder, not a weights file' if weights.is_dir() else 'weights file not found'}"
+        )
     return weights
 
 
