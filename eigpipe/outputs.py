@@ -61,34 +61,40 @@ def resolved(path: Path) -> Path:
         ) from None
 
 
-def _overlap(output: Path, source: Path) -> str | None:
+def _overlap(output: Path, source: Path, whole: bool = False) -> str | None:
     """How ``output`` would destroy or change ``source``: it is the same path, a folder holding it, or inside it (a
-    folder: an image folder, a zarr store); else None."""
+    zarr store, or a folder whose every file is read: ``whole``); else None."""
     out, src = resolved(output), resolved(source)
     if out == src or (output.exists() and source.exists() and os.path.samefile(output, source)):
         return "is"
     if out in src.parents:
         return "is a folder holding"
-    if src in out.parents and source.is_dir():  # inside an input folder (images, a store): it would change it
+    if src in out.parents and (whole or (source / "zarr.json").is_file()):  # it would change that input
         return "is inside"
     return None
 
 
-def refuse_inputs(output: str | Path, inputs: Iterable[str | Path | None]) -> None:
-    """An EigpipeError when ``output`` is one of ``inputs`` or a folder that holds one."""
-    for source in inputs:
-        if source is not None and (how := _overlap(Path(output), Path(source))):
+def refuse_inputs(
+    output: str | Path, inputs: Iterable[str | Path | None], read_whole: Iterable[str | Path] = ()
+) -> None:
+    """An EigpipeError when ``output`` is one of ``inputs`` or a folder that holds one, or lies inside one of the
+    ``read_whole`` folders (every file of which the stage reads: an image folder)."""
+    sources = [(source, False) for source in inputs] + [(folder, True) for folder in read_whole]
+    for source, whole in sources:
+        if source is not None and (how := _overlap(Path(output), Path(source), whole)):
             raise EigpipeError(f"{output}: {how} the input {source}; an output never replaces or changes an input")
 
 
-def claim_outputs(*outputs: tuple[str | Path, Kind], inputs: Iterable[str | Path | None] = ()) -> None:
+def claim_outputs(
+    *outputs: tuple[str | Path, Kind], inputs: Iterable[str | Path | None] = (), read_whole: Iterable[Path] = ()
+) -> None:
     """Check, before any work, that each (output path, kind) may be written: the path is no input (nor a folder
     holding one) and no other output's, its folder is writable, and what exists there is this kind's own output."""
     inputs = list(inputs)
     seen: dict[Path, Path] = {}
     for output, kind in outputs:
         path = Path(output)
-        refuse_inputs(path, inputs)
+        refuse_inputs(path, inputs, read_whole)
         if (other := seen.get(resolved(path))) is not None:
             raise EigpipeError(f"{path}: given for two outputs (also as {other}); each output needs its own path")
         seen[resolved(path)] = path

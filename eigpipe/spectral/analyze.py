@@ -162,7 +162,7 @@ def analyze(
     """Run the classifier on the folder's images (inference mode, IEEE float32) and publish the store;
     ``channel_axis`` and ``output_index`` are (layer glob, value) pairs, the first match applying."""
     _check_bounds(batch_size, threads)
-    claim_outputs((out, store.COVARIANCE_STORE), inputs=[images, weights])
+    claim_outputs((out, store.COVARIANCE_STORE), inputs=[images, weights], read_whole=[images])
     if threads is not None:
         torch.set_num_threads(threads)
     if device == "cuda" and not torch.cuda.is_available():

@@ -357,7 +357,7 @@ def train_classifier(cfg: dict, data: Path, out: Path) -> None:
     ``out``; report accuracy on ``data/val`` if present."""
     from eigpipe.models import Classifier, build_body
 
-    claim_outputs((out, RUN_FOLDER), inputs=[data])
+    claim_outputs((out, RUN_FOLDER), inputs=[data], read_whole=[data])
     provenance.check_writable(out / "final.pt")
     seed, env = _seed_and_env(cfg)
     train_set = _image_folder(data / "train")
