@@ -51,6 +51,8 @@ OVERRIDES = {
     "covariance.layers": {"covariance.layers": ["default", "*body.conv1"]},
     "report.layers": {"report.layers": ["conv1"]},
     "widths.measures": {"widths.measures": ["intrinsic_dim", "relative_dim"]},
+    # narrower than the smoke model, every width would be below widths.min_width: the budget could not be met
+    "model.width_multiplier": {"model.width_multiplier": 0.125},
 }
 
 
