@@ -105,20 +105,20 @@ def test_an_interrupt_while_zarr_writes_on_its_own_thread_leaves_no_temp_store(t
     import asyncio
     import os
     import signal
-    import threading
     import time
 
     from zarr.storage import LocalStore
 
-    original = LocalStore.set
+    original, calls = LocalStore.set, {"n": 0}
 
-    async def slow_set(self, key, value):
+    async def interrupted_set(self, key, value):
+        calls["n"] += 1
+        if calls["n"] == 3:  # Ctrl-C reaches the main thread, which waits for this write on zarr's thread
+            os.kill(os.getpid(), signal.SIGINT)
         await asyncio.sleep(0.3)
         return await original(self, key, value)
 
-    monkeypatch.setattr(LocalStore, "set", slow_set)
-    interrupt = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))  # while the main thread waits on zarr's
-    interrupt.start()
+    monkeypatch.setattr(LocalStore, "set", interrupted_set)
     with pytest.raises(KeyboardInterrupt):
         write(tmp_path / "new.zarr")
     time.sleep(1.0)  # what zarr's thread would write by now

@@ -312,7 +312,7 @@ def test_adding_a_model_or_a_seed_leaves_the_existing_runs_alone(workdir, tmp_pa
 def test_a_widths_knob_changes_only_the_derivation(workdir, tmp_path, smoke_dry_run):
     before = jobs(smoke_dry_run)
     after = jobs(
-        dry_run(workdir, "--configfile", str(write_config(tmp_path / "c.yaml", SMOKE, **{"widths.multiple": 8})))
+        dry_run(workdir, "--configfile", str(write_config(tmp_path / "c.yaml", SMOKE, **{"widths.multiple": 2})))
     )
     assert {job for job in before if before[job] != after[job]} == {job for job in before if job[0] == "derive_widths"}
     derived = [cmd for (rule, out), cmd in after.items() if rule == "train_detector" and "derived" in out]
@@ -502,7 +502,7 @@ def test_threshold_change_reruns_only_the_analysis(smoke_run, frozen_src, tmp_pa
 
 @pytest.mark.slow
 def test_widths_change_retrains_only_the_derived_models(smoke_run, frozen_src, tmp_path):
-    edited = write_config(tmp_path / "c.yaml", SMOKE, **{"widths.multiple": 8})
+    edited = write_config(tmp_path / "c.yaml", SMOKE, **{"widths.multiple": 2})
     output = dry_run(smoke_run, "--configfile", str(edited), extra_env={"PYTHONPATH": str(frozen_src)})
     assert job_counts(output) == {
         "derive_widths": 2,
