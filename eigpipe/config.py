@@ -222,10 +222,19 @@ def parse_json(text: str, source: str) -> Any:
         raise ConfigError(f"{source}: nested too deeply") from None
 
 
+SPECIAL_FILE = "not a regular file or folder (a FIFO, device or socket)"
+
+
+def is_special_file(path: Path) -> bool:
+    """Whether ``path`` exists as neither a file nor a folder: reading a FIFO waits forever, /dev/zero fills the
+    memory."""
+    return path.exists() and not path.is_file() and not path.is_dir()
+
+
 def read_yaml(path: str | Path, what: str = "config file") -> Any:
     """Parse a YAML (or JSON) file; a missing, binary or malformed file is a ConfigError naming it."""
     path = Path(path)
-    if path.exists() and not path.is_file() and not path.is_dir():  # a FIFO would block, /dev/zero fill the memory
+    if is_special_file(path):
         raise ConfigError(f"{path}: not a regular file (a FIFO, device or socket), not a {what}")
     try:
         text = path.read_text(encoding="utf-8")

@@ -51,18 +51,17 @@ def _path(*flags: str, help: str, required: bool = True, output: bool = False, *
 
 def path_argument(text: str) -> Path:
     """An argparse type: a path (an empty one would be the current folder) that, where it exists, is a file or a
-    folder: reading a FIFO would wait forever, a device (/dev/zero) would fill the memory."""
+    folder (config.is_special_file)."""
     import argparse
 
     if not text.strip():
         raise argparse.ArgumentTypeError("an empty path")
+    from eigpipe.config import SPECIAL_FILE, is_special_file
+
     path = Path(text)
-    if path.exists() and not path.is_file() and not path.is_dir():
+    if is_special_file(path):
         raise argparse.ArgumentTypeError(f"{text}: {SPECIAL_FILE}")
     return path
-
-
-SPECIAL_FILE = "not a regular file or folder (a FIFO, device or socket)"
 
 
 def _out(*flags: str, help: str, **options: Any) -> Arg:

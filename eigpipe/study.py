@@ -140,8 +140,8 @@ def _file_violations(study: dict) -> Iterator[tuple[str, str]]:
         path = Path(value)
         if not path.exists():  # a link that loops or points nowhere too
             yield where, f"{value}: not found"
-        elif not path.is_file() and not path.is_dir():
-            yield where, f"{value}: not a regular file or folder (a FIFO, device or socket)"
+        elif cfg.is_special_file(path):
+            yield where, f"{value}: {cfg.SPECIAL_FILE}"
         elif message := _inside_results(value, results):
             yield where, message
 
@@ -149,7 +149,8 @@ def _file_violations(study: dict) -> Iterator[tuple[str, str]]:
 def _inside_results(value: str, results: Path) -> str | None:
     """Why the user's file ``value`` (which exists) may not lie where it does, or None."""
     try:
-        inside = resolved(results) in (resolved(Path(value)), *resolved(Path(value)).parents)
+        path = resolved(Path(value))
+        inside = resolved(results) in (path, *path.parents)
     except EigpipeError as exc:  # results/<study> is a link that loops
         return str(exc)
     return (

@@ -57,6 +57,14 @@ def save_torch_file(contents: Any, path: str | Path) -> None:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
 
 
+def weights_file(path: str | Path) -> Path:
+    """``path`` as a weights file to read, or a one-line error: a folder, or nothing there."""
+    path = Path(path)
+    if not path.is_file():
+        raise EigpipeError(f"{path}: {'a folder, not a weights file' if path.is_dir() else 'weights file not found'}")
+    return path
+
+
 def load_torch_file(path: Path, what: str) -> Any:
     """A torch file's contents, read without running code from it (``weights_only``); where torch cannot read it,
     a one-line error ``{path}: not {what} (why)``: a pickled Python object other than tensors and plain containers

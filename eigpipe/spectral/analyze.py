@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from eigpipe import provenance, runtime
 from eigpipe.errors import EigpipeError
-from eigpipe.models.checkpoint import load_torch_file
+from eigpipe.models.checkpoint import load_torch_file, weights_file
 from eigpipe.models.published.mapping import check_tensor
 from eigpipe.outputs import claim_outputs
 from eigpipe.spectral import store
@@ -66,9 +66,7 @@ def load_model(spec: str, weights: Path | None) -> tuple[nn.Module, Callable]:
 
 
 def _load_weights(model: nn.Module, path: Path, spec: str) -> None:
-    if not path.is_file():
-        raise EigpipeError(f"{path}: {'a folder, not a weights file' if path.is_dir() else 'weights file not found'}")
-    state = load_torch_file(path, "a readable state dict")
+    state = load_torch_file(weights_file(path), "a readable state dict")
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     if not isinstance(state, dict):
         raise EigpipeError(f"{path}: not a state dict (a {type(state).__name__})")

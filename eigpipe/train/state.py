@@ -26,7 +26,7 @@ import torch
 
 from eigpipe.models.checkpoint import FORMAT, save_torch_file
 from eigpipe.outputs import Kind, is_temp, only_files, torch_archive_strings
-from eigpipe.provenance import missing_folders, publish, remove_empty, sha256_file
+from eigpipe.provenance import missing_folders, publish, remove, remove_empty, sha256_file
 
 # every file a run folder may hold, relative to it; checkpoints carry FORMAT, the resume state a fingerprint
 RUN_FILES = re.compile(r"(resume/)?(metrics\.jsonl|snapshots/\d+\.pt)|final\.pt|resume/state\.pt")
@@ -156,6 +156,7 @@ class RunFolder:
             except Unresumable as why:
                 print(f"warning: {self.resume_dir}: {why}; training afresh", file=sys.stderr)
         self.clear()
+        self.resume_dir.mkdir(parents=True, exist_ok=True)
         return None
 
     def kept_state(self) -> dict[str, Any] | None:
@@ -166,7 +167,7 @@ class RunFolder:
 
     def _sound_state(self, schedule: dict) -> dict[str, Any]:
         try:
-            state = torch.load(self.state_path, map_location="cpu", weights_only=False)
+            state = self.kept_state()
         except Exception as exc:  # eigpipe's own state, damaged (a full disk, a copy cut short)
             raise Unresumable(f"damaged resume state ({type(exc).__name__})") from None
         if not isinstance(state, dict) or "digest" not in state:
@@ -216,12 +217,8 @@ class RunFolder:
     def clear(self) -> None:
         """Remove every file of an earlier run (the folder was recognised as a run folder before any work)."""
         for path in (self.resume_dir, self.out / "snapshots", self.final_path, self.out / "metrics.jsonl"):
-            if path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)  # ranks of a distributed run clear at once
-            else:
-                path.unlink(missing_ok=True)
+            remove(path)
         self.kept = {}
-        self.resume_dir.mkdir(parents=True, exist_ok=True)
 
     def save_state(self, state: dict[str, Any]) -> None:
         state = {**state, "fingerprint": self.fingerprint, "snapshots": dict(self.kept)}

@@ -18,6 +18,7 @@ from torch import nn
 
 from eigpipe import config, provenance
 from eigpipe.errors import EigpipeError
+from eigpipe.models.checkpoint import weights_file
 from eigpipe.models.published import from_detectron2, from_mmdet, from_torchvision, mapping
 from eigpipe.models.published.presets import FAMILY_DEFAULTS, Preprocessing, Preset, find
 from eigpipe.outputs import claim_outputs
@@ -202,15 +203,6 @@ def _build(task: str, model_name: str, model_cfg: dict, classes: int, widths: An
     return build_detector(model_name, model_cfg, classes, widths)
 
 
-def _weights_file(weights: Path) -> Path:
-    weights = Path(weights)
-    if not weights.is_file():
-        raise EigpipeError(
-            f"{weights}: {'a folder, not a weights file' if weights.is_dir() else 'weights file not found'}"
-        )
-    return weights
-
-
 def convert(
     weights: Path, request: Request, run: str | None = None, init: str | None = None, labels: dict | None = None
 ) -> tuple[nn.Module, dict[str, Any]]:
@@ -218,7 +210,7 @@ def convert(
     from eigpipe.models import standard
     from eigpipe.models.checkpoint import widths_from_state_dict
 
-    weights = _weights_file(weights)
+    weights = weights_file(weights)
     mapped, kind, upstream_meta = _read(request, weights)
     task = "classification" if kind == "caffe2" else "detection"
     chosen = request.preset
@@ -318,7 +310,7 @@ def import_checkpoint(
     from eigpipe.models.checkpoint import CHECKPOINT
 
     claim_outputs((out, CHECKPOINT), inputs=[weights])
-    _weights_file(weights)
+    weights_file(weights)
     if run is not None and (not RUN_NAME.fullmatch(run) or set(run) == {"."}):
         raise EigpipeError(f"--run: {run!r} is not a run name (letters, digits, _ . -; not dots only)")
     model = config.parse_json(model_json, "--model-json") if model_json else {}
