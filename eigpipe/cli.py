@@ -118,6 +118,10 @@ class Terminated(BaseException):
     """SIGTERM (Snakemake or SLURM cancelling the job), raised so that publications clean up as on Ctrl-C."""
 
 
+def _child_ended(signum: int, frame: FrameType | None) -> None:
+    """SIGCHLD while a terminated stage cleans up: its children are ending, as they should."""
+
+
 @contextlib.contextmanager
 def _sigterm_raises() -> Iterator[None]:
     """While the stage runs, SIGTERM raises Terminated in this process; the previous handler is restored after.
@@ -135,8 +139,10 @@ def _sigterm_raises() -> Iterator[None]:
             return
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM does not break off the cleanup
         # The job's loader workers got the same signal (scancel and Snakemake signal the process group); torch's
-        # SIGCHLD handler would report each of them as a failure while the stage cleans up.
-        replaced.append(signal.signal(signal.SIGCHLD, signal.SIG_DFL))
+        # SIGCHLD handler would report each of them as a failure while the stage cleans up. A handler that does
+        # nothing, not SIG_DFL: a SIGCHLD already caught but not yet handled would find no Python handler and print
+        # "Signal 17 ignored due to race condition" with a traceback (seen on a loaded machine).
+        replaced.append(signal.signal(signal.SIGCHLD, _child_ended))
         raise Terminated
 
     replaced: list = []  # the SIGCHLD handler that a SIGTERM set aside
