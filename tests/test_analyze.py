@@ -274,11 +274,19 @@ def test_layout_options_read_channels_last_maps_and_drop_prefix_tokens(
     assert mean.shape == expected.shape and np.allclose(mean, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_a_channel_axis_that_does_not_fit_is_one_line(capsys, photos, tmp_path) -> None:
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [  # each named by this command's flag, not by eigpipe.track's keyword
+        (["--channel-axis", "7"], "layer avgpool: --channel-axis 7 does not fit its 4-D output"),
+        (["--channel-axis", "fc*=1"], "--channel-axis: 'fc*' matches none of the selected layers (avgpool)"),
+        (["--output-index", "layer9*=0"], "--output-index: 'layer9*' matches none of the selected layers"),
+        (["--prefix", "only"], "--prefix: 'only' takes the prefix tokens alone, but --prefix-tokens is 0"),
+        (["--layers", "Conv3d:*"], "--layers: selector 'Conv3d:*' matches no module of the model"),
+    ],
+)
+def test_a_layout_option_that_does_not_fit_is_one_line_naming_its_flag(capsys, photos, tmp_path, options, message):
     out = tmp_path / "out.zarr"
-    _refused(
-        capsys, analyze(photos, out, "--layers", "avgpool", "--channel-axis", "7"), out, "channel_axis 7 does not fit"
-    )
+    _refused(capsys, analyze(photos, out, "--layers", "avgpool", *options), out, message)
 
 
 @pytest.mark.parametrize("option", [["--channel-axis", "²"], ["--batch-size", "²"], ["--prefix-tokens", "٣"]])

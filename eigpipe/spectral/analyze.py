@@ -7,6 +7,7 @@ without writing code. The model's own preprocessing is used: torchvision's weigh
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,6 +28,15 @@ from eigpipe.spectral.track import Tracker
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".tif", ".tiff", ".webp"}
 MAX_BATCH = 4096  # images per forward pass: a larger number is a typo, not a batch (its inputs are allocated at once)
+# eigpipe.track's names of the options this command passes on, and the flags that set them
+FLAGS = {
+    "layers": "--layers",
+    "channel_axis": "--channel-axis",
+    "output_index": "--output-index",
+    "prefix_tokens": "--prefix-tokens",
+    "prefix": "--prefix",
+}
+_OPTION_NAME = re.compile(rf"(^|: |, but )({'|'.join(FLAGS)})(?=[: ])")
 
 
 def _torchvision(name: str) -> tuple[nn.Module, Callable]:
@@ -173,14 +183,17 @@ def analyze(
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     model.to(target)
     layouts = {"channel_axis": _first_match(channel_axis), "output_index": _first_match(output_index)}
-    tracker = Tracker(
-        model, layers, precision=precision, run=model_spec, prefix_tokens=prefix_tokens, prefix=prefix, **layouts
-    )
-    progress = runtime.progress(total=count, desc=f"analyze {model_spec}", unit="img")
-    with torch.inference_mode(), ieee_float32(), tracker, progress as bar:
-        for batch in loader:
-            model(batch.to(target))
-            bar.update(len(batch))
+    try:
+        tracker = Tracker(
+            model, layers, precision=precision, run=model_spec, prefix_tokens=prefix_tokens, prefix=prefix, **layouts
+        )
+        progress = runtime.progress(total=count, desc=f"analyze {model_spec}", unit="img")
+        with torch.inference_mode(), ieee_float32(), tracker, progress as bar:
+            for batch in loader:
+                model(batch.to(target))
+                bar.update(len(batch))
+    except EigpipeError as error:  # the tracker's words for its options, as this command's flags
+        raise EigpipeError(_OPTION_NAME.sub(lambda m: m.group(1) + FLAGS[m.group(2)], str(error))) from None
     record = {"images": str(images), "n_images": count, "order": "file paths, sorted"}
     if weights is not None:
         record.update(weights=str(weights), weights_sha256=provenance.sha256_file(weights))
