@@ -10,7 +10,8 @@ SaturationTracker, interleaved, on a standard-width torchvision ResNet-50 at 224
 on the demo detector's backbone (1/8-width GroupNorm ResNet-50 body and FPN, 128 px, every conv of the body);
 streaming images/s per round and the ratio eigpipe / delve of each round, whose median (and quartiles) is
 reported, by wall clock and by this process's CPU time (steadier on a shared machine); and each tool's one-off
-finalisation after the stream (eigenvalues and measures), in seconds.
+finalisation after the stream (eigenvalues and measures), in seconds. The float64 bound: the float64 Gram
+products alone, against the time per image eigpipe may add to plain inference for 1.5x delve's throughput.
 
 Agreement, on one batch (delve 0.1.50 starts a fresh
 covariance at every forward pass while it records: after several batches it holds the last one only, which is
@@ -160,6 +161,50 @@ def throughput(case: str, rounds: int) -> dict[str, Any]:
     }
 
 
+def gram_bound(case: str, throughput_found: dict[str, Any]) -> dict[str, Any]:
+    """What float64 may cost at best: the Gram products alone (no copy, centring, hook or merge), for each layer the
+    cheaper of the accumulator's two ways (one product per image, batched; the lower panel triangle over all the
+    batch's positions, CovarianceAccumulator._gram) on random operands of its shape, best of 10, summed over the
+    layers; beside the time per image eigpipe may add to plain inference for 1.5x delve's throughput."""
+    import eigpipe
+    from eigpipe.spectral.accumulator import CovarianceAccumulator
+
+    model, batches, _ = build(case)
+    with torch.inference_mode():
+        with eigpipe.track(model, selectors(case), tap="output") as ours:
+            model(batches[0])
+        shapes = [layer.feature_shape for layer in ours.layers]
+        batch = len(batches[0])
+
+        def best(product: Callable[[], Any]) -> float:
+            times = []
+            for _ in range(10):
+                start = time.perf_counter()
+                product()
+                times.append(time.perf_counter() - start)
+            return min(times)
+
+        total = 0.0
+        for channels, *spatial in shapes:
+            positions = int(np.prod(spatial)) if spatial else 1
+            images = torch.randn(batch, channels, positions, dtype=torch.float64)
+            flat = images.permute(1, 0, 2).reshape(channels, -1).contiguous()
+            per_image = torch.zeros(batch, channels, channels, dtype=torch.float64)
+            acc = CovarianceAccumulator(channels)
+            total += min(
+                best(lambda: per_image.baddbmm_(images, images.transpose(1, 2))),  # noqa: B023 (timed at once)
+                best(lambda: acc._gram(flat, alpha=1.0)),  # noqa: B023
+            )
+    median = throughput_found["median"]
+    budget = 1e3 * (1 / (1.5 * median["delve"]) - 1 / median["plain"])
+    return {
+        "float64_gram_products_ms_per_image": round(1e3 * total / batch, 3),
+        "budget_ms_per_image_for_1.5x_delve": round(budget, 3),
+        "eigpipe_float64_adds_ms_per_image": round(1e3 * (1 / median["eigpipe"] - 1 / median["plain"]), 3),
+        "eigpipe_float32_adds_ms_per_image": round(1e3 * (1 / median["eigpipe_float32"] - 1 / median["plain"]), 3),
+    }
+
+
 def agreement(case: str) -> dict[str, Any]:
     """Both tools on the same batches; delve keeps only the last batch, so the comparison is on one batch."""
     from delve.metrics import compute_saturation
@@ -234,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
             CASES[case].update(QUICK)
         print(f"{case}: throughput ...", file=sys.stderr, flush=True)
         found = {"setup": dict(CASES[case]), "throughput": throughput(case, CASES[case]["rounds"])}
+        print(f"{case}: the float64 Gram products alone ...", file=sys.stderr, flush=True)
+        found["float64_bound"] = gram_bound(case, found["throughput"])
         print(f"{case}: agreement ...", file=sys.stderr, flush=True)
         found["agreement"] = agreement(case)
         results["cases"][case] = found
