@@ -31,7 +31,7 @@ TIMEOUT = int(os.environ.get("EIGPIPE_SLURM_TIMEOUT", "900"))
 # The SLURM run makes the covariance stores and evaluations of two base runs, one of each detector and each init,
 # and the classifier's store (with all they need: data, pre-training, two detector trainings), which is what it is
 # compared on. EIGPIPE_SLURM_FULL_DAG=1: the whole smoke DAG (every run, spectra, width derivation, the derived
-# retrains, the report too: about three times as long).
+# retrains, the report too; times in tests/slurm/README.md).
 FULL_DAG = os.environ.get("EIGPIPE_SLURM_FULL_DAG", "") not in ("", "0")
 COMPARED_RUNS = ("classifier", "faster_rcnn-pretrained", "mask_rcnn-scratch")
 RUN = "faster_rcnn-scratch"  # the preempted training run (it needs no pre-training)
@@ -243,7 +243,7 @@ def test_smoke_dag_on_slurm_equals_a_local_run(slurm, smoke_run, runs, tmp_path)
     )
     metrics = sorted(p.relative_to(local) for p in local.glob("results/smoke/eval/*.json") if compared(p.stem))
     assert len(stores) >= 5 and len(metrics) >= 2  # 2 base runs x (snapshot 0, final) and the classifier
-    # every covariance store and evaluation of the base runs, with all they need (data, pre-training, training)
+    # every covariance store and evaluation of the compared runs, with all they need (data, pre-training, training)
     targets = [] if FULL_DAG else [str(p) for p in [*stores, *metrics]]
     began = time.monotonic()
     output = runs.finish(runs.start("slurm", remote, *targets, "--configfile", SMOKE, slurm=True))
