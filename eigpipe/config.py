@@ -235,7 +235,7 @@ def read_yaml(path: str | Path, what: str = "config file") -> Any:
     """Parse a YAML (or JSON) file; a missing, binary or malformed file is a ConfigError naming it."""
     path = Path(path)
     if is_special_file(path):
-        raise ConfigError(f"{path}: not a regular file (a FIFO, device or socket), not a {what}")
+        raise ConfigError(f"{path}: {SPECIAL_FILE}, not a {what}")
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:

@@ -192,8 +192,9 @@ def analyze(
             for batch in loader:
                 model(batch.to(target))
                 bar.update(len(batch))
-    except EigpipeError as error:  # the tracker's words for its options, as this command's flags
-        raise EigpipeError(_OPTION_NAME.sub(lambda m: m.group(1) + FLAGS[m.group(2)], str(error))) from None
+    except EigpipeError as error:  # the tracker's words for its options, as this command's flags (its type kept)
+        error.args = (_OPTION_NAME.sub(lambda m: m.group(1) + FLAGS[m.group(2)], str(error)),)
+        raise error from None
     record = {"images": str(images), "n_images": count, "order": "file paths, sorted"}
     if weights is not None:
         record.update(weights=str(weights), weights_sha256=provenance.sha256_file(weights))
